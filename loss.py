@@ -1,0 +1,73 @@
+"""The YOLOv1 loss (paper Section 2.2, equation 3): sum-squared error over the S x S grid.
+
+    lambda_coord * sum_resp [(x - x^)^2 + (y - y^)^2 + (sqrt w - sqrt w^)^2 + (sqrt h - sqrt h^)^2]
+  +                sum_resp (C - C^)^2
+  + lambda_noobj * sum_not_resp C^2
+  +                sum_cells_with_object sum_classes (p(c) - p^(c))^2
+
+summed over the batch and divided by the batch size (Darknet scales its gradient by
+1 / batch). The network regresses sqrt(w), sqrt(h) directly (Darknet's ``sqrt=1``), so
+only the target's square root is taken and zero-size predictions have finite gradients.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from utils import cell_to_image_boxes, elementwise_iou, split_predictions
+
+COMPONENTS = ("coord", "obj", "noobj", "cls")
+
+
+class YoloLoss(nn.Module):
+    """``loss_fn(predictions, target)`` -> scalar; ``components=True`` also returns the terms.
+
+    predictions: ``(N, S*S*(C+5B))`` or ``(N, S, S, C+5B)``.
+    target: ``(N, S, S, C+5)``: one-hot class, objectness, x, y (cell), w, h (image).
+    ``rescore=True`` trains the responsible predictor's confidence towards its IoU with
+    the ground truth (paper, Darknet ``rescore=1``); ``False`` towards 1 (popular tutorial).
+    """
+
+    def __init__(self, S: int = 7, B: int = 2, C: int = 20, lambda_coord: float = 5.0,
+                 lambda_noobj: float = 0.5, rescore: bool = True):
+        super().__init__()
+        self.S, self.B, self.C = S, B, C
+        self.lambda_coord, self.lambda_noobj, self.rescore = lambda_coord, lambda_noobj, rescore
+
+    def responsible(self, box_pred: torch.Tensor, target: torch.Tensor):
+        """Which predictor answers for each object, and its IoU with the object.
+
+        The responsible predictor is the one whose decoded box (image coordinates) has
+        the highest IoU with the ground-truth box; ties go to the first predictor
+        (``argmax`` returns the first maximum). Returns a ``(N, S, S, B)`` mask and IoUs.
+        """
+        C = self.C
+        with torch.no_grad():
+            boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square())
+            truth = cell_to_image_boxes(target[..., None, C + 1:C + 3], target[..., None, C + 3:C + 5])
+            iou = elementwise_iou(boxes, truth)                                  # (N,S,S,B)
+            best = nn.functional.one_hot(iou.argmax(-1), self.B).to(iou.dtype)
+        return best * target[..., C:C + 1], iou
+
+    def forward(self, predictions: torch.Tensor, target: torch.Tensor, components: bool = False):
+        S, B, C = self.S, self.B, self.C
+        cls_pred, box_pred = split_predictions(predictions, S, B, C)
+        cls_pred, box_pred, target = cls_pred.float(), box_pred.float(), target.float()
+        resp, iou = self.responsible(box_pred, target)
+        obj = target[..., C]
+        conf = box_pred[..., 0]
+
+        xy_err = (box_pred[..., 1:3] - target[..., None, C + 1:C + 3]).square().sum(-1)
+        wh_err = (box_pred[..., 3:5] - target[..., None, C + 3:C + 5].sqrt()).square().sum(-1)
+        conf_target = iou if self.rescore else torch.ones_like(iou)
+
+        terms = {
+            "coord": self.lambda_coord * (resp * (xy_err + wh_err)).sum(),
+            "obj": (resp * (conf - conf_target).square()).sum(),
+            "noobj": self.lambda_noobj * ((1 - resp) * conf.square()).sum(),
+            "cls": (obj * (cls_pred - target[..., :C]).square().sum(-1)).sum(),
+        }
+        n = predictions.shape[0]
+        terms = {k: v / n for k, v in terms.items()}
+        total = sum(terms.values())
+        return (total, terms) if components else total

@@ -1,0 +1,203 @@
+"""Box geometry, target encoding, prediction decoding, NMS and checkpoints.
+
+Conventions used across the project (paper Section 2, Darknet's detection layer):
+
+* An image is split into an S x S grid. Row i, column j is the cell whose top-left
+  corner is (j / S, i / S) in image-relative coordinates.
+* Predictions per cell: ``[C class scores | conf, x, y, sqrt_w, sqrt_h (x B)]``.
+  x, y are the box centre relative to the cell (0..1), sqrt_w and sqrt_h are the
+  square roots of width and height relative to the image. The network regresses
+  the square roots directly and decoding squares them (Darknet, ``sqrt=1``).
+* Targets per cell: ``[one-hot class (C) | objectness | x, y (cell), w, h (image)]``.
+* Boxes handed to and returned from this module are image-relative (0..1) unless a
+  function says otherwise.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torchvision.ops import batched_nms, box_convert
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+class UserError(Exception):
+    """A mistake in the user's input (file, argument): reported as one line, exit 2."""
+
+
+def run_cli(main, argv=None):
+    """Run ``main(argv)`` and turn a UserError into a one-line message and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------- geometry
+def cell_to_image_boxes(xy: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:
+    """Cell-relative centres and image-relative sizes -> image-relative xyxy boxes.
+
+    ``xy`` and ``wh`` have shape ``(N, S, S, K, 2)``: K boxes in each cell (i, j),
+    row i, column j. The result has shape ``(N, S, S, K, 4)``.
+    """
+    S = xy.shape[1]
+    offsets = torch.arange(S, device=xy.device, dtype=xy.dtype)
+    cx = (xy[..., 0] + offsets.view(1, 1, S, 1)) / S
+    cy = (xy[..., 1] + offsets.view(1, S, 1, 1)) / S
+    centres = torch.stack((cx, cy), dim=-1)
+    return box_convert(torch.cat((centres, wh), dim=-1), "cxcywh", "xyxy")
+
+
+def elementwise_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """IoU of matching xyxy boxes ``a[..., :]`` and ``b[..., :]`` (broadcast, not pairwise).
+
+    torchvision.ops.box_iou is pairwise (N x M); the loss needs box k against box k.
+    """
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a + area_b - inter + eps)
+
+
+def encode_target(boxes: torch.Tensor, labels: torch.Tensor, S: int = 7, C: int = 20) -> torch.Tensor:
+    """Ground truth -> the ``(S, S, C + 5)`` target the loss expects.
+
+    ``boxes``: ``(K, 4)`` image-relative ``cx, cy, w, h``; ``labels``: ``(K,)`` class ids.
+    An object belongs to the cell that holds its centre. Only one object per cell can be
+    learned (paper Section 2.4): when several centres fall in one cell, the first object
+    in label-file order keeps the cell and the others are dropped, as Darknet's
+    ``fill_truth_region`` does.
+    """
+    target = torch.zeros(S, S, C + 5)
+    if boxes.numel() == 0:
+        return target
+    boxes = boxes.to(torch.float32)
+    col = (boxes[:, 0] * S).floor().clamp(0, S - 1).long()
+    row = (boxes[:, 1] * S).floor().clamp(0, S - 1).long()
+    cell = row * S + col
+    order = torch.arange(len(cell))
+    unique_cells, inverse = torch.unique(cell, return_inverse=True)
+    first = torch.full((len(unique_cells),), len(cell)).scatter_reduce(0, inverse, order, "amin")
+    row, col, boxes, labels = row[first], col[first], boxes[first], labels[first].long()
+    target[row, col, labels] = 1.0
+    target[row, col, C] = 1.0
+    target[row, col, C + 1] = boxes[:, 0] * S - col
+    target[row, col, C + 2] = boxes[:, 1] * S - row
+    target[row, col, C + 3:C + 5] = boxes[:, 2:4]
+    return target
+
+
+def target_to_boxes(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode_target` for one image: ``(labels, xyxy boxes)``."""
+    S, C = target.shape[0], target.shape[-1] - 5
+    has_obj = target[..., C] > 0
+    xyxy = cell_to_image_boxes(target[None, ..., None, C + 1:C + 3], target[None, ..., None, C + 3:C + 5])
+    return target[..., :C].argmax(-1)[has_obj], xyxy[0, :, :, 0][has_obj]
+
+
+# --------------------------------------------------------------------------- decoding
+def split_predictions(pred: torch.Tensor, S: int, B: int, C: int):
+    """``(N, S*S*(C+5B))`` or ``(N, S, S, C+5B)`` -> class scores ``(N,S,S,C)``, boxes ``(N,S,S,B,5)``.
+
+    Each predictor's 5 values are ``conf, x, y, sqrt_w, sqrt_h``.
+    """
+    pred = pred.reshape(-1, S, S, C + 5 * B)
+    return pred[..., :C], pred[..., C:].reshape(*pred.shape[:3], B, 5)
+
+
+def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
+                       conf_threshold: float = 0.01, nms_iou: float = 0.5,
+                       max_det: int | None = None) -> list[torch.Tensor]:
+    """Network output -> detections per image, each ``(M, 6)``: ``class, score, x1, y1, x2, y2``.
+
+    Boxes are image-relative and clipped to the image. Following the paper's test-time
+    rule (Section 2), a box's class-specific score is ``Pr(class | object) * confidence``;
+    each of the S*S*B boxes takes its most likely class. The raw outputs are regressions
+    towards values in [0, 1], so both factors are clamped there before multiplying.
+    Non-maximum suppression runs per image and per class in one ``batched_nms`` call.
+    """
+    cls_scores, box_pred = split_predictions(pred.detach().float(), S, B, C)
+    N = cls_scores.shape[0]
+    cls_prob, cls_id = cls_scores.clamp(0, 1).max(-1)                       # (N,S,S)
+    conf = box_pred[..., 0].clamp(0, 1)                                     # (N,S,S,B)
+    score = (conf * cls_prob.unsqueeze(-1)).reshape(N, -1)
+    labels = cls_id.unsqueeze(-1).expand(-1, -1, -1, B).reshape(N, -1)
+    boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1)
+    boxes = boxes.reshape(N, -1, 4)
+    image = torch.arange(N, device=pred.device).unsqueeze(1).expand_as(score)
+    keep = score > conf_threshold
+    score, labels, boxes, image = score[keep], labels[keep], boxes[keep], image[keep]
+    kept = batched_nms(boxes, score, image * C + labels, nms_iou)          # sorted by score
+    dets = torch.cat((labels[kept, None].float(), score[kept, None], boxes[kept]), dim=1)
+    per_image = [dets[image[kept] == n] for n in range(N)]
+    return [d[:max_det] for d in per_image] if max_det else per_image
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """Write ``obj`` to a temporary file beside ``path``, then rename it into place.
+
+    The rename is atomic, so a run killed mid-save never leaves a broken file under the
+    real name. Store only tensors and plain Python types, so that the file loads with
+    ``weights_only=True``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``: a file from a stranger cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for bad files; all mean the same here
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise UserError(f"{path}: refused: the file holds objects other than tensors and "
+                            f"plain Python types, which could run code when loaded") from None
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first_line}") from None
+
+
+def load_state_checked(module: torch.nn.Module, state: dict, source: str) -> None:
+    """``module.load_state_dict(state)`` with one clear line when the two do not fit.
+
+    A checkpoint of another configuration (other S, B, C, hidden size, width, batch
+    norm) would otherwise fail with a page of key and shape lists.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise UserError(f"{source}: does not fit this model ({len(missing)} missing and "
+                        f"{len(unexpected)} unexpected tensors, first {what}); "
+                        "was it saved with another model configuration (batch norm, model name)?")
+    for key, value in own.items():
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise UserError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)} but this "
+                            f"model needs {tuple(value.shape)}; was it saved with another S, B, C, "
+                            "hidden size or width?")
+    module.load_state_dict(state)
