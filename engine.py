@@ -1,0 +1,443 @@
+"""What every training script shares: arguments, run folder, distributed set-up,
+learning-rate schedules, data loaders, checkpoints with exact resume, the training loop.
+
+train.py (YOLO on VOC) and the three Darknet scripts all build on these pieces, so a
+run folder, a checkpoint and a progress bar look the same whichever script made them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from tqdm import tqdm
+
+from utils import UserError, load_checkpoint, load_state_checked, save_checkpoint
+
+
+# --------------------------------------------------------------------------- arguments
+def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
+                      schedule: str, warmup_epochs: float, project: str) -> None:
+    """Arguments shared by all training scripts; each script passes its paper defaults."""
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=epochs, help="epochs to train (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="images per optimiser step, over all processes (default %(default)s)")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="split each batch into this many micro-batches (small GPUs); default 1")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="default %(default)s")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="paper: 0.0005")
+    g.add_argument("--schedule", choices=("step", "cosine", "poly", "constant"), default=schedule,
+                   help="learning-rate schedule after warm-up (default %(default)s)")
+    g.add_argument("--milestones", type=float, nargs="*", default=[75, 105],
+                   help="epochs at which 'step' multiplies the rate by --gamma (paper: 75 105)")
+    g.add_argument("--gamma", type=float, default=0.1, help="'step' factor (default %(default)s)")
+    g.add_argument("--poly-power", type=float, default=4.0, help="'poly' exponent (Darknet: 4)")
+    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs,
+                   help="epochs of linear warm-up from --warmup-factor x lr (default %(default)s)")
+    g.add_argument("--warmup-factor", type=float, default=0.1,
+                   help="warm-up starts at this fraction of --lr (paper: 1e-3 -> 1e-2, so 0.1)")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    r.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="mixed precision: auto = on for CUDA, off on CPU (CPUs without native "
+                        "bfloat16 run it hundreds of times slower)")
+    r.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU tensor cores)")
+    r.add_argument("--workers", type=int, default=2, help="data-loading processes (default %(default)s)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    r.add_argument("--project", default=project, help="parent folder of run folders (default %(default)s)")
+    r.add_argument("--name", default="exp", help="run folder name; exp, exp2, ... if taken")
+    r.add_argument("--resume", metavar="RUN_OR_CKPT", default=None,
+                   help="continue a run exactly: its folder or one of its .pt files")
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Reject nonsense before anything is written."""
+    for name in ("epochs", "batch_size", "accum_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+
+
+# --------------------------------------------------------------------------- devices and processes
+@dataclass
+class Dist:
+    """Where this process runs and what it is among its peers (world_size 1 if alone)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: not a device name: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def setup_distributed(device_arg: str = "auto") -> Dist:
+    """One process per device under ``torchrun``; a plain single process otherwise.
+
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. NCCL carries the gradients between
+    GPUs, gloo between CPU processes.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist(device=resolve_device(device_arg))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_arg)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def reduce_sums(values: dict[str, float], dist: Dist) -> dict[str, float]:
+    """Sum each value over all processes, so every rank sees the same totals."""
+    if not dist.distributed or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=dist.device if dist.device.type == "cuda" else "cpu")
+    torch_dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DataParallel / DistributedDataParallel."""
+    return model.module if hasattr(model, "module") else model
+
+
+def amp_dtype(args, device: torch.device):
+    """float16 on CUDA (bfloat16 where supported), nothing on CPU unless asked for."""
+    if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+# --------------------------------------------------------------------------- run folder
+def make_run_dir(project: str, name: str) -> Path:
+    """``project/name``, or ``name2``, ``name3``... if it is taken (as YOLOv5 does)."""
+    root = Path(project)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root}: exists and is not a folder")
+    candidate, k = root / name, 2
+    while candidate.exists():
+        candidate, k = root / f"{name}{k}", k + 1
+    try:
+        candidate.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"{candidate}: cannot create the run folder: {err.strerror}") from None
+    return candidate
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """One JSON line per epoch in ``metrics.jsonl``. On resume, lines of epochs that the
+    checkpoint does not include (written just before a kill) are dropped."""
+
+    def __init__(self, run_dir: Path, keep_below_epoch: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if keep_below_epoch is not None and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) < keep_below_epoch)
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text(kept)
+            os.replace(tmp, self.path)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- optimisation
+def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay (paper), or Adam (the original project's setting).
+
+    Weight decay applies to weights only, not to biases and batch-norm parameters.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=args.lr)
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+
+
+def lr_factor(epoch: float, args) -> float:
+    """Learning rate at fractional ``epoch`` as a fraction of ``--lr``.
+
+    The paper raises the rate from 1e-3 to 1e-2 over the first epochs, then holds 1e-2
+    for 75 epochs, 1e-3 for 30 and 1e-4 for 30: 'step' with milestones 75, 105 and
+    warm-up from 0.1. Darknet's ImageNet pretraining uses 'poly' (power 4).
+    """
+    if epoch < args.warmup_epochs:
+        t = epoch / args.warmup_epochs
+        return args.warmup_factor + (1.0 - args.warmup_factor) * t
+    progress = min(1.0, (epoch - args.warmup_epochs) / max(1e-9, args.epochs - args.warmup_epochs))
+    if args.schedule == "step":
+        return args.gamma ** sum(epoch >= m for m in args.milestones)
+    if args.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if args.schedule == "poly":
+        return (1.0 - progress) ** args.poly_power
+    return 1.0
+
+
+def build_scheduler(optimizer, args, steps_per_epoch: int):
+    """A per-step LambdaLR following :func:`lr_factor` (the rate changes every step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step / steps_per_epoch, args))
+
+
+# --------------------------------------------------------------------------- data loaders
+def make_loader(dataset, batch_size: int, train: bool, workers: int, dist: Dist,
+                seed: int, collate_fn=None) -> DataLoader:
+    """A loader whose order and augmentation depend only on (seed, epoch): see set_epoch.
+
+    Under DDP each process reads its own shard (DistributedSampler) of a per-process
+    batch of ``batch_size / world_size``.
+    """
+    if dist.distributed:
+        sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=train, seed=seed)
+        batch_size = max(1, batch_size // dist.world_size)
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator())
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=dist.device.type == "cuda", drop_last=False,
+                      generator=torch.Generator(), collate_fn=collate_fn)
+
+
+def set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
+    """Seed the shuffle and the workers' augmentation for ``epoch``.
+
+    Everything random in an epoch's data then follows from (seed, epoch), so a resumed
+    run sees exactly the batches the uninterrupted run would have.
+    """
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    elif isinstance(loader.sampler, RandomSampler):
+        loader.sampler.generator.manual_seed(seed * 100003 + epoch)
+    loader.generator.manual_seed(seed * 100019 + epoch + 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(model, optimizer, scheduler, scaler, epoch: int, best: float, args, kind: str) -> dict:
+    """Everything a resumed run needs; only tensors and plain Python types (weights_only)."""
+    bare = unwrap(model)
+    return {
+        "kind": kind, "epoch": epoch, "step": scheduler.last_epoch, "best": best,
+        "model": bare.state_dict(), "model_config": dict(bare.config),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "args": {k: v for k, v in vars(args).items()},
+        "rng": rng_state(),
+    }
+
+
+def find_resume_checkpoint(resume: str) -> Path:
+    """``--resume`` takes a run folder (its last.pt) or a checkpoint file."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint to resume from")
+    return path
+
+
+def restore_training_state(ckpt: dict, source: str, model, optimizer, scheduler, scaler, kind: str) -> None:
+    if ckpt.get("kind") != kind:
+        raise UserError(f"{source}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
+    load_state_checked(unwrap(model), ckpt["model"], source)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+
+
+def load_resume(args) -> tuple[dict | None, Path | None]:
+    """The checkpoint to resume and its run folder, or (None, None) for a new run."""
+    if not args.resume:
+        return None, None
+    path = find_resume_checkpoint(args.resume)
+    return load_checkpoint(path), path.parent
+
+
+# --------------------------------------------------------------------------- the loop
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite: stop rather than train on garbage."""
+
+
+def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: Dist, args,
+                    epoch: int, dtype=None) -> dict:
+    """One pass over ``loader``; returns per-image means of what ``step_fn`` logs.
+
+    ``step_fn(model, batch, device) -> (loss, logs, n)``: the mean loss of the batch, a
+    dict of detached per-batch means to log, and the batch size. Gradients are
+    accumulated over ``args.accum_steps`` micro-batches; under DDP the gradient
+    all-reduce is skipped for all but the last of them (``no_sync``).
+    """
+    model.train()
+    sums, seen, start = {}, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main,
+               dynamic_ncols=True, leave=False)
+    micro = max(1, args.accum_steps)
+    for i, batch in enumerate(bar):
+        last_micro = (i + 1) % micro == 0 or i + 1 == len(loader)
+        sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
+                loss, logs, n = step_fn(model, batch, dist.device)
+            check_finite(loss, logs, epoch, scheduler.last_epoch)
+            scaler.scale(loss / micro).backward()
+        if last_micro:
+            optimizer_step(model, optimizer, scaler, args.grad_clip)
+            scheduler.step()
+        seen += n
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+    totals = reduce_sums({**sums, "_n": seen}, dist)
+    n = max(1.0, totals.pop("_n"))
+    return {k: v / n for k, v in totals.items()} | {"images": int(n),
+                                                    "time_s": round(time.perf_counter() - start, 2)}
+
+
+def check_finite(loss, logs: dict, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss.detach()).all():
+        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+        raise NonFiniteLoss(f"loss became {float(loss)} at epoch {epoch + 1}, step {step} "
+                            f"({parts}); lower --lr, use --grad-clip, or check the data")
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def start_run(args, dist: Dist, kind: str):
+    """Open the run folder (new, or the resumed run's) and record the resolved configuration.
+
+    Returns ``(run_dir, checkpoint or None)``. Only rank 0 creates and writes files; the
+    other ranks learn the folder name but never write to it.
+    """
+    check_training_args(args)
+    ckpt, run_dir = load_resume(args)
+    if ckpt is not None and ckpt.get("kind") != kind:
+        raise UserError(f"{args.resume}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
+    if run_dir is None:
+        run_dir = make_run_dir(args.project, args.name) if dist.is_main else Path(args.project) / args.name
+        if dist.distributed:
+            names = [str(run_dir)]
+            torch_dist.broadcast_object_list(names, src=0)
+            run_dir = Path(names[0])
+    if dist.is_main:
+        config = {k: v for k, v in vars(args).items()} | {"world_size": dist.world_size,
+                                                         "torch": torch.__version__}
+        write_json(run_dir / ("config.json" if ckpt is None else "config_resumed.json"), config)
+    return run_dir, ckpt
+
+
+def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist: Dist, args,
+        run_dir: Path, kind: str, metric: str, start_epoch: int = 0, best: float = -math.inf,
+        dtype=None) -> float:
+    """The epoch loop: train, evaluate, log one line, save ``last.pt`` and ``best.pt``.
+
+    ``evaluate_fn(model, epoch) -> dict`` (or None to skip) runs on every rank, so
+    metrics can be reduced across ranks; ``metric`` (higher is better) picks best.pt.
+    """
+    log = MetricsLog(run_dir, keep_below_epoch=start_epoch + 1) if dist.is_main else None
+    for epoch in range(start_epoch, args.epochs):
+        set_epoch(loader, epoch, args.seed)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row |= train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args, epoch, dtype)
+        row |= (evaluate_fn(model, epoch) or {}) if evaluate_fn else {}
+        improved = metric in row and row[metric] > best
+        best = row[metric] if improved else best
+        if dist.is_main:
+            log.append(row)
+            print(format_row(row), flush=True)
+            state = training_state(model, optimizer, scheduler, scaler, epoch + 1, best, args, kind)
+            save_checkpoint(state, run_dir / "last.pt")
+            if improved:
+                save_checkpoint(state, run_dir / "best.pt")
+    return best
+
+
+def format_row(row: dict) -> str:
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
