@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from darknet_model import DARKNET_FEATURES, MAXPOOL, build_layers, conv, init_weights
-from utils import UserError, load_state_checked
+from utils import UserError, load_checkpoint, load_state_checked
 
 # Figure 3 after the 20 pretrained layers: the last two convolutions of block 5 (the
 # second with stride 2) and the two of block 6. Randomly initialised (Section 2.2).
@@ -63,7 +63,7 @@ class FastYOLO(nn.Module):
     """Fast YOLO: nine convolutions, then one linear layer to the S x S x (C + 5B) output."""
 
     def __init__(self, S: int = 7, B: int = 2, C: int = 20, batch_norm: bool = True,
-                 width: float = 1.0, **_ignored):
+                 width: float = 1.0):
         super().__init__()
         self.S, self.B, self.C = S, B, C
         self.config = {"name": "fast", "S": S, "B": B, "C": C,
@@ -82,7 +82,7 @@ class FastYOLO(nn.Module):
 
 
 def check_input(x: torch.Tensor, size: int, S: int) -> None:
-    if x.dim() != 4 or x.shape[-2:] != (size, size):
+    if x.dim() != 4 or x.shape[1] != 3 or x.shape[-2:] != (size, size):
         raise ValueError(f"input must be (N, 3, {size}, {size}) for S={S} (64*S); got {tuple(x.shape)}")
 
 
@@ -90,6 +90,9 @@ def build_model(name: str = "yolov1", **config) -> nn.Module:
     """Build a detector by name (``yolov1`` or ``fast``) from keyword options."""
     if name not in MODEL_NAMES:
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if name == "fast":
+        # yolov1-tiny.cfg maps the features straight to the output: no hidden layer, no dropout.
+        config = {k: v for k, v in config.items() if k not in ("hidden", "dropout")}
     return (YOLOv1 if name == "yolov1" else FastYOLO)(**config)
 
 
@@ -109,6 +112,19 @@ def load_backbone(model: nn.Module, checkpoint: dict, source: str = "backbone ch
         raise UserError("only the full YOLOv1 is built on the Darknet backbone; Fast YOLO has none")
     state = checkpoint.get("model", checkpoint)
     features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    if not features and state and all(k.split(".", 1)[0].isdigit() for k in state):
+        features = dict(state)  # a bare ``features`` state dict: keys "0.0.weight", ...
     if not features:
         raise UserError(f"{source}: holds no 'features.*' tensors; is it a Darknet pretraining checkpoint?")
     load_state_checked(model.features, features, source)
+
+
+def load_detector(path, device="cpu") -> tuple[nn.Module, list[str]]:
+    """A trained detector from a train.py checkpoint, in eval mode, and its class names."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "yolo" or "model_config" not in ckpt:
+        raise UserError(f"{path}: not a train.py checkpoint (kind {ckpt.get('kind', 'unknown')!r})")
+    model = model_from_config(ckpt["model_config"])
+    load_state_checked(model, ckpt["model"], str(path))
+    names = list(ckpt.get("class_names") or [str(i) for i in range(model.C)])
+    return model.to(device).eval(), names

@@ -141,7 +141,7 @@ def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
     kept = batched_nms(boxes, score, image * C + labels, nms_iou)          # sorted by score
     dets = torch.cat((labels[kept, None].float(), score[kept, None], boxes[kept]), dim=1)
     per_image = [dets[image[kept] == n] for n in range(N)]
-    return [d[:max_det] for d in per_image] if max_det else per_image
+    return [d[:max_det] for d in per_image] if max_det is not None else per_image
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,86 @@
+"""Write one txt of detections per image, for Rafael Padilla's Object-Detection-Metrics.
+
+    python detect_txt.py runs/train/demo/best.pt --data data/test.csv
+    python pascalvoc.py -gt $PWD/runs/detect_txt/exp/groundtruths \
+        -det $PWD/runs/detect_txt/exp/detections -gtformat xyrb -detformat xyrb -np
+    python evaluate.py --gt runs/detect_txt/exp/groundtruths \
+        --det runs/detect_txt/exp/detections --difficult count      # the same mAP
+
+Detections go to ``detections/<image>.txt`` as ``class confidence left top right bottom``
+and, when the data has labels, ground truth to ``groundtruths/<image>.txt`` as
+``class left top right bottom``, in absolute pixels of the original image, class names as
+text, one space between fields (Padilla's reader splits on single spaces). A difficult
+object's line ends in a sixth field ``difficult``: Padilla's toolkit ignores the extra
+field and counts the object, evaluate.py ignores it (VOC2007 rule) unless
+``--difficult count``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import engine
+from dataset import build_image_dataset, build_voc_dataset
+from model import load_detector
+from utils import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a train.py checkpoint")
+    p.add_argument("--data", default="data/test.csv",
+                   help="a csv of image,label pairs, a VOCdevkit folder, or a folder of images (no labels)")
+    p.add_argument("--img-dir", help="images folder of the csv layout (default: images/ beside the csv)")
+    p.add_argument("--label-dir", help="labels folder of the csv layout (default: labels/ beside the csv)")
+    p.add_argument("--split", default="2007/test", help="VOCdevkit year/split (default %(default)s)")
+    p.add_argument("--conf-threshold", type=float, default=0.005, help="default %(default)s")
+    p.add_argument("--nms-iou", type=float, default=0.5, help="per-class NMS IoU (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--project", default="runs/detect_txt", help="parent of the output folder")
+    p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")
+    return p
+
+
+def det_lines(dets, names) -> str:
+    return "".join(f"{names[int(c)]} {s:.6f} {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f}\n"
+                   for c, s, x1, y1, x2, y2 in dets.tolist())
+
+
+def gt_lines(ann, names) -> str:
+    flags = ann.get("difficult", [False] * len(ann["labels"]))
+    return "".join(f"{names[int(c)]} {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f}{' difficult' if d else ''}\n"
+                   for c, (x1, y1, x2, y2), d in zip(ann["labels"], ann["boxes"].tolist(), flags))
+
+
+def load_data(args, names, model):
+    """A labelled dataset (csv or VOCdevkit), or the images of a plain folder."""
+    path = Path(args.data)
+    is_devkit = path.is_dir() and any(path.glob("VOC*/Annotations"))
+    if path.is_dir() and not is_devkit:
+        return build_image_dataset(path, img_size=model.input_size), False
+    return build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, names,
+                             S=model.S, img_size=model.input_size), True
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    dist = engine.Dist(device=engine.resolve_device(args.device))
+    model, names = load_detector(args.checkpoint, dist.device)
+    dataset, labelled = load_data(args, names, model)
+    dets = engine.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
+    out = engine.make_run_dir(args.project, args.name)
+    (out / "detections").mkdir()
+    if labelled:
+        (out / "groundtruths").mkdir()
+    for i in range(len(dataset)):
+        ann = dataset.annotation(i)
+        (out / "detections" / f"{ann['image_id']}.txt").write_text(det_lines(dets[i], names))
+        if labelled:
+            (out / "groundtruths" / f"{ann['image_id']}.txt").write_text(gt_lines(ann, names))
+    print(f"{len(dataset)} images: detections in {out / 'detections'}"
+          + (f", ground truth in {out / 'groundtruths'}" if labelled else ""))
+
+
+if __name__ == "__main__":
+    run_cli(main)

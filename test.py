@@ -1,0 +1,83 @@
+"""Evaluate a train.py checkpoint on a csv or a VOCdevkit split.
+
+    python test.py runs/train/demo/best.pt                       # data/test.csv
+    python test.py best.pt --data VOCdevkit --split 2007/test --voc07 --json results.json
+
+Prints two numbers, because the original project reported the first one:
+1. its fixed-threshold "mAP": only boxes scoring >= 0.4 after NMS at IoU 0.5, then AP
+   at IoU 0.5. Cutting low-confidence boxes truncates the precision-recall curve, so this
+   is lower than, and not comparable with, published results;
+2. the real VOC mAP: all boxes above a near-zero threshold, per-class NMS, AP per class
+   (every-point by default; ``--voc07`` for the official VOC2007 protocol: 11-point,
+   difficult objects ignored), as the paper and Padilla's toolkit compute it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import engine
+from dataset import build_voc_dataset
+from evaluate import evaluate_detections, format_report
+from model import load_detector
+from utils import run_cli
+
+ORIGINAL_SCORE_THRESHOLD = 0.4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
+    p.add_argument("--data", default="data/test.csv", help="csv of image,label pairs or a VOCdevkit folder")
+    p.add_argument("--img-dir", help="images folder of the csv layout (default: images/ beside the csv)")
+    p.add_argument("--label-dir", help="labels folder of the csv layout (default: labels/ beside the csv)")
+    p.add_argument("--split", default="2007/test", help="VOCdevkit year/split (default %(default)s)")
+    p.add_argument("--conf-threshold", type=float, default=0.005,
+                   help="keep boxes scoring above this for the VOC mAP (default %(default)s)")
+    p.add_argument("--nms-iou", type=float, default=0.5, help="per-class NMS IoU (default %(default)s)")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU for a true positive (default %(default)s)")
+    p.add_argument("--voc07", action="store_true",
+                   help="official VOC2007 protocol: 11-point AP, difficult objects ignored")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--json", help="write both metrics and the per-class APs to this file")
+    return p
+
+
+def evaluate_checkpoint(args) -> dict:
+    dist = engine.Dist(device=engine.resolve_device(args.device))
+    model, names = load_detector(args.checkpoint, dist.device)
+    dataset = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, names,
+                                S=model.S, img_size=model.input_size)
+    dets = engine.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
+    gt = engine.ground_truth_table(dataset, names)
+    interp, difficult = ("11", "ignore") if args.voc07 else ("all", "ignore")
+    real = evaluate_detections(gt, engine.detection_table(dets, names), args.iou, interp, difficult)
+    fixed = evaluate_detections(gt, engine.detection_table(dets, names, ORIGINAL_SCORE_THRESHOLD),
+                                0.5, "all", difficult)
+    return {"images": len(dataset), "fixed": fixed, "voc": real}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    results = evaluate_checkpoint(args)
+    print(f"{results['images']} images from {args.data}")
+    print(f"original project's fixed-threshold mAP (score >= {ORIGINAL_SCORE_THRESHOLD}, IoU 0.5; "
+          f"not comparable with published results): {results['fixed']['mAP']:.4f}")
+    print(f"VOC mAP (score > {args.conf_threshold}, per-class NMS at {args.nms_iou}):")
+    print(format_report(results["voc"]))
+    if args.json:
+        summary = {"images": results["images"], "mAP": finite(results["voc"]["mAP"]),
+                   "AP": results["voc"]["AP"], "fixed_threshold_mAP": finite(results["fixed"]["mAP"]),
+                   "interp": results["voc"]["interp"], "iou": args.iou}
+        engine.write_json(Path(args.json), summary)
+
+
+def finite(x: float):
+    """NaN (no class has ground truth) is not valid JSON: write null."""
+    return None if math.isnan(x) else x
+
+
+if __name__ == "__main__":
+    run_cli(main)
