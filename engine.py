@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     r.add_argument("--name", default="exp", help="run folder name; exp, exp2, ... if taken")
     r.add_argument("--resume", metavar="RUN_OR_CKPT", default=None,
                    help="continue a run exactly: its folder or one of its .pt files")
+    r.add_argument("--auto-resume", action="store_true",
+                   help="continue project/name from its last.pt if it has one, else start it (never "
+                        "name2): rerun the same command after a crash or preemption, or let "
+                        "torchrun --max-restarts do it")
 
 
 def check_training_args(args: argparse.Namespace) -> None:
@@ -119,8 +124,20 @@ def setup_distributed(device_arg: str = "auto") -> Dist:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
+        warn_if_restarted_on_shared_store(rank)
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, device)
+
+
+def warn_if_restarted_on_shared_store(rank: int) -> None:
+    """torchrun --max-restarts: recent torchrun hands restarted workers the store of the
+    first attempt, whose stale addresses keep the new process group from connecting
+    (pytorch/pytorch#167288). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt its own."""
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if restarted and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and rank == 0:
+        print("warning: torchrun restarted the workers on the store of its first attempt; if they "
+              "fail to connect, start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+              "(pytorch/pytorch#167288)", file=sys.stderr, flush=True)
 
 
 def cleanup_distributed() -> None:
@@ -154,16 +171,17 @@ def amp_dtype(args, device: torch.device):
 
 
 # --------------------------------------------------------------------------- run folder
-def make_run_dir(project: str, name: str) -> Path:
-    """``project/name``, or ``name2``, ``name3``... if it is taken (as YOLOv5 does)."""
+def make_run_dir(project: str, name: str, exist_ok: bool = False) -> Path:
+    """``project/name``, or ``name2``, ``name3``... if it is taken (as YOLOv5 does);
+    with ``exist_ok``, ``project/name`` whether or not it exists."""
     root = Path(project)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder")
     candidate, k = root / name, 2
-    while candidate.exists():
+    while candidate.exists() and not exist_ok:
         candidate, k = root / f"{name}{k}", k + 1
     try:
-        candidate.mkdir(parents=True)
+        candidate.mkdir(parents=True, exist_ok=exist_ok)
     except OSError as err:
         raise UserError(f"{candidate}: cannot create the run folder: {err.strerror}") from None
     return candidate
@@ -294,10 +312,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def training_state(model, optimizer, scheduler, scaler, epoch: int, best: float, args, kind: str) -> dict:
-    """Everything a resumed run needs; only tensors and plain Python types (weights_only)."""
+def training_state(model, optimizer, scheduler, scaler, epoch: int, best: float, args, kind: str,
+                   extra: dict | None = None) -> dict:
+    """Everything a resumed run needs; only tensors and plain Python types (weights_only).
+
+    ``extra`` carries what a script adds, such as the class names of a detector.
+    """
     bare = unwrap(model)
-    return {
+    return (extra or {}) | {
         "kind": kind, "epoch": epoch, "step": scheduler.last_epoch, "best": best,
         "model": bare.state_dict(), "model_config": dict(bare.config),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -327,7 +349,13 @@ def restore_training_state(ckpt: dict, source: str, model, optimizer, scheduler,
 
 
 def load_resume(args) -> tuple[dict | None, Path | None]:
-    """The checkpoint to resume and its run folder, or (None, None) for a new run."""
+    """The checkpoint to resume and its run folder, or (None, None) for a new run.
+
+    ``--auto-resume`` becomes ``--resume project/name/last.pt`` when that file exists.
+    """
+    last = Path(args.project) / args.name / "last.pt"
+    if not args.resume and getattr(args, "auto_resume", False) and last.is_file():
+        args.resume = str(last)
     if not args.resume:
         return None, None
     path = find_resume_checkpoint(args.resume)
@@ -367,7 +395,7 @@ def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: 
         seen += n
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + float(v) * n
-        bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
     totals = reduce_sums({**sums, "_n": seen}, dist)
     n = max(1.0, totals.pop("_n"))
     return {k: v / n for k, v in totals.items()} | {"images": int(n),
@@ -400,8 +428,12 @@ def start_run(args, dist: Dist, kind: str):
     ckpt, run_dir = load_resume(args)
     if ckpt is not None and ckpt.get("kind") != kind:
         raise UserError(f"{args.resume}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
+    if dist.distributed:
+        check_same_checkpoint(ckpt, dist)
     if run_dir is None:
-        run_dir = make_run_dir(args.project, args.name) if dist.is_main else Path(args.project) / args.name
+        exist_ok = getattr(args, "auto_resume", False)
+        run_dir = (make_run_dir(args.project, args.name, exist_ok) if dist.is_main
+                   else Path(args.project) / args.name)
         if dist.distributed:
             names = [str(run_dir)]
             torch_dist.broadcast_object_list(names, src=0)
@@ -413,9 +445,19 @@ def start_run(args, dist: Dist, kind: str):
     return run_dir, ckpt
 
 
+def check_same_checkpoint(ckpt: dict | None, dist: Dist) -> None:
+    """Every rank must start from the same checkpoint (or none): a node that cannot see
+    the run folder would otherwise start afresh beside the others' resumed run."""
+    steps = [None] * dist.world_size
+    torch_dist.all_gather_object(steps, None if ckpt is None else ckpt["step"])
+    if len(set(steps)) > 1:
+        raise UserError(f"the processes found different checkpoints to resume (steps {steps} by rank): "
+                        "the run folder must be on storage that every node sees")
+
+
 def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist: Dist, args,
         run_dir: Path, kind: str, metric: str, start_epoch: int = 0, best: float = -math.inf,
-        dtype=None) -> float:
+        dtype=None, extra: dict | None = None) -> float:
     """The epoch loop: train, evaluate, log one line, save ``last.pt`` and ``best.pt``.
 
     ``evaluate_fn(model, epoch) -> dict`` (or None to skip) runs on every rank, so
@@ -432,7 +474,7 @@ def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist:
         if dist.is_main:
             log.append(row)
             print(format_row(row), flush=True)
-            state = training_state(model, optimizer, scheduler, scaler, epoch + 1, best, args, kind)
+            state = training_state(model, optimizer, scheduler, scaler, epoch + 1, best, args, kind, extra)
             save_checkpoint(state, run_dir / "last.pt")
             if improved:
                 save_checkpoint(state, run_dir / "best.pt")
@@ -441,3 +483,85 @@ def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist:
 
 def format_row(row: dict) -> str:
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+
+
+# --------------------------------------------------------------------------- detection evaluation
+@torch.no_grad()
+def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold: float,
+                    nms_iou: float, dtype=None, workers: int = 0) -> dict[int, "np.ndarray"]:
+    """Detections for every image of ``dataset``: index -> ``(M, 6)`` array of
+    ``class, score, x1, y1, x2, y2`` in absolute pixels of the original image.
+
+    Under DDP each rank predicts every world_size-th image and the results are gathered,
+    so every rank returns the whole dictionary (and computes the same metrics).
+    """
+    from utils import decode_predictions
+    bare = unwrap(model)
+    was_training = bare.training
+    bare.eval()
+    indices = list(range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                        num_workers=workers, pin_memory=dist.device.type == "cuda")
+    results, position = {}, 0
+    for images, _ in loader:
+        with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
+            out = bare(images.to(dist.device, non_blocking=True))
+        for dets in decode_predictions(out, bare.S, bare.B, bare.C, conf_threshold, nms_iou):
+            index = indices[position]
+            ann = dataset.annotation(index)
+            scale = torch.tensor([ann["width"], ann["height"]] * 2, dtype=dets.dtype, device=dets.device)
+            dets[:, 2:] *= scale
+            results[index] = dets.cpu().numpy()
+            position += 1
+    bare.train(was_training)
+    if dist.distributed:
+        gathered = [None] * dist.world_size
+        torch_dist.all_gather_object(gathered, results)
+        results = {k: v for part in gathered for k, v in part.items()}
+    return results
+
+
+def ground_truth_table(dataset, class_names) -> dict:
+    """All ground-truth boxes of ``dataset`` in the evaluator's table form (absolute pixels)."""
+    import numpy as np
+    images, classes, boxes, difficult = [], [], [], []
+    for i in range(len(dataset)):
+        ann = dataset.annotation(i)
+        k = len(ann["labels"])
+        images += [i] * k
+        classes += [class_names[int(c)] for c in ann["labels"]]
+        boxes.append(np.asarray(ann["boxes"], dtype=np.float64).reshape(k, 4))
+        difficult.append(np.asarray(ann.get("difficult", np.zeros(k)), dtype=bool).reshape(k))
+    return {"image": np.asarray(images, dtype=np.int64), "cls": np.asarray(classes, dtype=object),
+            "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+            "difficult": np.concatenate(difficult) if difficult else np.zeros(0, bool)}
+
+
+def detection_table(dets: dict, class_names, min_score: float = 0.0) -> dict:
+    """Detections from :func:`predict_dataset` in the evaluator's table form."""
+    import numpy as np
+    rows = [(i, d[d[:, 1] >= min_score]) for i, d in sorted(dets.items())]
+    rows = [(i, d) for i, d in rows if len(d)]
+    if not rows:
+        return {"image": np.zeros(0, np.int64), "cls": np.zeros(0, object),
+                "score": np.zeros(0), "boxes": np.zeros((0, 4))}
+    arr = np.concatenate([d for _, d in rows])
+    names = np.asarray(class_names, dtype=object)
+    return {"image": np.concatenate([np.full(len(d), i) for i, d in rows]),
+            "cls": names[arr[:, 0].astype(int)], "score": arr[:, 1], "boxes": arr[:, 2:6]}
+
+
+def detection_evaluator(dataset, args, dist: Dist):
+    """``evaluate_fn`` for :func:`fit`: VOC mAP (all-point, IoU 0.5) on ``dataset`` every
+    ``args.eval_every`` epochs and after the last one."""
+    from evaluate import evaluate_detections
+    gt = ground_truth_table(dataset, dataset.class_names)
+
+    def evaluate_fn(model, epoch):
+        if (epoch + 1) % max(1, args.eval_every) and epoch + 1 != args.epochs:
+            return None
+        dets = predict_dataset(model, dataset, max(1, args.batch_size // dist.world_size), dist,
+                               args.conf_threshold, args.nms_iou, amp_dtype(args, dist.device))
+        result = evaluate_detections(gt, detection_table(dets, dataset.class_names))
+        return {"mAP": result["mAP"]}
+    return evaluate_fn

@@ -1,0 +1,59 @@
+"""Pretrain the Darknet backbone on ImageNet with DistributedDataParallel, under torchrun.
+
+    torchrun --nproc_per_node=8 darknet_train_multigpu_distr.py --train-dir /data/imagenet/train
+    # two machines (run on each; host0 runs the rendezvous; the run folder on shared storage):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=host0:29400 \\
+        --rdzv-id=darknet darknet_train_multigpu_distr.py --name imagenet --auto-resume ...
+
+One process per GPU (per CPU process with --device cpu, over gloo): each keeps its own
+copy of the model and reads its own shard of every epoch (DistributedSampler), and the
+gradients are averaged during the backward pass in buckets, overlapped with the
+computation (NCCL between GPUs). --batch-size is the total over all processes, so the
+same arguments give the same training on any number of GPUs (up to batch norm, which
+normalises each process's share of the batch).
+
+Only rank 0 prints, logs and writes the run folder; validation counts are summed over
+the ranks, so every rank gets the same top-1 and top-5.
+
+A process that dies ends the group. With torchrun --max-restarts=N and --auto-resume the
+group starts again and continues from the run's last.pt (every node must see the run
+folder: shared storage; this is checked). Recent torchrun needs
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for restarts to connect (pytorch/pytorch#167288):
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node=8 --max-restarts=3 \\
+        darknet_train_multigpu_distr.py --name imagenet --auto-resume ...
+
+Started without torchrun it trains in one process, as darknet_train.py does. Arguments,
+run folders and checkpoints are those of darknet_train.py.
+"""
+from __future__ import annotations
+
+from torch.nn.parallel import DistributedDataParallel
+
+import engine
+from darknet_train import KIND, build_datasets, build_model, parse_args, train
+from utils import run_cli
+
+
+def main(argv=None):
+    args = parse_args(argv, __doc__)
+    dist = engine.setup_distributed(args.device)  # one process per device: RANK, WORLD_SIZE from torchrun
+    try:
+        train_set, val_set = build_datasets(args)
+        run_dir, ckpt = engine.start_run(args, dist, KIND)
+        model = build_model(args, len(train_set.classes), dist.device)
+        if dist.distributed:
+            # DDP copies rank 0's weights to every rank, then all-reduces gradient buckets during
+            # backward; engine.make_loader gives each rank its shard (DistributedSampler).
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        else:
+            print("note: not started by torchrun (no WORLD_SIZE), so this trains in one process, "
+                  "as darknet_train.py does", flush=True)
+        train(args, dist, model, train_set, val_set, run_dir, ckpt)
+    finally:
+        engine.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_cli(main)
