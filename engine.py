@@ -457,11 +457,14 @@ def check_same_checkpoint(ckpt: dict | None, dist: Dist) -> None:
 
 def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist: Dist, args,
         run_dir: Path, kind: str, metric: str, start_epoch: int = 0, best: float = -math.inf,
-        dtype=None, extra: dict | None = None) -> float:
-    """The epoch loop: train, evaluate, log one line, save ``last.pt`` and ``best.pt``.
+        dtype=None, extra: dict | None = None, on_epoch_end=None) -> float:
+    """The epoch loop: train, evaluate, log one line, save ``last.pt`` and ``best.pt``,
+    redraw the run's plots.
 
     ``evaluate_fn(model, epoch) -> dict`` (or None to skip) runs on every rank, so
     metrics can be reduced across ranks; ``metric`` (higher is better) picks best.pt.
+    ``on_epoch_end(row, model)`` runs on rank 0 only, after the checkpoints are saved
+    (train.py's TensorBoard logging).
     """
     log = MetricsLog(run_dir, keep_below_epoch=start_epoch + 1) if dist.is_main else None
     for epoch in range(start_epoch, args.epochs):
@@ -478,7 +481,23 @@ def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist:
             save_checkpoint(state, run_dir / "last.pt")
             if improved:
                 save_checkpoint(state, run_dir / "best.pt")
+            refresh_plots(run_dir)
+            if on_epoch_end is not None:
+                on_epoch_end(row, model)
     return best
+
+
+def refresh_plots(run_dir: Path) -> None:
+    """Redraw loss.png, lr.png and metrics.png from metrics.jsonl (plots.plot_run).
+
+    The pictures are a convenience: whatever goes wrong drawing them (a broken matplotlib,
+    a full disk) is reported and the training run goes on.
+    """
+    try:
+        import plots  # imported here: matplotlib loads only in the process that draws
+        plots.plot_run(run_dir)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        print(f"warning: plots not updated: {' '.join(str(err).split())}", flush=True)
 
 
 def format_row(row: dict) -> str:

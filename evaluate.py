@@ -678,6 +678,8 @@ def _parse_args(argv):
                              "neither TP nor FP (default); count = like other boxes; "
                              "drop = removed (Padilla's XML reader)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--plots", metavar="DIR",
+                        help="also draw pr_curves.png and ap_per_class.png into DIR (matplotlib)")
     return parser.parse_args(argv)
 
 
@@ -724,7 +726,8 @@ def main(argv=None):
         dets = read_det_dir(args.det)
         if len(gts["cls"]) == 0:
             raise InputError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
-        result = evaluate_detections(gts, dets, args.iou, args.interp, args.difficult)
+        result = evaluate_detections(gts, dets, args.iou, args.interp, args.difficult,
+                                     return_curves=bool(args.plots))
     except InputError as exc:
         print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)
         return 2
@@ -734,6 +737,14 @@ def main(argv=None):
             write_json(args.json, result)
         except OSError as exc:
             print(f"error: cannot write {args.json} ({exc.strerror})", file=sys.stderr)
+            return 2
+    if args.plots:
+        import plots  # only here: without --plots this module needs numpy alone
+        try:
+            for path in plots.plot_pr_curves(result, args.plots):
+                print(f"wrote {path}")
+        except OSError as exc:
+            print(f"error: cannot write the plots into {args.plots} ({exc.strerror})", file=sys.stderr)
             return 2
     return 0
 

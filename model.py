@@ -122,8 +122,9 @@ def load_backbone(model: nn.Module, checkpoint: dict, source: str = "backbone ch
 def load_detector(path, device="cpu") -> tuple[nn.Module, list[str]]:
     """A trained detector from a train.py checkpoint, in eval mode, and its class names."""
     ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != "yolo" or "model_config" not in ckpt:
-        raise UserError(f"{path}: not a train.py checkpoint (kind {ckpt.get('kind', 'unknown')!r})")
+    kind = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if kind != "yolo" or "model_config" not in ckpt:
+        raise UserError(f"{path}: not a train.py checkpoint (it holds {kind!r})")
     model = model_from_config(ckpt["model_config"])
     load_state_checked(model, ckpt["model"], str(path))
     names = list(ckpt.get("class_names") or [str(i) for i in range(model.C)])

@@ -22,7 +22,8 @@ import engine
 from dataset import build_voc_dataset
 from loss import YoloLoss
 from model import build_model, load_backbone
-from utils import load_checkpoint, run_cli
+from plots import TensorBoardLogger, require
+from utils import decode_predictions, load_checkpoint, run_cli
 
 RECIPES = {
     "paper": {},
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-every", type=int, default=5, help="validate every N epochs (and the last)")
     e.add_argument("--conf-threshold", type=float, default=0.005, help="for the VOC mAP")
     e.add_argument("--nms-iou", type=float, default=0.5, help="per-class NMS IoU")
+    e.add_argument("--tensorboard", action="store_true",
+                   help="also log to TensorBoard in <run>/tensorboard: the metrics and, with "
+                        "--val-data, boxes on the first 8 validation images (pip install tensorboard)")
     engine.add_training_args(p, epochs=135, batch_size=64, lr=1e-2, schedule="step",
                              warmup_epochs=2.0, project="runs/train")
     return p
@@ -110,8 +114,29 @@ def yolo_step(loss_fn, channels_last: bool):
     return step
 
 
+def tensorboard_callback(logger, val_set, args):
+    """``on_epoch_end`` for engine.fit: the epoch's row, and the boxes (score > 0.2) that
+    the model finds on the first 8 validation images, drawn."""
+    images = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]) if val_set else None
+
+    @torch.no_grad()
+    def on_epoch_end(row, model):
+        logger.log_scalars(row, row["epoch"])
+        if images is None:
+            return
+        bare = engine.unwrap(model)
+        was_training = bare.training
+        out = bare.eval()(images.to(next(bare.parameters()).device))
+        bare.train(was_training)
+        dets = decode_predictions(out, bare.S, bare.B, bare.C, 0.2, args.nms_iou)
+        logger.log_images(images, dets, val_set.class_names, row["epoch"])
+    return on_epoch_end
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.tensorboard:  # before the run folder exists: a missing package leaves nothing behind
+        require("tensorboard", "tensorboard", "--tensorboard")
     dist = engine.setup_distributed(args.device)
     if args.recipe == "demo" and dist.is_main:
         print("Quick demonstration: a 1/8-width YOLOv1 on the bundled sample (data/), on the CPU "
@@ -137,9 +162,14 @@ def main(argv=None):
     loss_fn = YoloLoss(args.S, args.B, len(train_set.class_names), args.lambda_coord,
                        args.lambda_noobj, rescore=not args.no_rescore)
     evaluate_fn = engine.detection_evaluator(val_set, args, dist) if val_set else None
+    # purge_step: on resume TensorBoard drops the events of epochs the checkpoint lacks.
+    logger = TensorBoardLogger(run_dir, purge_step=start + 1) if args.tensorboard and dist.is_main else None
     best = engine.fit(model, loader, yolo_step(loss_fn, args.channels_last), evaluate_fn, optimizer,
                       scheduler, scaler, dist, args, run_dir, "yolo", "mAP", start, best, dtype,
-                      extra={"class_names": list(train_set.class_names)})
+                      extra={"class_names": list(train_set.class_names)},
+                      on_epoch_end=tensorboard_callback(logger, val_set, args) if logger else None)
+    if logger is not None:
+        logger.close()
     if dist.is_main:
         print(f"done: best validation mAP {best:.4f}; checkpoints in {run_dir}")
     engine.cleanup_distributed()

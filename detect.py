@@ -1,0 +1,310 @@
+"""Run a trained detector on an image, a folder of images or a video, and draw its boxes.
+
+    python detect.py runs/train/demo/best.pt photo.jpg
+    python detect.py best.pt photos/ --save-txt --save-json
+    python detect.py best.pt clip.mp4 --conf-threshold 0.3
+
+Everything goes to a new folder, runs/detect/exp (then exp2, exp3 ...):
+
+* a copy of each image with the boxes drawn, under the same name (images in a format
+  that cannot hold RGB, such as .pgm, get .png added), and for a video an .mp4 of its
+  frames with the boxes drawn;
+* ``--save-txt``: ``labels/<image>.txt`` (for a video ``labels/<video>_<frame>.txt``,
+  frames counted from 0), one line per box ``class confidence left top right bottom``:
+  the detection format of evaluate.py and detect_txt.py;
+* ``--save-json``: ``detections.json`` with every image or frame, its size and its boxes.
+
+Boxes are in pixels of the original image, as a viewer shows it (EXIF orientation and a
+video's rotation applied). Each box takes its most likely class with the score
+Pr(class | object) * confidence (paper Section 2); boxes scoring at most
+``--conf-threshold`` are dropped, then non-maximum suppression runs per class. The
+default threshold (0.2) is for looking at pictures: mAP is measured with almost no
+threshold (test.py, 0.005). Videos need PyAV (``pip install av``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+import engine
+from dataset import load_image
+from model import load_detector
+from plots import draw_detections, require
+from utils import UserError, decode_predictions, run_cli
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv")
+# Formats Pillow writes RGB in; a drawn copy of anything else is saved as PNG.
+RGB_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
+    p.add_argument("source", help="an image, a folder of images and videos, or a video file")
+    p.add_argument("--conf-threshold", type=float, default=0.2,
+                   help="keep boxes scoring above this (default %(default)s, for display)")
+    p.add_argument("--nms-iou", type=float, default=0.5,
+                   help="per-class non-maximum suppression IoU (default %(default)s)")
+    p.add_argument("--max-det", type=int, default=100, help="at most this many boxes per image")
+    p.add_argument("--save-txt", action="store_true", help="write labels/<image>.txt per image")
+    p.add_argument("--save-json", action="store_true", help="write detections.json")
+    p.add_argument("--line-width", type=int, help="box line width in pixels (default: from the image size)")
+    p.add_argument("--batch-size", type=int, default=8, help="images or frames per forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--project", default="runs/detect", help="parent of the output folder")
+    p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")
+    return p
+
+
+def check_args(args) -> None:
+    for name in ("conf_threshold", "nms_iou"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("max_det", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def list_sources(source: str) -> tuple[list[Path], list[Path]]:
+    """``(images, videos)`` of a file or a folder (its files only, sorted by name)."""
+    path = Path(source)
+    if path.is_file():
+        return ([], [path]) if path.suffix.lower() in VIDEO_SUFFIXES else ([path], [])
+    if not path.is_dir():
+        raise UserError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMG_EXTENSIONS]
+    videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+    if not images and not videos:
+        raise UserError(f"{path}: no images ({' '.join(IMG_EXTENSIONS)}) or videos "
+                        f"({' '.join(VIDEO_SUFFIXES)}) in this folder")
+    return images, videos
+
+
+# --------------------------------------------------------------------------- prediction
+@torch.no_grad()
+def predict(model, images: list[torch.Tensor], args) -> list[torch.Tensor]:
+    """Detections ``(M, 6)``: ``class, score, x1, y1, x2, y2`` in pixels of each uint8 image.
+
+    Images are squashed to the network's square input the way dataset.py feeds it in
+    training and evaluation: an antialiased resize of the uint8 pixels, then [0, 1] floats.
+    """
+    size = [model.input_size, model.input_size]
+    batch = torch.stack([F.resize(image, size, antialias=True) for image in images])
+    batch = F.to_dtype(batch, torch.float32, scale=True).to(next(model.parameters()).device)
+    out = model(batch)
+    dets = decode_predictions(out, model.S, model.B, model.C, args.conf_threshold, args.nms_iou,
+                              args.max_det)
+    results = []
+    for image, d in zip(images, dets):
+        d = d.cpu()
+        d[:, 2:] *= torch.tensor([image.shape[2], image.shape[1]] * 2, dtype=d.dtype)
+        results.append(d)
+    return results
+
+
+def batches(items, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class Outputs:
+    """Where drawn pictures, label files and JSON records of one run go."""
+
+    def __init__(self, out_dir: Path, names, args):
+        self.dir, self.names, self.args = out_dir, names, args
+        self.records: list[dict] = []
+        if args.save_txt:
+            (out_dir / "labels").mkdir()
+
+    def add(self, dets: torch.Tensor, source: Path, size: tuple[int, int], frame: int | None = None) -> None:
+        """Record one image's (or frame's) detections; write its label file if asked."""
+        record = {"file": source.name} | ({"frame": frame} if frame is not None else {})
+        record |= {"width": size[0], "height": size[1], "detections": [
+            {"class": self.names[int(c)], "class_id": int(c), "score": round(s, 6),
+             "box": [round(v, 2) for v in box]}
+            for c, s, *box in dets.tolist()]}
+        self.records.append(record)
+        if self.args.save_txt:
+            stem = source.stem if frame is None else f"{source.stem}_{frame:06d}"
+            (self.dir / "labels" / f"{stem}.txt").write_text(label_lines(dets, self.names))
+
+    def draw(self, image: torch.Tensor, dets: torch.Tensor) -> torch.Tensor:
+        return draw_detections(image, dets, self.names, self.args.line_width)
+
+    def finish(self, checkpoint: str) -> None:
+        if self.args.save_json:
+            engine.write_json(self.dir / "detections.json", {
+                "checkpoint": str(checkpoint), "class_names": list(self.names),
+                "conf_threshold": self.args.conf_threshold, "nms_iou": self.args.nms_iou,
+                "box_format": "x1 y1 x2 y2, pixels of the original image", "images": self.records})
+
+
+def label_lines(dets: torch.Tensor, names) -> str:
+    """``class confidence left top right bottom`` per box: evaluate.py's detection format."""
+    return "".join(f"{names[int(c)]} {s:.6f} {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f}\n"
+                   for c, s, x1, y1, x2, y2 in dets.tolist())
+
+
+def output_name(source: Path, suffixes: tuple[str, ...], default_suffix: str) -> str:
+    """The source's name if its format can hold the output, else the name plus a suffix."""
+    return source.name if source.suffix.lower() in suffixes else source.name + default_suffix
+
+
+# --------------------------------------------------------------------------- images
+def detect_images(model, paths: list[Path], outputs: Outputs, args) -> list[str]:
+    """Detect, draw and save every image; returns the one-line errors of unreadable ones.
+
+    One bad file in a folder should not stop the others, so errors are collected and
+    reported at the end.
+    """
+    errors = []
+    bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2, dynamic_ncols=True)
+    for chunk in batches(paths, args.batch_size):
+        images, kept = [], []
+        for path in chunk:
+            try:
+                images.append(F.pil_to_tensor(load_image(path)))
+                kept.append(path)
+            except UserError as err:
+                errors.append(str(err))
+                if len(paths) > 1:
+                    tqdm.write(f"warning: {err}", file=sys.stderr)
+        for path, image, dets in zip(kept, images, predict(model, images, args) if images else []):
+            outputs.add(dets, path, (image.shape[2], image.shape[1]))
+            save_image(outputs.draw(image, dets), outputs.dir / output_name(path, RGB_SUFFIXES, ".png"))
+        bar.update(len(chunk))
+    bar.close()
+    return errors
+
+
+def save_image(image: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    # Pillow's default JPEG quality (75) smears the thin box lines and the label text.
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=95)
+
+
+# --------------------------------------------------------------------------- videos
+def open_video(path: Path):
+    """``(container, stream)`` of a video file; UserError if PyAV cannot read it."""
+    require("av", "av", "reading videos")
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as err:
+        raise UserError(f"{path}: unreadable video ({' '.join(str(err).split())})") from None
+    if not container.streams.video:
+        container.close()
+        raise UserError(f"{path}: holds no video stream")
+    return container, container.streams.video[0]
+
+
+def video_frames(path: Path, container, stream):
+    """The frames as upright (3, H, W) uint8 tensors; a decoding error is a UserError."""
+    import av
+
+    try:
+        for frame in container.decode(stream):
+            image = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+            # The display matrix turns the stored frame counter-clockwise by ``rotation``
+            # degrees (phones store portrait video as landscape frames plus this angle).
+            yield torch.rot90(image, round(frame.rotation / 90) % 4, dims=(1, 2))
+    except av.FFmpegError as err:
+        raise UserError(f"{path}: cannot decode the video ({' '.join(str(err).split())})") from None
+
+
+class VideoWriter:
+    """An H.264 (or, without libx264, MPEG-4) .mp4 writer, opened at the first frame."""
+
+    def __init__(self, path: Path, fps):
+        import av
+
+        self.av, self.path, self.fps = av, path, fps
+        self.container = self.stream = None
+
+    def write(self, image: torch.Tensor) -> None:
+        # yuv420p stores colour for 2x2 pixel blocks: encoders need even sides.
+        image = image[:, :image.shape[1] // 2 * 2, :image.shape[2] // 2 * 2]
+        if self.container is None:
+            codec = "libx264" if "libx264" in self.av.codecs_available else "mpeg4"
+            self.container = self.av.open(str(self.path), "w")
+            self.stream = self.container.add_stream(codec, rate=self.fps)
+            self.stream.width, self.stream.height = image.shape[2], image.shape[1]
+            self.stream.pix_fmt = "yuv420p"
+        frame = self.av.VideoFrame.from_ndarray(image.permute(1, 2, 0).contiguous().numpy(), format="rgb24")
+        self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.mux(self.stream.encode())  # flush the frames the encoder holds back
+            self.container.close()
+
+
+def detect_video(model, path: Path, outputs: Outputs, args) -> int:
+    """Detect and draw every frame of a video; returns the number of frames."""
+    container, stream = open_video(path)
+    fps = stream.average_rate or 25
+    writer = VideoWriter(outputs.dir / output_name(path, (".mp4",), ".mp4"), fps)
+    bar = tqdm(total=stream.frames or None, unit="frame", desc=path.name, dynamic_ncols=True)
+    count = 0
+    try:
+        chunk = []
+        for image in video_frames(path, container, stream):
+            chunk.append(image)
+            if len(chunk) == args.batch_size:
+                count = detect_frames(model, chunk, count, path, outputs, writer, bar)
+                chunk = []
+        count = detect_frames(model, chunk, count, path, outputs, writer, bar) if chunk else count
+    finally:
+        bar.close()
+        writer.close()
+        container.close()
+    if count == 0:
+        raise UserError(f"{path}: the video has no frames")
+    return count
+
+
+def detect_frames(model, frames, first: int, path: Path, outputs: Outputs, writer: VideoWriter, bar) -> int:
+    for k, (image, dets) in enumerate(zip(frames, predict(model, frames, outputs.args))):
+        outputs.add(dets, path, (image.shape[2], image.shape[1]), frame=first + k)
+        writer.write(outputs.draw(image, dets))
+    bar.update(len(frames))
+    return first + len(frames)
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    images, videos = list_sources(args.source)
+    if videos:
+        require("av", "av", "reading videos")
+    model, names = load_detector(args.checkpoint, engine.resolve_device(args.device))
+    outputs = Outputs(engine.make_run_dir(args.project, args.name), names, args)
+    errors = detect_images(model, images, outputs, args) if images else []
+    frames = sum(detect_video(model, path, outputs, args) for path in videos)
+    outputs.finish(args.checkpoint)
+    boxes = sum(len(r["detections"]) for r in outputs.records)
+    done = [plural(len(images) - len(errors), "image")] if images else []
+    done += [f"{plural(len(videos), 'video')} ({plural(frames, 'frame')})"] if videos else []
+    print(f"{' and '.join(done)}: {plural(boxes, 'box', 'boxes')} scoring above "
+          f"{args.conf_threshold}; results in {outputs.dir}")
+    if errors:
+        raise UserError(errors[0] if len(images) == 1 else f"{len(errors)} of {len(images)} images "
+                        f"could not be read; the first: {errors[0]}")
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,232 @@
+"""Export a trained detector to ONNX and TorchScript, to run it without this repository.
+
+    python export.py runs/train/demo/best.pt                    # model.onnx + model.torchscript.pt
+    python export.py best.pt --include onnx --raw               # the bare network output
+
+Files go to a new folder, runs/export/exp (then exp2, exp3 ...).
+
+Input ``images``: float32 (N, 3, 64*S, 64*S) (448 x 448 for S = 7), RGB in [0, 1], no
+mean/std normalisation, the whole picture squashed to the square (aspect ratio not
+kept), as in training. N is free (a dynamic axis).
+
+Outputs (default, decoded in the graph), with K = S*S*B boxes per image:
+  boxes   (N, K, 4)  x1 y1 x2 y2 relative to the image (0..1; multiply by its width and
+                     height for pixels), clipped to the image
+  scores  (N, K, C)  class-specific confidence Pr(class | object) * confidence (paper
+                     Section 2), each factor clamped to [0, 1] as utils.decode_predictions
+Box k comes from cell k // B (row-major: row = cell // S, column = cell % S), predictor k % B.
+Non-maximum suppression is NOT in the graph: it is the caller's job. As in
+utils.decode_predictions, each box takes its best class (argmax of its scores), boxes
+scoring at most a threshold are dropped, then NMS runs per class; ``postprocess`` below
+does exactly that in numpy, for use with onnxruntime.
+
+With ``--raw`` the single output ``output`` is the network's (N, S*S*(C+5B)); per cell
+``[C class scores | conf, x, y, sqrt_w, sqrt_h for each of the B predictors]`` (model.py).
+
+Both files carry the class names, S, B, C and the input size: the ONNX file in its
+metadata (onnxruntime: ``session.get_modelmeta().custom_metadata_map``), the TorchScript
+file as the extra file ``config.json`` (``torch.jit.load(path, _extra_files=...)``).
+ONNX export needs ``pip install onnx onnxscript``; the check against PyTorch after the
+export needs ``onnxruntime`` (skipped with a note when it is missing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import engine
+from model import load_detector
+from plots import require
+from utils import UserError, cell_to_image_boxes, run_cli, split_predictions
+
+FORMATS = ("onnx", "torchscript")
+# Largest |PyTorch - exported| difference accepted by the check after the export. The
+# graphs compute the same float32 operations, but onnxruntime may fuse or reorder them.
+ATOL = 1e-4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
+    p.add_argument("--include", nargs="+", choices=FORMATS, default=list(FORMATS),
+                   help="formats to write (default: both)")
+    p.add_argument("--raw", action="store_true",
+                   help="export the bare network output instead of decoded boxes and scores")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset version (default %(default)s)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip running the exported files against PyTorch after the export")
+    p.add_argument("--project", default="runs/export", help="parent of the output folder")
+    p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")
+    return p
+
+
+class DecodedYOLO(nn.Module):
+    """The detector followed by utils.decode_predictions' decoding, without thresholds or NMS."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.S, self.B, self.C = model, model.S, model.B, model.C
+
+    def forward(self, images: torch.Tensor):
+        cls_scores, box_pred = split_predictions(self.model(images), self.S, self.B, self.C)
+        conf = box_pred[..., 0].clamp(0, 1)                                    # (N,S,S,B)
+        scores = conf.unsqueeze(-1) * cls_scores.clamp(0, 1).unsqueeze(-2)     # (N,S,S,B,C)
+        boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1)
+        return boxes.flatten(1, 3), scores.flatten(1, 3)
+
+
+def export_metadata(model: nn.Module, names, raw: bool) -> dict:
+    """What a caller needs besides the weights."""
+    return {"class_names": list(names), "S": model.S, "B": model.B, "C": model.C,
+            "input_size": model.input_size,
+            "input": "images: float32 (N, 3, input_size, input_size), RGB in [0, 1], squashed",
+            "outputs": "output: (N, S*S*(C+5B)) raw network output" if raw else
+                       "boxes: (N, S*S*B, 4) x1 y1 x2 y2 in 0..1; scores: (N, S*S*B, C); no NMS",
+            "model_config": dict(model.config)}
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, output_names, metadata,
+                opset: int) -> None:
+    """torch.onnx's exporter (torch.export based) with a dynamic batch axis; metadata added."""
+    require("onnx", "onnx", "ONNX export")
+    require("onnxscript", "onnxscript", "ONNX export (torch.onnx's exporter)")
+    import onnx
+
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=output_names,
+                      dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
+                      external_data=False, verbose=False)
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():  # ONNX metadata values are strings: JSON for the others
+        proto.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
+    onnx.save(proto, str(path))
+
+
+@contextmanager
+def jit_quietly():
+    """torch.jit is deprecated upstream (FutureWarning) but still the format C++ libtorch
+    loads. Tracing also warns that model.check_input's shape test is frozen: it holds
+    for every batch size, the only size that may change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
+
+
+def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, metadata) -> None:
+    """A traced TorchScript file (loads in C++ libtorch and in Python without this code)."""
+    with jit_quietly():
+        # check_trace would run the model twice more on the same batch; check_export
+        # compares the saved file instead, on another batch size.
+        traced = torch.jit.trace(module, example, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={"config.json": json.dumps(metadata)})
+
+
+def reference_outputs(module: nn.Module, images: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(images)
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def check_export(path: Path, fmt: str, module: nn.Module, size: int) -> float | None:
+    """Largest difference between the exported file and PyTorch on a random batch of 3
+    (not the 2 images traced: the batch axis must really be dynamic); None if skipped."""
+    images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    expected = reference_outputs(module, images)
+    if fmt == "onnx":
+        try:
+            require("onnxruntime", "onnxruntime", "checking the ONNX file")
+        except UserError as err:
+            print(f"note: {err}; skipped the check")
+            return None
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": images.numpy()})
+    else:
+        with jit_quietly():
+            got = reference_outputs(torch.jit.load(str(path)), images)
+    diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
+    if diff > ATOL:
+        raise UserError(f"{path}: outputs differ from PyTorch by up to {diff:.3g} (more than {ATOL})")
+    return diff
+
+
+def export(model: nn.Module, names, out_dir: Path, formats, raw: bool = False, opset: int = 18,
+           check: bool = True) -> dict[str, Path]:
+    """Write the requested formats into ``out_dir``; returns ``{format: path}``."""
+    module = (model if raw else DecodedYOLO(model)).eval()
+    example = torch.rand(2, 3, model.input_size, model.input_size)
+    metadata = export_metadata(model, names, raw)
+    written = {}
+    for fmt in formats:
+        path = out_dir / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+        if fmt == "onnx":
+            export_onnx(module, example, path, ["output"] if raw else ["boxes", "scores"], metadata, opset)
+        else:
+            export_torchscript(module, example, path, metadata)
+        diff = check_export(path, fmt, module, model.input_size) if check else None
+        checked = f" (max |diff| vs PyTorch {diff:.2g})" if diff is not None else ""
+        print(f"{fmt}: {path}{checked}")
+        written[fmt] = path
+    return written
+
+
+# --------------------------------------------------------------------------- using the ONNX file
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy non-maximum suppression (torchvision.ops.nms): kept indices, best first."""
+    order = np.argsort(-scores, kind="stable")
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        lt = np.maximum(boxes[i, :2], boxes[rest, :2])
+        rb = np.minimum(boxes[i, 2:], boxes[rest, 2:])
+        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            overlap = inter / (area[i] + area[rest] - inter)
+        order = rest[~(overlap > iou)]  # as torchvision: 0/0 (two empty boxes) suppresses nothing
+    return np.asarray(keep, dtype=np.int64)
+
+
+def postprocess(boxes: np.ndarray, scores: np.ndarray, conf_threshold: float = 0.2,
+                nms_iou: float = 0.5) -> list[np.ndarray]:
+    """The exported outputs -> per image ``(M, 6)``: ``class, score, x1, y1, x2, y2`` (0..1),
+    best first: utils.decode_predictions without torch."""
+    results = []
+    for image_boxes, image_scores in zip(boxes, scores):
+        labels, best = image_scores.argmax(-1), image_scores.max(-1)
+        keep = best > conf_threshold
+        labels, best, image_boxes = labels[keep], best[keep], image_boxes[keep]
+        # Shifting each class to its own region makes one NMS call act per class: boxes
+        # are within 0..1, so boxes of different classes never overlap after the shift.
+        kept = nms(image_boxes + 2.0 * labels[:, None], best, nms_iou)
+        results.append(np.column_stack([labels[kept], best[kept], image_boxes[kept]]).astype(np.float32))
+    return results
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    formats = list(dict.fromkeys(args.include))
+    if "onnx" in formats:  # before any work: a missing package is an error, not a half-done export
+        require("onnx", "onnx", "ONNX export")
+        require("onnxscript", "onnxscript", "ONNX export (torch.onnx's exporter)")
+    model, names = load_detector(args.checkpoint, "cpu")
+    out_dir = engine.make_run_dir(args.project, args.name)
+    export(model, names, out_dir, formats, args.raw, args.opset, check=not args.no_check)
+    print(f"input: images (N, 3, {model.input_size}, {model.input_size}) RGB in [0, 1]; "
+          + ("output: (N, S*S*(C+5B)) raw" if args.raw else
+             f"outputs: boxes (N, {model.S ** 2 * model.B}, 4), scores (N, {model.S ** 2 * model.B}, "
+             f"{model.C}); NMS is the caller's job (export.postprocess)"))
+
+
+if __name__ == "__main__":
+    run_cli(main)
