@@ -31,7 +31,6 @@ their main() functions differ only in how they wrap the model and the data.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.distributed as torch_dist
@@ -131,19 +130,12 @@ def train(args, dist: engine.Dist, model, train_set, val_set, run_dir, ckpt) -> 
     ``model`` may be wrapped (DataParallel, DDP); ``dist`` says whether this is one of
     several processes, in which case each reads its own shard (engine.make_loader).
     """
-    loader = engine.make_loader(train_set, args.batch_size, True, args.workers, dist, args.seed)
-    optimizer = engine.build_optimizer(model, args)
-    scheduler = engine.build_scheduler(optimizer, args, -(-len(loader) // args.accum_steps))
-    dtype = engine.amp_dtype(args, dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
-    start, best = 0, -math.inf
-    if ckpt is not None:
-        engine.restore_training_state(ckpt, args.resume, model, optimizer, scheduler, scaler, KIND)
-        start, best = ckpt["epoch"], ckpt["best"]
+    loader, optimizer, scheduler, scaler, dtype = engine.prepare_training(
+        model, train_set, args, dist, ckpt, KIND)
     step = classification_step(args.label_smoothing, args.channels_last)
     evaluate = make_evaluator(val_set, args, dist, dtype)
     best = engine.fit(model, loader, step, evaluate, optimizer, scheduler, scaler, dist, args,
-                      run_dir, KIND, "top1", start, best, dtype)
+                      run_dir, KIND, "top1", ckpt, dtype)
     if dist.is_main:
         print(f"done: best validation top-1 {best:.2f}%; checkpoints in {run_dir}\n"
               f"YOLOv1 from this backbone: python train.py --backbone {run_dir / 'best.pt'} ...", flush=True)

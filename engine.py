@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import UserError, load_checkpoint, load_state_checked, save_checkpoint
+from utils import Interrupted, UserError, load_checkpoint, load_state_checked, save_checkpoint
 
 
 # --------------------------------------------------------------------------- arguments
@@ -50,6 +50,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     g.add_argument("--warmup-factor", type=float, default=0.1,
                    help="warm-up starts at this fraction of --lr (paper: 1e-3 -> 1e-2, so 0.1)")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose loss is NaN or infinite (counted in the log) "
+                        "instead of stopping the run")
     r = parser.add_argument_group("run")
     r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     r.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
@@ -260,36 +263,75 @@ def build_scheduler(optimizer, args, steps_per_epoch: int):
 
 
 # --------------------------------------------------------------------------- data loaders
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's indices for one epoch, from any position in it.
+
+    The order follows from (seed, epoch) alone; under DDP each of the world_size processes
+    takes every world_size-th index of it, padded to equal shares as DistributedSampler
+    does. ``start`` skips the samples already trained when a run resumes mid-epoch.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+        self.per_rank = -(-n // world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        order += order[:self.per_rank * self.world - self.n]
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start)
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Each sample's random augmentation follows from (seed, epoch, index) alone.
+
+    It then does not depend on which worker loads the sample, on how many workers
+    there are, or on whether the run was interrupted and resumed.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1000003 + self.epoch) * 10000019 + index) % 2**63)
+            return self.dataset[index]
+
+
 def make_loader(dataset, batch_size: int, train: bool, workers: int, dist: Dist,
                 seed: int, collate_fn=None) -> DataLoader:
-    """A loader whose order and augmentation depend only on (seed, epoch): see set_epoch.
+    """A training loader whose batches depend only on (seed, epoch): see set_epoch.
 
-    Under DDP each process reads its own shard (DistributedSampler) of a per-process
-    batch of ``batch_size / world_size``.
+    Under DDP each process reads its own shard of a per-process batch of
+    ``batch_size / world_size``.
     """
-    if dist.distributed:
-        sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=train, seed=seed)
-        batch_size = max(1, batch_size // dist.world_size)
-    elif train:
-        sampler = RandomSampler(dataset, generator=torch.Generator())
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=dist.device.type == "cuda", drop_last=False,
-                      generator=torch.Generator(), collate_fn=collate_fn)
+    batch_size = max(1, batch_size // dist.world_size)
+    sampler = EpochSampler(len(dataset), train, seed, dist.rank, dist.world_size)
+    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
+                      num_workers=workers, pin_memory=dist.device.type == "cuda", drop_last=False,
+                      collate_fn=collate_fn)
 
 
-def set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
-    """Seed the shuffle and the workers' augmentation for ``epoch``.
-
-    Everything random in an epoch's data then follows from (seed, epoch), so a resumed
-    run sees exactly the batches the uninterrupted run would have.
-    """
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    elif isinstance(loader.sampler, RandomSampler):
-        loader.sampler.generator.manual_seed(seed * 100003 + epoch)
-    loader.generator.manual_seed(seed * 100019 + epoch + 1)
+def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Select ``epoch``'s order and augmentation, starting after ``start_batch`` batches."""
+    loader.sampler.set_epoch(epoch, start_batch * loader.batch_size)
+    loader.dataset.epoch = epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -348,18 +390,40 @@ def restore_training_state(ckpt: dict, source: str, model, optimizer, scheduler,
     set_rng_state(ckpt["rng"])
 
 
+def prepare_training(model, dataset, args, dist: Dist, ckpt: dict | None, kind: str, collate_fn=None):
+    """The training loader, optimiser, per-step schedule, gradient scaler and AMP dtype,
+    restored from ``ckpt`` when resuming: the same for every training script."""
+    loader = make_loader(dataset, args.batch_size, True, args.workers, dist, args.seed, collate_fn)
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, -(-len(loader) // args.accum_steps))
+    dtype = amp_dtype(args, dist.device)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
+    if ckpt is not None:
+        restore_training_state(ckpt, args.resume, model, optimizer, scheduler, scaler, kind)
+    return loader, optimizer, scheduler, scaler, dtype
+
+
 def load_resume(args) -> tuple[dict | None, Path | None]:
     """The checkpoint to resume and its run folder, or (None, None) for a new run.
 
-    ``--auto-resume`` becomes ``--resume project/name/last.pt`` when that file exists.
+    ``--auto-resume`` becomes ``--resume project/name/last.pt`` when that file exists. A
+    damaged or missing last.pt falls back to last_prev.pt, saying so.
     """
     last = Path(args.project) / args.name / "last.pt"
-    if not args.resume and getattr(args, "auto_resume", False) and last.is_file():
+    if not args.resume and getattr(args, "auto_resume", False) and (
+            last.is_file() or previous_path(last).is_file()):
         args.resume = str(last)
     if not args.resume:
         return None, None
-    path = find_resume_checkpoint(args.resume)
-    return load_checkpoint(path), path.parent
+    path = Path(args.resume)
+    path = path / "last.pt" if path.is_dir() else path
+    try:
+        return load_checkpoint(find_resume_checkpoint(str(path))), path.parent
+    except UserError as err:
+        if not previous_path(path).is_file():
+            raise
+        print(f"warning: {err}; resuming from the previous checkpoint {previous_path(path)}", flush=True)
+        return load_checkpoint(previous_path(path)), path.parent
 
 
 # --------------------------------------------------------------------------- the loop
@@ -368,45 +432,101 @@ class NonFiniteLoss(UserError):
 
 
 def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: Dist, args,
-                    epoch: int, dtype=None) -> dict:
-    """One pass over ``loader``; returns per-image means of what ``step_fn`` logs.
+                    epoch: int, dtype=None, start_batch: int = 0, partial: dict | None = None,
+                    stopper=None) -> dict:
+    """One pass over ``loader`` (from ``start_batch`` on); returns per-image means of the logs.
 
     ``step_fn(model, batch, device) -> (loss, logs, n)``: the mean loss of the batch, a
     dict of detached per-batch means to log, and the batch size. Gradients are
     accumulated over ``args.accum_steps`` micro-batches; under DDP the gradient
-    all-reduce is skipped for all but the last of them (``no_sync``).
+    all-reduce is skipped for all but the last of them (``no_sync``). When ``stopper``
+    reports a signal, the epoch ends after the next optimiser step and the result has
+    ``"interrupted"``: the batches done and the running sums, to save and resume from.
     """
     model.train()
-    sums, seen, start = {}, 0, time.perf_counter()
+    acc = dict(partial or {"sums": {}, "seen": 0, "skipped": 0, "time": 0.0})
+    acc["sums"], start = dict(acc["sums"]), time.perf_counter() - acc["time"]
+    total, micro = start_batch + len(loader), max(1, args.accum_steps)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main,
-               dynamic_ncols=True, leave=False)
-    micro = max(1, args.accum_steps)
-    for i, batch in enumerate(bar):
-        last_micro = (i + 1) % micro == 0 or i + 1 == len(loader)
+               dynamic_ncols=True, leave=False, initial=start_batch, total=total)
+    for i, batch in enumerate(bar, start=start_batch):
+        last_micro = (i + 1) % micro == 0 or i + 1 == total
         sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
                 loss, logs, n = step_fn(model, batch, dist.device)
-            check_finite(loss, logs, epoch, scheduler.last_epoch)
-            scaler.scale(loss / micro).backward()
+            if check_finite(loss, logs, epoch, scheduler.last_epoch, args):
+                scaler.scale(loss / micro).backward()
+                accumulate(acc, logs, n)
+            else:
+                acc["skipped"] += 1
         if last_micro:
             optimizer_step(model, optimizer, scaler, args.grad_clip)
             scheduler.step()
-        seen += n
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
-    totals = reduce_sums({**sums, "_n": seen}, dist)
-    n = max(1.0, totals.pop("_n"))
-    return {k: v / n for k, v in totals.items()} | {"images": int(n),
-                                                    "time_s": round(time.perf_counter() - start, 2)}
+            if stopper is not None and stopper.agreed(dist):
+                acc["time"] = time.perf_counter() - start
+                return {"interrupted": {"batch": i + 1, "partial": acc}}
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{acc['seen'] / (time.perf_counter() - start):.1f}")
+    return epoch_means(acc, dist, time.perf_counter() - start)
 
 
-def check_finite(loss, logs: dict, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss.detach()).all():
-        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
-        raise NonFiniteLoss(f"loss became {float(loss)} at epoch {epoch + 1}, step {step} "
-                            f"({parts}); lower --lr, use --grad-clip, or check the data")
+def accumulate(acc: dict, logs: dict, n: int) -> None:
+    acc["seen"] += n
+    for k, v in logs.items():
+        acc["sums"][k] = acc["sums"].get(k, 0.0) + float(v) * n
+
+
+def epoch_means(acc: dict, dist: Dist, seconds: float) -> dict:
+    """Per-image means over all processes, the image count, skipped steps and time."""
+    totals = reduce_sums({**acc["sums"], "_n": acc["seen"], "_skipped": acc["skipped"]}, dist)
+    n, skipped = max(1.0, totals.pop("_n")), int(totals.pop("_skipped"))
+    row = {k: v / n for k, v in totals.items()} | {"images": int(n), "time_s": round(seconds, 2)}
+    return row | ({"skipped_steps": skipped} if skipped else {})
+
+
+class GracefulStop:
+    """SIGTERM (a scheduler's time limit) or Ctrl-C: finish the step, save, exit cleanly.
+
+    A second Ctrl-C interrupts at once. Under DDP the ranks agree (a max all-reduce each
+    step) so that all of them stop after the same step.
+    """
+
+    def __init__(self):
+        import signal
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        import signal
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def agreed(self, dist: Dist) -> bool:
+        if not dist.distributed:
+            return self.signal is not None
+        flag = torch.tensor([self.signal is not None], dtype=torch.float32,
+                            device=dist.device if dist.device.type == "cuda" else "cpu")
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        self.signal = self.signal or ("SIGTERM" if flag.item() else None)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        import signal
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def check_finite(loss, logs: dict, epoch: int, step: int, args) -> bool:
+    """True for a finite loss. Otherwise stop with the step and the loss components
+    named, or, with ``--skip-nonfinite``, report False so that the step is skipped."""
+    if torch.isfinite(loss.detach()).all():
+        return True
+    if getattr(args, "skip_nonfinite", False):
+        return False
+    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+    raise NonFiniteLoss(f"loss became {float(loss)} at epoch {epoch + 1}, step {step} "
+                        f"({parts}); lower --lr, use --grad-clip or --skip-nonfinite, or check the data")
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
@@ -456,35 +576,87 @@ def check_same_checkpoint(ckpt: dict | None, dist: Dist) -> None:
 
 
 def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist: Dist, args,
-        run_dir: Path, kind: str, metric: str, start_epoch: int = 0, best: float = -math.inf,
+        run_dir: Path, kind: str, metric: str, resume: dict | None = None,
         dtype=None, extra: dict | None = None, on_epoch_end=None) -> float:
     """The epoch loop: train, evaluate, log one line, save ``last.pt`` and ``best.pt``,
-    redraw the run's plots.
+    redraw the run's plots. Returns the best ``metric``.
 
     ``evaluate_fn(model, epoch) -> dict`` (or None to skip) runs on every rank, so
     metrics can be reduced across ranks; ``metric`` (higher is better) picks best.pt.
-    ``on_epoch_end(row, model)`` runs on rank 0 only, after the checkpoints are saved
-    (train.py's TensorBoard logging).
+    ``resume`` is the checkpoint of an interrupted run (its state already restored):
+    the loop continues at its epoch and batch. ``on_epoch_end(row, model)`` runs on
+    rank 0 only, after the checkpoints are saved (train.py's TensorBoard logging).
+    SIGTERM or Ctrl-C saves the state after the current step and raises RunInterrupted.
     """
-    log = MetricsLog(run_dir, keep_below_epoch=start_epoch + 1) if dist.is_main else None
-    for epoch in range(start_epoch, args.epochs):
-        set_epoch(loader, epoch, args.seed)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row |= train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args, epoch, dtype)
-        row |= (evaluate_fn(model, epoch) or {}) if evaluate_fn else {}
-        improved = metric in row and row[metric] > best
-        best = row[metric] if improved else best
-        if dist.is_main:
-            log.append(row)
-            print(format_row(row), flush=True)
-            state = training_state(model, optimizer, scheduler, scaler, epoch + 1, best, args, kind, extra)
-            save_checkpoint(state, run_dir / "last.pt")
-            if improved:
-                save_checkpoint(state, run_dir / "best.pt")
-            refresh_plots(run_dir)
-            if on_epoch_end is not None:
-                on_epoch_end(row, model)
+    resume = resume or {}
+    start, best = resume.get("epoch", 0), resume.get("best", -math.inf)
+    batch, partial = resume.get("batch", 0), resume.get("partial")
+    log = MetricsLog(run_dir, keep_below_epoch=start + 1) if dist.is_main else None
+    stopper = GracefulStop()
+    try:
+        for epoch in range(start, args.epochs):
+            set_epoch(loader, epoch, batch)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            row |= train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args,
+                                   epoch, dtype, batch, partial, stopper)
+            if "interrupted" in row:
+                stop = row["interrupted"] | {"epoch": epoch}
+                if dist.is_main:
+                    state = training_state(model, optimizer, scheduler, scaler, epoch, best, args, kind, extra)
+                    save_with_previous(state | stop, run_dir / "last.pt")
+                raise RunInterrupted(f"{stopper.signal}: stopped in epoch {epoch + 1} after batch "
+                                     f"{stop['batch']}; state saved in {run_dir / 'last.pt'}; "
+                                     f"continue with --resume {run_dir}")
+            batch, partial = 0, None
+            row |= (evaluate_fn(model, epoch) or {}) if evaluate_fn else {}
+            improved = metric in row and row[metric] > best
+            best = row[metric] if improved else best
+            if dist.is_main:
+                end_of_epoch(row, model, optimizer, scheduler, scaler, best, improved, args, kind,
+                             extra, run_dir, log, on_epoch_end)
+    finally:
+        stopper.restore()
     return best
+
+
+def end_of_epoch(row, model, optimizer, scheduler, scaler, best, improved, args, kind, extra,
+                 run_dir: Path, log: MetricsLog, on_epoch_end) -> None:
+    """Rank 0: log the row, save last.pt (keeping the previous one) and best.pt, plots."""
+    log.append(row)
+    print(format_row(row), flush=True)
+    state = training_state(model, optimizer, scheduler, scaler, row["epoch"], best, args, kind, extra)
+    save_with_previous(state, run_dir / "last.pt")
+    if improved:
+        save_checkpoint(state, run_dir / "best.pt")
+    refresh_plots(run_dir)
+    if on_epoch_end is not None:
+        on_epoch_end(row, model)
+
+
+class RunInterrupted(Interrupted):
+    """A signal stopped the run after its state was saved; the script exits cleanly."""
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}_prev{path.suffix}")
+
+
+def save_with_previous(state: dict, path: Path) -> None:
+    """Save ``path`` atomically, keeping the checkpoint it replaces as ``<stem>_prev.pt``.
+
+    The old file is hard-linked (or copied) to the previous name first, so ``path``
+    itself never disappears, and a resume can fall back if ``path`` is ever damaged.
+    """
+    if path.is_file():
+        tmp = path.with_name(f".{path.stem}_prev.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            import shutil
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, previous_path(path))
+    save_checkpoint(state, path)
 
 
 def refresh_plots(run_dir: Path) -> None:

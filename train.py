@@ -149,23 +149,16 @@ def main(argv=None):
                                  S=args.S, img_size=64 * args.S) if args.val_data else None)
     run_dir, ckpt = engine.start_run(args, dist, kind="yolo")
     model = make_model(args, len(train_set.class_names), dist)
-    loader = engine.make_loader(train_set, args.batch_size, True, args.workers, dist, args.seed)
-    optimizer = engine.build_optimizer(model, args)
-    steps = -(-len(loader) // args.accum_steps)
-    scheduler = engine.build_scheduler(optimizer, args, steps)
-    dtype = engine.amp_dtype(args, dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
-    start, best = 0, float("-inf")
-    if ckpt is not None:
-        engine.restore_training_state(ckpt, args.resume, model, optimizer, scheduler, scaler, "yolo")
-        start, best = ckpt["epoch"], ckpt["best"]
+    loader, optimizer, scheduler, scaler, dtype = engine.prepare_training(
+        model, train_set, args, dist, ckpt, "yolo")
     loss_fn = YoloLoss(args.S, args.B, len(train_set.class_names), args.lambda_coord,
                        args.lambda_noobj, rescore=not args.no_rescore)
     evaluate_fn = engine.detection_evaluator(val_set, args, dist) if val_set else None
     # purge_step: on resume TensorBoard drops the events of epochs the checkpoint lacks.
+    start = ckpt["epoch"] if ckpt else 0
     logger = TensorBoardLogger(run_dir, purge_step=start + 1) if args.tensorboard and dist.is_main else None
     best = engine.fit(model, loader, yolo_step(loss_fn, args.channels_last), evaluate_fn, optimizer,
-                      scheduler, scaler, dist, args, run_dir, "yolo", "mAP", start, best, dtype,
+                      scheduler, scaler, dist, args, run_dir, "yolo", "mAP", ckpt, dtype,
                       extra={"class_names": list(train_set.class_names)},
                       on_epoch_end=tensorboard_callback(logger, val_set, args) if logger else None)
     if logger is not None:

@@ -33,13 +33,21 @@ class UserError(Exception):
     """A mistake in the user's input (file, argument): reported as one line, exit 2."""
 
 
+class Interrupted(Exception):
+    """A run stopped on a signal after saving its state: reported as one line, exit 0."""
+
+
 def run_cli(main, argv=None):
-    """Run ``main(argv)`` and turn a UserError into a one-line message and exit code 2."""
+    """Run ``main(argv)``: a UserError becomes a one-line message and exit code 2, an
+    Interrupted run (state saved) a one-line note and exit code 0."""
     try:
         return main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as note:
+        print(f"interrupted: {note}", file=sys.stderr)
+        sys.exit(0)
 
 
 # --------------------------------------------------------------------------- geometry

@@ -50,7 +50,7 @@ def fit(model, *args, **kwargs):
     return best
 
 
-def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args, epoch, dtype=None):
+def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args, epoch, *rest):
     marker = OUT / "crashed"
     if epoch + 1 == CRASH_AT_EPOCH and not marker.exists():
         torch.distributed.barrier()  # rank 0 has saved the previous epoch's last.pt
@@ -58,7 +58,7 @@ def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, 
             marker.touch()
             os._exit(1)
     return real_train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args,
-                                epoch, dtype)
+                                epoch, *rest)
 
 
 engine.fit, engine.train_one_epoch = fit, train_one_epoch
