@@ -30,7 +30,7 @@ RECIPES = {
     "original": {"optimizer": "adam", "lr": 2e-5, "weight_decay": 0.0, "schedule": "constant",
                  "warmup_epochs": 0.0, "batch_size": 16, "hidden": 496},
     # A 1/8-width network: the full one trains at about 0.25 images/s on a 2-core CPU.
-    "demo": {"data": "data/100examples.csv", "val_data": "data/val.csv", "width": 0.125,
+    "demo": {"data": "data/train.csv", "val_data": "data/val.csv", "width": 0.125,
              "hidden": 256, "epochs": 30, "batch_size": 16, "lr": 1e-3, "optimizer": "adam",
              "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 1.0, "eval_every": 5,
              "workers": 2, "name": "demo"},
