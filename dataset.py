@@ -1,0 +1,673 @@
+"""Datasets: Pascal VOC (YOLO txt layout and VOCdevkit), the paper's augmentation, ImageNet.
+
+Detection samples are ``(image, target)``: a float32 ``(3, img_size, img_size)`` tensor in
+[0, 1] (no mean/std normalisation: Darknet feeds [0, 1]) and the ``(S, S, C + 5)`` target of
+:func:`utils.encode_target`. Images are squashed to a square without keeping the aspect
+ratio, as Darknet's ``load_data_region`` does for YOLOv1.
+
+Every image is read by :func:`load_image`: any Pillow mode becomes RGB and the EXIF
+orientation is applied first, so label coordinates refer to the image as a viewer shows
+it (the transposed image), not to the stored pixel grid.
+
+Both detection datasets also describe each image for evaluation without decoding it:
+:meth:`DetectionDataset.annotation` gives the original size and absolute-pixel boxes,
+difficult objects included and flagged. Training targets leave difficult objects out, as
+Darknet's ``voc_label.py`` does.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from utils import VOC_CLASSES, UserError, encode_target
+
+EXIF_ORIENTATION = 0x0112
+LABEL_FIELDS = ("class_id", "x_center", "y_center", "width", "height")
+
+
+# --------------------------------------------------------------------------- class names
+def load_class_names(names=None) -> tuple[str, ...]:
+    """Class names from ``None`` (VOC's 20), a list of names, or a names file (one per line).
+
+    The number of names sets C. Blank lines in a names file are skipped.
+    """
+    if names is None:
+        return VOC_CLASSES
+    if isinstance(names, (str, os.PathLike)):
+        path = Path(names)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise UserError(f"{path}: cannot read names file ({err.strerror})") from None
+        where = [(f"{path}:{n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+        source = str(path)
+    else:
+        where = [(f"class name {n}", str(name).strip()) for n, name in enumerate(names, 1)]
+        source = "class names"
+    seen = set()
+    for place, name in where:
+        if name in seen:
+            raise UserError(f"{place}: class name {name!r} appears twice")
+        seen.add(name)
+    if not where:
+        raise UserError(f"{source}: no class names")
+    return tuple(name for _, name in where)
+
+
+# --------------------------------------------------------------------------- images
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB.
+
+    16-bit greyscale (``I;16*``, and ``I`` as Pillow opens 16-bit PNGs) is scaled to 8 bits:
+    Pillow's own conversion clips it at 255, which turns most of the image white. Alpha is
+    dropped, as Darknet's loader does (it asks stb_image for 3 channels).
+    """
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(path, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image as RGB with its EXIF orientation applied.
+
+    ``draft_size`` lets the JPEG decoder skip resolution that a later resize to that size
+    would discard (it keeps both sides at least that large). Unreadable or truncated
+    files raise a one-line :class:`UserError`.
+    """
+    try:
+        with Image.open(path) as image:
+            if draft_size is not None:
+                image.draft("RGB", draft_size)
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: unreadable image ({_one_line(err)})") from None
+
+
+def image_size(path) -> tuple[int, int]:
+    """``(width, height)`` as :func:`load_image` returns it, read from the header only."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # 90-degree turns
+                width, height = height, width
+            return width, height
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: unreadable image ({_one_line(err)})") from None
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+# --------------------------------------------------------------------------- augmentation
+def scale_exposure_saturation(image: torch.Tensor, exposure: float, saturation: float) -> torch.Tensor:
+    """Scale V and S in HSV space, as Darknet's ``random_distort_image`` (without its hue shift).
+
+    For a fixed hue and value V = max(R, G, B), every channel is ``V - S * V * k`` with k set
+    by the hue alone, so scaling S by f moves each channel to ``V - f * (V - c)``, and
+    scaling V scales all three. ``image``: float (3, H, W) in [0, 1], changed in place (a
+    fresh 448 x 448 float tensor per step costs more than the arithmetic) and clamped to
+    [0, 1] as Darknet does.
+    """
+    value = torch.maximum(torch.maximum(image[0], image[1]), image[2])
+    value.mul_(exposure * (1.0 - saturation))
+    return image.mul_(exposure * saturation).add_(value).clamp_(0.0, 1.0)
+
+
+def _rand_scale(limit: float) -> float:
+    """Darknet's ``rand_scale``: uniform in [1, limit], inverted half of the time."""
+    scale = 1.0 + (limit - 1.0) * torch.rand(()).item()
+    return scale if torch.rand(()).item() < 0.5 else 1.0 / scale
+
+
+class YoloAugment:
+    """The paper's training augmentation (Section 2.2), box-aware.
+
+    * Random scaling by a factor in ``[1 - jitter, 1 + jitter]`` about the centre and a
+      translation of up to ``jitter`` of the image size in x and y: the same mapping as
+      ``v2.RandomAffine(translate=(0.2, 0.2), scale=(0.8, 1.2))``, done as one crop and
+      resize of the original image (Darknet's ``crop_image`` + ``resize_image``), which also
+      does the resize to ``img_size`` on uint8 and costs a third of resize + affine.
+      Uncovered area is black.
+    * Horizontal flip with probability ``flip``.
+    * Exposure and saturation scaled by up to ``exposure`` / ``saturation`` (1.5) in HSV.
+
+    Drop rule: boxes are clipped to the image; a box is dropped when less than
+    ``min_visible`` (25 %) of its area stays inside, or when its clipped width or height is
+    under ``min_side`` (1 %) of the image (Darknet's ``fill_truth_region`` drops boxes under
+    1 % of the image).
+    """
+
+    def __init__(self, img_size: int = 448, jitter: float = 0.2, exposure: float = 1.5,
+                 saturation: float = 1.5, flip: float = 0.5, min_visible: float = 0.25,
+                 min_side: float = 0.01):
+        self.img_size, self.jitter, self.flip = img_size, jitter, flip
+        self.exposure, self.saturation = exposure, saturation
+        self.min_visible, self.min_side = min_visible, min_side
+
+    def __call__(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
+        """uint8 ``(3, H, W)`` image, relative xyxy boxes, labels -> float32
+        ``(3, img_size, img_size)`` image in [0, 1] and the boxes (relative xyxy) and labels kept."""
+        height, width = image.shape[-2:]
+        scale = 1.0 + self.jitter * (2.0 * torch.rand(()).item() - 1.0)
+        shift_x, shift_y = (self.jitter * (2.0 * torch.rand(2) - 1.0)).tolist()
+        crop_w, crop_h = width / scale, height / scale
+        left = round(width / 2 - (width / 2 + shift_x * width) / scale)
+        top = round(height / 2 - (height / 2 + shift_y * height) / scale)
+        size = [self.img_size, self.img_size]
+        boxes = tv_tensors.BoundingBoxes(boxes * torch.tensor([width, height, width, height]),
+                                         format="XYXY", canvas_size=(height, width), clamping_mode=None)
+        image = F.resized_crop(image, top, left, round(crop_h), round(crop_w), size, antialias=True)
+        boxes = F.resized_crop(boxes, top, left, round(crop_h), round(crop_w), size)
+        if torch.rand(()).item() < self.flip:
+            image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
+        image = F.to_dtype(image, torch.float32, scale=True)
+        scale_exposure_saturation(image, _rand_scale(self.exposure), _rand_scale(self.saturation))
+        boxes, labels = self.drop_hidden(boxes.as_subclass(torch.Tensor) / self.img_size, labels)
+        return image, boxes, labels
+
+    def drop_hidden(self, boxes: torch.Tensor, labels: torch.Tensor):
+        """Clip relative xyxy boxes to the image and apply the drop rule."""
+        clipped = boxes.clamp(0.0, 1.0)
+        sides = clipped[:, 2:] - clipped[:, :2]
+        area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
+        visible = sides.prod(dim=1) / area.clamp(min=1e-12)
+        keep = (visible >= self.min_visible) & (sides >= self.min_side).all(dim=1)
+        return clipped[keep], labels[keep]
+
+
+# --------------------------------------------------------------------------- detection base
+@dataclass
+class ImageRecord:
+    """One image and its objects; boxes are relative xyxy in the EXIF-transposed image."""
+    path: Path
+    boxes: np.ndarray            # (K, 4) float32
+    labels: np.ndarray           # (K,) int64
+    difficult: np.ndarray        # (K,) bool
+    size: tuple[int, int] | None = None   # (width, height), read from the header when needed
+
+
+class DetectionDataset(Dataset):
+    """Shared sample and annotation logic of the two VOC readers."""
+
+    def __init__(self, records: list[ImageRecord], class_names, S: int = 7, img_size: int = 448,
+                 train: bool = False):
+        self.records, self.class_names = records, tuple(class_names)
+        self.S, self.img_size, self.train = S, img_size, train
+        self.augment = YoloAugment(img_size) if train else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        size = (self.img_size, self.img_size)
+        image = F.pil_to_tensor(load_image(record.path, draft_size=size))
+        keep = torch.from_numpy(~record.difficult)
+        boxes, labels = torch.from_numpy(record.boxes)[keep], torch.from_numpy(record.labels)[keep]
+        if self.augment is not None:
+            image, boxes, labels = self.augment(image, boxes, labels)
+        else:  # resize on uint8, then convert: a quarter of the bytes to interpolate
+            image = F.to_dtype(F.resize(image, list(size), antialias=True), torch.float32, scale=True)
+        target = encode_target(box_convert(boxes, "xyxy", "cxcywh"), labels, self.S, len(self.class_names))
+        return image, target
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """Original ``(width, height)`` (after EXIF orientation), without decoding pixels."""
+        record = self.records[index]
+        if record.size is None:
+            record.size = image_size(record.path)
+        return record.size
+
+    def annotation(self, index: int) -> dict:
+        """Ground truth of one image for evaluation, in pixels of the original image.
+
+        ``boxes`` (K, 4) float32 xyxy, ``labels`` (K,) int64, ``difficult`` (K,) bool:
+        difficult objects are included and flagged (VOC's protocol ignores them).
+        """
+        record = self.records[index]
+        width, height = self.image_size(index)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        return {"image_id": record.path.stem, "path": str(record.path), "width": width,
+                "height": height, "boxes": torch.from_numpy(record.boxes) * scale,
+                "labels": torch.from_numpy(record.labels), "difficult": torch.from_numpy(record.difficult)}
+
+
+# --------------------------------------------------------------------------- YOLO txt layout
+def _parse_label_line(fields: list[str], num_classes: int, where: str) -> list[float]:
+    if len(fields) != 5:
+        raise UserError(f"{where}: expected 5 values 'class_id x y w h', got {len(fields)}")
+    values = []
+    for name, field in zip(LABEL_FIELDS, fields):
+        try:
+            values.append(float(field))
+        except ValueError:
+            raise UserError(f"{where}: {name} {field!r} is not a number") from None
+    if not (values[0].is_integer() and 0 <= values[0] < num_classes):
+        raise UserError(f"{where}: class id {fields[0]} out of range: expected an integer "
+                        f"0..{num_classes - 1} ({num_classes} class names)")
+    for name, value in zip(LABEL_FIELDS[1:], values[1:]):
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{where}: {name} {value:g} outside [0, 1] "
+                            "(coordinates are relative to the image size)")
+    if values[3] <= 0 or values[4] <= 0:
+        raise UserError(f"{where}: box size {values[3]:g} x {values[4]:g} must be positive")
+    return values
+
+
+def read_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A label file of lines ``class_id x_center y_center width height`` (relative) ->
+    relative xyxy boxes ``(K, 4)`` and class ids ``(K,)``. An empty file means no objects.
+
+    Box edges beyond the image are clipped, as Darknet's ``correct_boxes`` does.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read label file ({_one_line(err)})") from None
+    rows = [_parse_label_line(line.split(), num_classes, f"{path}:{n}")
+            for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    values = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    centre, half = values[:, 1:3], values[:, 3:5] / 2
+    boxes = np.concatenate((centre - half, centre + half), axis=1).clip(0.0, 1.0)
+    return boxes.astype(np.float32), values[:, 0].astype(np.int64)
+
+
+def read_csv_pairs(csv_path: Path, img_dir: Path, label_dir: Path) -> list[tuple[Path, Path]]:
+    """Rows ``image,label`` of a csv -> existing (image, label file) paths.
+
+    A first row whose label field has no file extension (``img,label``) is a header.
+    Every file is checked here so that a missing one fails before training starts.
+    """
+    for folder, what in ((img_dir, "images"), (label_dir, "labels")):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: {what} folder not found (needed by {csv_path})")
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(f), 1) if any(row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{csv_path}: cannot read csv file ({_one_line(err)})") from None
+    if rows and len(rows[0][1]) == 2 and "." not in rows[0][1][1]:
+        rows = rows[1:]
+    listed = {folder: set(os.listdir(folder)) for folder in (img_dir, label_dir)}
+    pairs = []
+    for n, fields in rows:
+        if len(fields) != 2 or not all(fields):
+            raise UserError(f"{csv_path}:{n}: expected 2 fields 'image,label', got {sum(map(bool, fields))}")
+        for name, folder, what in zip(fields, (img_dir, label_dir), ("image", "label file")):
+            if name not in listed[folder] and not (folder / name).is_file():
+                raise UserError(f"{csv_path}:{n}: {what} {folder / name} not found")
+        pairs.append((img_dir / fields[0], label_dir / fields[1]))
+    if not pairs:
+        raise UserError(f"{csv_path}: lists no images")
+    return pairs
+
+
+def write_label_file(path: Path, boxes: np.ndarray, labels: np.ndarray, width: float, height: float) -> None:
+    """Absolute xyxy boxes of an image ``width`` x ``height`` -> a YOLO label file."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / [width, height, width, height]
+    centres, sizes = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+    lines = [f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n"
+             for c, (x, y), (w, h) in zip(labels, centres, sizes)]
+    Path(path).write_text("".join(lines), encoding="utf-8")
+
+
+def write_csv(path: Path, pairs, header: bool = True) -> None:
+    """``(image, label)`` file-name pairs -> csv, with the ``img,label`` header of the
+    Kaggle copy (which the tutorial reads with pandas)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        if header:
+            writer.writerow(["img", "label"])
+        writer.writerows(pairs)
+
+
+class VOCTxtDataset(DetectionDataset):
+    """The YOLO txt layout of the tutorial / Kaggle VOC copy.
+
+    ``csv_file`` lists ``image,label`` file names (header optional); images live in
+    ``img_dir`` and label files in ``label_dir``. Difficult objects, if any, are in a
+    parallel folder ``<label_dir>_difficult`` (same file names, same format, file optional),
+    as voc_convert.py writes them: used for evaluation only. All label files are parsed
+    when the dataset is built (VOC 2007+2012 trainval's 16.5k files: about 1.5 s on 2 CPU
+    cores, warm disk cache), so a bad line stops the run before training starts.
+    """
+
+    def __init__(self, csv_file, img_dir=None, label_dir=None, class_names=None, S: int = 7,
+                 img_size: int = 448, train: bool = False):
+        csv_file = Path(csv_file)
+        img_dir = Path(img_dir) if img_dir is not None else csv_file.parent / "images"
+        label_dir = Path(label_dir) if label_dir is not None else csv_file.parent / "labels"
+        if not csv_file.is_file():
+            raise UserError(f"{csv_file}: csv file not found")
+        class_names = load_class_names(class_names)
+        difficult_dir = label_dir.parent / f"{label_dir.name}_difficult"
+        hard = set(os.listdir(difficult_dir)) if difficult_dir.is_dir() else set()
+        records = [self._record(image, label, difficult_dir / label.name if label.name in hard else None,
+                                len(class_names))
+                   for image, label in read_csv_pairs(csv_file, img_dir, label_dir)]
+        super().__init__(records, class_names, S, img_size, train)
+
+    @staticmethod
+    def _record(image: Path, label: Path, difficult_file: Path | None, num_classes: int) -> ImageRecord:
+        boxes, labels = read_label_file(label, num_classes)
+        difficult = np.zeros(len(labels), dtype=bool)
+        if difficult_file is not None:
+            hard_boxes, hard_labels = read_label_file(difficult_file, num_classes)
+            boxes, labels = np.concatenate((boxes, hard_boxes)), np.concatenate((labels, hard_labels))
+            difficult = np.concatenate((difficult, np.ones(len(hard_labels), dtype=bool)))
+        return ImageRecord(image, boxes, labels, difficult)
+
+
+# --------------------------------------------------------------------------- VOCdevkit
+def parse_split(split: str) -> list[tuple[str, str]]:
+    """``"2007/trainval+2012/trainval"`` -> ``[("2007", "trainval"), ("2012", "trainval")]``."""
+    parts = [part.strip() for part in split.split("+")]
+    pairs = [tuple(part.split("/")) for part in parts]
+    for part, pair in zip(parts, pairs):
+        if len(pair) != 2 or not pair[0].isdigit() or not pair[1]:
+            raise UserError(f"split {split!r}: {part!r} is not YEAR/SET (e.g. 2007/trainval+2012/trainval)")
+    return pairs
+
+
+def voc_year_dir(root: Path, year: str) -> Path:
+    """``root/VOC<year>``; ``root`` may also be that folder itself."""
+    for candidate in (root / f"VOC{year}", root):
+        if candidate.name == f"VOC{year}" and (candidate / "Annotations").is_dir():
+            return candidate
+    raise UserError(f"{root}: no VOC{year}/Annotations folder (expected a VOCdevkit folder)")
+
+
+def read_split_ids(year_dir: Path, image_set: str) -> list[str]:
+    """Image ids listed in ``ImageSets/Main/<image_set>.txt`` (first field of each line)."""
+    path = year_dir / "ImageSets" / "Main" / f"{image_set}.txt"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        sets = sorted(p.stem for p in path.parent.glob("*.txt") if "_" not in p.stem)
+        raise UserError(f"{path}: split file not found (this folder has: {', '.join(sets) or 'none'})") from None
+    ids = [line.split()[0] for line in lines if line.strip()]
+    if not ids:
+        raise UserError(f"{path}: lists no images")
+    return ids
+
+
+def _xml_number(node: ET.Element, tag: str, where: str) -> float:
+    text = node.findtext(tag)
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: <{tag}> missing or not a number ({text!r})") from None
+
+
+def read_voc_xml(path: Path, class_names) -> dict:
+    """A VOC annotation -> ``width``, ``height`` and ``boxes`` (K, 4) absolute xyxy, ``labels``,
+    ``difficult``.
+
+    VOC's ``bndbox`` holds the first and last pixel of the object, 1-based and inclusive,
+    so the box's extent in 0-based continuous coordinates is ``(xmin - 1, ymin - 1, xmax,
+    ymax)`` (a box over a whole 500-wide image spans 0..500). Darknet's voc_label.py takes
+    ``xmax - 1`` instead, 1 pixel narrower. A 0 from tools that count from 0 is accepted
+    and stays 0. An unknown class name is an error.
+    """
+    try:
+        root = ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise UserError(f"{path}: annotation file not found") from None
+    except (ET.ParseError, OSError) as err:
+        raise UserError(f"{path}: not a readable XML file ({_one_line(err)})") from None
+    if root.find("size") is None:
+        raise UserError(f"{path}: no <size> element (image width and height are needed)")
+    width, height = (_xml_number(root, f"size/{tag}", str(path)) for tag in ("width", "height"))
+    if width <= 0 or height <= 0:
+        raise UserError(f"{path}: <size> must give a positive width and height, got {width:g} x {height:g}")
+    index = {name: i for i, name in enumerate(class_names)}
+    boxes, labels, difficult = [], [], []
+    for k, obj in enumerate(root.iter("object"), 1):
+        name = (obj.findtext("name") or "").strip()
+        where = f"{path}: object {k} ({name or 'no name'})"
+        if name not in index:
+            raise UserError(f"{where}: unknown class {name!r} (not among the {len(index)} class names)")
+        x1, y1, x2, y2 = (_xml_number(obj, f"bndbox/{t}", where) for t in ("xmin", "ymin", "xmax", "ymax"))
+        if not (0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height):
+            raise UserError(f"{where}: box xmin {x1:g} ymin {y1:g} xmax {x2:g} ymax {y2:g} is inverted "
+                            f"or outside the {width:g} x {height:g} image")
+        boxes.append([max(x1 - 1, 0), max(y1 - 1, 0), x2, y2])
+        labels.append(index[name])
+        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+    return {"width": int(width), "height": int(height),
+            "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
+            "labels": np.array(labels, dtype=np.int64), "difficult": np.array(difficult, dtype=bool)}
+
+
+def read_devkit_split(root: Path, year: str, image_set: str, class_names) -> list[tuple[str, Path, dict]]:
+    """``(image id, image path, read_voc_xml dict)`` for every image of one VOC year/set."""
+    year_dir = voc_year_dir(root, year)
+    jpeg_dir = year_dir / "JPEGImages"
+    present = set(os.listdir(jpeg_dir)) if jpeg_dir.is_dir() else set()
+    items = []
+    for image_id in read_split_ids(year_dir, image_set):
+        xml_path = year_dir / "Annotations" / f"{image_id}.xml"
+        if f"{image_id}.jpg" not in present:
+            raise UserError(f"{jpeg_dir / (image_id + '.jpg')}: image not found (listed in {image_set}.txt)")
+        items.append((image_id, jpeg_dir / f"{image_id}.jpg", read_voc_xml(xml_path, class_names)))
+    return items
+
+
+class VOCDevkitDataset(DetectionDataset):
+    """A ``VOCdevkit`` tree read directly: ``split`` like ``"2007/trainval+2012/trainval"``.
+
+    All XML files of the split are parsed when the dataset is built (VOC 2007+2012
+    trainval: about 2.5 s on 2 CPU cores, warm disk cache), so a bad file stops the run
+    before training starts.
+    """
+
+    def __init__(self, root, split: str = "2007/test", class_names=None, S: int = 7,
+                 img_size: int = 448, train: bool = False):
+        root = Path(root)
+        class_names = load_class_names(class_names)
+        records = []
+        for year, image_set in parse_split(split):
+            for _, image_path, ann in read_devkit_split(root, year, image_set, class_names):
+                scale = np.array([ann["width"], ann["height"]] * 2, dtype=np.float32)
+                records.append(ImageRecord(image_path, (ann["boxes"] / scale).clip(0, 1), ann["labels"],
+                                           ann["difficult"], (ann["width"], ann["height"])))
+        super().__init__(records, class_names, S, img_size, train)
+
+
+def devkit_years(root: Path) -> list[str]:
+    """Years of the ``VOC<year>`` folders in a VOCdevkit root (or the root's own year)."""
+    folders = [root, *sorted(p for p in root.iterdir() if p.is_dir())]
+    return [p.name[3:] for p in folders if p.name[:3] == "VOC" and p.name[3:].isdigit()
+            and (p / "Annotations").is_dir()]
+
+
+def build_voc_dataset(data, img_dir=None, label_dir=None, split: str | None = None, names=None,
+                      S: int = 7, img_size: int = 448, train: bool = False) -> DetectionDataset:
+    """A VOC dataset from a csv file of the txt layout or from a VOCdevkit folder.
+
+    csv: ``img_dir`` and ``label_dir`` default to ``images/`` and ``labels/`` beside it.
+    VOCdevkit: ``split`` defaults to every year's trainval for training (the paper's
+    2007+2012) and to ``2007/test`` for evaluation. ``names``: a names file or list; VOC's
+    20 classes by default. ``train`` switches the augmentation on.
+    """
+    path = Path(data)
+    if path.is_dir():
+        years = devkit_years(path)
+        if not years:
+            raise UserError(f"{path}: not a VOCdevkit folder (no VOC<year>/Annotations inside)")
+        if split is None:
+            split = "+".join(f"{y}/trainval" for y in years) if train else "2007/test"
+        return VOCDevkitDataset(path, split, names, S, img_size, train)
+    if path.is_file() or path.suffix.lower() == ".csv":
+        return VOCTxtDataset(path, img_dir, label_dir, names, S, img_size, train)
+    raise UserError(f"{path}: not found (expected a csv file of the txt layout or a VOCdevkit folder)")
+
+
+def build_image_dataset(folder, img_size: int = 448, S: int = 7, names=None) -> DetectionDataset:
+    """Every image of ``folder`` (sorted by name, not recursive), without labels: detection
+    on new images. Samples are ``(image, empty target)``; :meth:`~DetectionDataset.annotation`
+    gives each image's id, path and original size (and no boxes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: image folder not found")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+    if not paths:
+        raise UserError(f"{folder}: no images ({', '.join(IMG_EXTENSIONS)})")
+    records = [ImageRecord(p, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
+               for p in paths]
+    return DetectionDataset(records, load_class_names(names), S, img_size)
+
+
+# --------------------------------------------------------------------------- ImageNet
+def imagenet_transform(train: bool, img_size: int = 224) -> v2.Compose:
+    """Standard ImageNet transforms at any size: RandomResizedCrop + flip for training,
+    Resize(img_size * 256 / 224) + CenterCrop for validation. Output in [0, 1] without
+    mean/std normalisation, like the detection input the backbone is moved to."""
+    if train:
+        steps = [v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps = [v2.Resize(round(img_size * 256 / 224), antialias=True), v2.CenterCrop(img_size)]
+    return v2.Compose([*steps, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+
+
+class ImageNetFolder(ImageFolder):
+    """``ImageFolder`` with :func:`load_image` and one-line errors.
+
+    With ``class_to_idx`` (validation in class folders) the indices follow that mapping,
+    the training set's, instead of the folders present; an unknown folder is an error.
+    Without it (training), an empty class folder is an error.
+    """
+
+    def __init__(self, root, transform=None, class_to_idx: dict[str, int] | None = None):
+        self.fixed_classes = class_to_idx
+        try:
+            super().__init__(str(root), transform=transform, loader=load_image, allow_empty=True)
+        except FileNotFoundError as err:
+            raise UserError(f"{root}: {_one_line(err)}") from None
+        if class_to_idx is None:
+            found = {target for _, target in self.samples}
+            empty = [name for name, i in self.class_to_idx.items() if i not in found]
+            if empty:
+                raise UserError(f"{Path(root) / empty[0]}: empty class folder (no {'/'.join(IMG_EXTENSIONS)} "
+                                f"images){f'; {len(empty) - 1} more' if len(empty) > 1 else ''}")
+
+    def find_classes(self, directory):
+        if self.fixed_classes is None:
+            return super().find_classes(directory)
+        for entry in os.scandir(directory):
+            if entry.is_dir() and entry.name not in self.fixed_classes:
+                raise UserError(f"{entry.path}: class folder {entry.name!r} is not a training class")
+        return sorted(self.fixed_classes, key=self.fixed_classes.get), dict(self.fixed_classes)
+
+
+def read_imagenet_val_labels(path: Path) -> dict[str, tuple[str, int]]:
+    """Ground truth of flat validation images: image stem -> (wnid, line number).
+
+    Kaggle's ``LOC_val_solution.csv`` (header ``ImageId,PredictionString``, the prediction
+    string starts with the wnid) or plain lines ``image wnid`` (devkit-style lists).
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read validation label file ({_one_line(err)})") from None
+    kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith("imageid,")
+    truth = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or (kaggle and n == 1):
+            continue
+        fields = line.split(",", 1) if kaggle else line.split()
+        wnid = fields[1].split()[0] if len(fields) == 2 and fields[1].split() else None
+        if wnid is None:
+            layout = "'ImageId,PredictionString'" if kaggle else "'image wnid'"
+            raise UserError(f"{path}:{n}: expected {layout}, got {line.strip()!r}")
+        truth[Path(fields[0].strip()).stem] = (wnid, n)
+    return truth
+
+
+class ImageNetFlatVal(Dataset):
+    """A flat folder of validation images (``ILSVRC2012_val_*.JPEG``) with a label file;
+    class indices follow ``class_to_idx`` (the training set's sorted wnids)."""
+
+    def __init__(self, val_dir, labels_file, class_to_idx: dict[str, int], transform=None):
+        val_dir, labels_file = Path(val_dir), Path(labels_file)
+        self.class_to_idx, self.transform = dict(class_to_idx), transform
+        self.classes = sorted(class_to_idx, key=class_to_idx.get)
+        truth = read_imagenet_val_labels(labels_file)
+        files = sorted(p for p in val_dir.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+        if not files:
+            raise UserError(f"{val_dir}: no validation images")
+        self.samples = []
+        for path in files:
+            if path.stem not in truth:
+                raise UserError(f"{path}: not in the validation label file {labels_file}")
+            wnid, line = truth[path.stem]
+            if wnid not in class_to_idx:
+                raise UserError(f"{labels_file}:{line}: class {wnid} is not a training class folder")
+            self.samples.append((str(path), class_to_idx[wnid]))
+        self.targets = [target for _, target in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        image = load_image(path)
+        return (self.transform(image) if self.transform else image), target
+
+
+def _imagenet_dirs(root: Path) -> tuple[Path, Path]:
+    """(train dir, default val dir) for an ImageNet root, a Kaggle root or a train dir."""
+    for base in (root, root / "ILSVRC" / "Data" / "CLS-LOC"):
+        if (base / "train").is_dir():
+            return base / "train", base / "val"
+    if not root.is_dir():
+        raise UserError(f"{root}: ImageNet folder not found")
+    return root, root.parent / "val"
+
+
+def build_imagenet(root_or_train_dir, val_dir=None, val_labels=None, train: bool = True,
+                   img_size: int = 224) -> Dataset:
+    """ImageNet for Darknet pretraining: the training set, or (``train=False``) validation.
+
+    Validation images are in class folders, or flat with ``val_labels`` (found by default
+    as ``LOC_val_solution.csv`` in the val folder, beside it or in the root). Class indices
+    always follow the sorted wnids of the training folders.
+    """
+    root = Path(root_or_train_dir)
+    train_dir, default_val = _imagenet_dirs(root)
+    if train:
+        return ImageNetFolder(train_dir, imagenet_transform(True, img_size))
+    val_dir = Path(val_dir) if val_dir is not None else default_val
+    if not val_dir.is_dir():
+        raise UserError(f"{val_dir}: validation folder not found")
+    try:
+        _, class_to_idx = find_classes(str(train_dir))
+    except FileNotFoundError as err:
+        raise UserError(f"{train_dir}: {_one_line(err)}") from None
+    transform = imagenet_transform(False, img_size)
+    if any(entry.is_dir() for entry in os.scandir(val_dir)):
+        return ImageNetFolder(val_dir, transform, class_to_idx)
+    if val_labels is None:
+        candidates = [d / "LOC_val_solution.csv" for d in (val_dir, val_dir.parent, root)]
+        val_labels = next((c for c in candidates if c.is_file()), None)
+        if val_labels is None:
+            raise UserError(f"{val_dir}: flat validation folder needs a label file "
+                            "(LOC_val_solution.csv or an 'image wnid' list)")
+    return ImageNetFlatVal(val_dir, val_labels, class_to_idx, transform)

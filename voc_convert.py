@@ -1,0 +1,95 @@
+"""Convert a VOCdevkit tree to the YOLO txt layout, like Darknet's scripts/voc_label.py.
+
+    python voc_convert.py --devkit VOCdevkit --sets 2007/trainval 2012/trainval 2007/test --out voc
+
+writes into OUT:
+
+* ``images/<id>.jpg``: hard links to the devkit's JPEGs (no extra disk space, and they
+  survive moving or deleting the devkit); copies where a hard link is impossible (another
+  file system). ``--link copy`` or ``--link symlink`` chooses otherwise.
+* ``labels/<id>.txt``: ``class_id x_center y_center width height`` (relative), difficult
+  objects left out, as voc_label.py does for training.
+* ``labels_difficult/<id>.txt``: the difficult objects, same format, only for images that
+  have some. VOCTxtDataset reads them for evaluation (flagged difficult), never for targets;
+  other tools that only know ``labels/`` see exactly voc_label.py's output.
+* ``train.csv`` (every set not named ``test``) and ``test.csv`` (the ``test`` sets), rows
+  ``<id>.jpg,<id>.txt`` under an ``img,label`` header, as in the Kaggle copy of VOC.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dataset import load_class_names, parse_split, read_devkit_split, write_csv, write_label_file
+from utils import UserError, run_cli
+
+
+def place_image(source: Path, target: Path, link: str) -> None:
+    """Put ``source`` at ``target`` by hard link (falling back to a copy), symlink or copy."""
+    target.unlink(missing_ok=True)
+    if link == "hard":
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another file system, or links not allowed there: copy instead
+    if link == "symlink":
+        target.symlink_to(source.resolve())
+    else:
+        shutil.copyfile(source, target)
+
+
+def convert_split(devkit: Path, year: str, image_set: str, out: Path, class_names, link: str,
+                  seen: dict[str, Path]) -> list[tuple[str, str]]:
+    """Write one year/set into ``out``; returns its csv rows."""
+    rows = []
+    items = read_devkit_split(devkit, year, image_set, class_names)
+    for image_id, image_path, ann in tqdm(items, desc=f"{year}/{image_set}", unit="img", leave=False):
+        if seen.setdefault(image_id, image_path) != image_path:
+            raise UserError(f"{image_path}: image id {image_id} also comes from {seen[image_id]}")
+        place_image(image_path, out / "images" / f"{image_id}.jpg", link)
+        easy, hard = ~ann["difficult"], ann["difficult"]
+        size = (ann["width"], ann["height"])
+        write_label_file(out / "labels" / f"{image_id}.txt", ann["boxes"][easy], ann["labels"][easy], *size)
+        if hard.any():
+            write_label_file(out / "labels_difficult" / f"{image_id}.txt",
+                             ann["boxes"][hard], ann["labels"][hard], *size)
+        rows.append((f"{image_id}.jpg", f"{image_id}.txt"))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="VOCdevkit -> YOLO txt layout (images/, labels/, csv files).")
+    parser.add_argument("--devkit", required=True, help="VOCdevkit folder (holding VOC2007, VOC2012)")
+    parser.add_argument("--sets", nargs="+", default=["2007/trainval", "2012/trainval", "2007/test"],
+                        help="YEAR/SET entries; sets named 'test' go to test.csv, the rest to train.csv")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--link", choices=("hard", "symlink", "copy"), default="hard",
+                        help="how images get into OUT/images (default: hard link, else copy)")
+    parser.add_argument("--names", help="class names file, one per line (default: VOC's 20)")
+    args = parser.parse_args(argv)
+    devkit, out = Path(args.devkit), Path(args.out)
+    if not devkit.is_dir():
+        raise UserError(f"{devkit}: VOCdevkit folder not found")
+    class_names = load_class_names(args.names)
+    splits = [pair for entry in args.sets for pair in parse_split(entry)]
+    for sub in ("images", "labels", "labels_difficult"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    csv_rows = {"train.csv": [], "test.csv": []}
+    seen: dict[str, Path] = {}
+    for year, image_set in splits:
+        rows = convert_split(devkit, year, image_set, out, class_names, args.link, seen)
+        csv_rows["test.csv" if image_set == "test" else "train.csv"].extend(rows)
+        print(f"{year}/{image_set}: {len(rows)} images")
+    for name, rows in csv_rows.items():
+        if rows:
+            write_csv(out / name, rows)
+            print(f"wrote {out / name} ({len(rows)} images)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
