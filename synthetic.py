@@ -337,19 +337,22 @@ def write_photos(out: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def write_bundled_sample(out, photos: bool = True, n_train: int = 296, n_test: int = 100) -> None:
+def write_bundled_sample(out, photos: bool = True, n_train: int = 296, n_val: int = 48,
+                         n_test: int = 100) -> None:
     """data/: the photos and ``n_train`` synthetic images in 8examples.csv, 100examples.csv
-    and train.csv (the first 8 / 100 / all of them, photos first), a disjoint test.csv of
-    ``n_test`` synthetic images, and a tiny ImageNet layout in ``imagenet/``."""
+    and train.csv (the first 8 / 100 / all of them, photos first), disjoint val.csv (picks
+    best.pt) and test.csv of ``n_val`` and ``n_test`` synthetic images, and a tiny ImageNet
+    layout in ``imagenet/``."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     photo_rows = write_photos(out) if photos else []
     train = save_samples(out, make_samples(n_train, 224, seed=1, vary_aspect=True), "shapes_")
     test = save_samples(out, make_samples(n_test, 224, seed=2, vary_aspect=True), "shapes_test_")
+    val = save_samples(out, make_samples(n_val, 224, seed=4, vary_aspect=True), "shapes_val_")
     rows = photo_rows + train
     for name, part in (("8examples.csv", rows[:8]), ("100examples.csv", rows[:100]),
-                       ("train.csv", rows), ("test.csv", test)):
+                       ("train.csv", rows), ("val.csv", val), ("test.csv", test)):
         write_csv(out / name, part)
     write_imagenet_tree(out / "imagenet", n_classes=4, n_train_per_class=12, n_val_per_class=3,
                         size=96, seed=3)

@@ -43,11 +43,25 @@ def run_cli(main, argv=None):
     try:
         return main(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as note:
         print(f"interrupted: {note}", file=sys.stderr)
         sys.exit(0)
+
+
+def one_line(err: Exception) -> str:
+    """The message of ``err`` on one line.
+
+    An error raised in a DataLoader worker comes back with the worker's traceback folded
+    into its message ("Caught UserError in DataLoader worker process 0 ..."); its last line
+    holds the original ``module.UserError: message``.
+    """
+    text = str(err).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1]
+        text = text.split(": ", 1)[1] if text.split(": ", 1)[0].endswith(type(err).__name__) else text
+    return " ".join(text.split())
 
 
 # --------------------------------------------------------------------------- geometry
@@ -179,6 +193,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for bad files; all mean the same here
@@ -187,6 +202,29 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             raise UserError(f"{path}: refused: the file holds objects other than tensors and "
                             f"plain Python types, which could run code when loaded") from None
         raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first_line}") from None
+
+
+def check_archive(path: Path) -> None:
+    """Verify the CRC-32 of every member of a checkpoint's zip archive.
+
+    torch.load does not: a checkpoint with damaged bytes inside a tensor (a bad disk, an
+    interrupted copy over an old file) would load, with wrong weights. Files that are not
+    zip archives (the legacy format, or no checkpoint at all) are left to torch.load.
+    """
+    import zipfile
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.CRC == 0:  # saved with torch.serialization.config.save.compute_crc32 off
+                    continue
+                with archive.open(member) as f:
+                    while f.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {detail}") from None
 
 
 def load_state_checked(module: torch.nn.Module, state: dict, source: str) -> None:

@@ -88,7 +88,8 @@ def test_resume_continues_exactly(tree, tmp_path):
 
 def test_recipes_fill_defaults_and_explicit_arguments_win():
     demo = train.parse_args([])
-    assert demo.recipe == "demo" and demo.width == 0.125 and demo.data == "data/train.csv"
+    assert demo.recipe == "demo" and demo.model == "fast" and demo.data == "data/train.csv"
+    assert demo.val_data == "data/val.csv" and demo.S == 4
     original = train.parse_args(["--recipe", "original"])
     assert (original.optimizer, original.lr, original.weight_decay) == ("adam", 2e-5, 0.0)
     paper = train.parse_args(["--data", "x.csv"])
@@ -144,3 +145,26 @@ def test_backbone_flag_loads_darknet_features(tree, tmp_path):
         if key.endswith("weight"):
             assert torch.allclose(model.features.state_dict()[key], value, atol=1e-6), key
     assert model(x).shape == (2, 2 * 2 * 30)
+
+
+def test_the_pipeline_learns_to_detect(tmp_path):
+    """The whole pipeline learns: a small Fast YOLO trained by train.py on synthetic images
+    (one object per image, crosses and rectangles of random colour on random backgrounds)
+    reaches a high VOC mAP on held-out images it never saw.
+
+    A network that ignored its input could only predict the average box in every cell,
+    which almost never overlaps an object by IoU 0.5: an mAP of 0.5 means the network
+    really localises and classifies the objects.
+    """
+    shapes = dict(n_objects=(1, 1), size_range=(0.3, 0.6), shapes=("rectangle", "cross"))
+    write_voc_txt_tree(tmp_path, 640, size=128, seed=0, csv_name="train.csv", prefix="a_", **shapes)
+    write_voc_txt_tree(tmp_path, 64, size=128, seed=9, csv_name="val.csv", prefix="b_", **shapes)
+    run("train.py", "--data", tmp_path / "train.csv", "--val-data", tmp_path / "val.csv",
+        "--model", "fast", "--width", "0.25", "--S", "2", "--optimizer", "adam", "--lr", "3e-3",
+        "--weight-decay", "0", "--schedule", "cosine", "--warmup-epochs", "1", "--epochs", "16",
+        "--no-augment", "--batch-size", "16", "--workers", "0", "--eval-every", "4",
+        "--project", tmp_path, "--name", "learn")
+    rows = [json.loads(x) for x in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
+    maps = [r["mAP"] for r in rows if "mAP" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] / 5
+    assert maps[-1] >= 0.5, maps

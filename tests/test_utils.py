@@ -330,3 +330,24 @@ def test_run_cli_turns_user_error_into_exit_2(capsys):
         utils.run_cli(main, [])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == "error: bad thing"
+
+
+def test_run_cli_reports_an_error_from_a_dataloader_worker_on_one_line(capsys):
+    """A UserError raised in a worker process comes back with a traceback in its message."""
+    from torch.utils.data import DataLoader, Dataset
+
+    class Bad(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise utils.UserError("labels/x.txt:3: class id 25 out of range [0, 20)")
+
+    def main(argv):
+        list(DataLoader(Bad(), num_workers=1))
+
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == "error: labels/x.txt:3: class id 25 out of range [0, 20)\n"
