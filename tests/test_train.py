@@ -88,8 +88,8 @@ def test_resume_continues_exactly(tree, tmp_path):
 
 def test_recipes_fill_defaults_and_explicit_arguments_win():
     demo = train.parse_args([])
-    assert demo.recipe == "demo" and demo.model == "fast" and demo.data == "data/train.csv"
-    assert demo.val_data == "data/val.csv" and demo.S == 4
+    assert demo.recipe == "demo" and demo.model == "fast" and demo.data == "data/shapes/train.csv"
+    assert demo.val_data == "data/shapes/val.csv" and demo.S == 2 and demo.no_augment
     original = train.parse_args(["--recipe", "original"])
     assert (original.optimizer, original.lr, original.weight_decay) == ("adam", 2e-5, 0.0)
     paper = train.parse_args(["--data", "x.csv"])
