@@ -22,7 +22,7 @@ from pathlib import Path
 import engine
 from dataset import build_image_dataset, build_voc_dataset
 from model import load_detector
-from utils import run_cli
+from utils import UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,8 @@ def load_data(args, names, model):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     dist = engine.Dist(device=engine.resolve_device(args.device))
     model, names = load_detector(args.checkpoint, dist.device)
     dataset, labelled = load_data(args, names, model)

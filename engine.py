@@ -203,7 +203,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, keep_below_epoch: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         if keep_below_epoch is not None and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            rows = self.rows()  # without the half line a crash in the middle of a write leaves
             kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) < keep_below_epoch)
             tmp = self.path.with_name(".metrics.jsonl.tmp")
             tmp.write_text(kept)
@@ -214,9 +214,8 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
     def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        import plots  # the same reader as the plots: lines that are not JSON objects are skipped
+        return plots.read_metrics(self.path)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -319,13 +318,15 @@ def make_loader(dataset, batch_size: int, train: bool, workers: int, dist: Dist,
     """A training loader whose batches depend only on (seed, epoch): see set_epoch.
 
     Under DDP each process reads its own shard of a per-process batch of
-    ``batch_size / world_size``.
+    ``batch_size / world_size``. The loader has a generator of its own: without one, each
+    epoch's iterator draws its base seed from the global RNG, which a run resumed in the
+    middle of an epoch would draw once more than the uninterrupted run (other dropout masks).
     """
     batch_size = max(1, batch_size // dist.world_size)
     sampler = EpochSampler(len(dataset), train, seed, dist.rank, dist.world_size)
     return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
                       num_workers=workers, pin_memory=dist.device.type == "cuda", drop_last=False,
-                      collate_fn=collate_fn)
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
 
 def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
@@ -383,7 +384,18 @@ def find_resume_checkpoint(resume: str) -> Path:
 def restore_training_state(ckpt: dict, source: str, model, optimizer, scheduler, scaler, kind: str) -> None:
     if ckpt.get("kind") != kind:
         raise UserError(f"{source}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
-    load_state_checked(unwrap(model), ckpt["model"], source)
+    source = ckpt.get("source", source)
+    try:
+        load_state_checked(unwrap(model), ckpt["model"], source)
+    except UserError as err:
+        saved, built = dict(ckpt.get("model_config") or {}), dict(getattr(unwrap(model), "config", {}))
+        differ = [k for k in built if saved and saved.get(k) != built[k]]
+        if not differ:
+            raise
+        was, now = (", ".join(f"{k}={config.get(k)!r}" for k in differ) for config in (saved, built))
+        raise UserError(f"{source}: the checkpoint's model has {was}, this command builds {now}: resume "
+                        f"with the run's own model arguments (its config.json); "
+                        f"{str(err).removeprefix(f'{source}: ')}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -418,12 +430,21 @@ def load_resume(args) -> tuple[dict | None, Path | None]:
     path = Path(args.resume)
     path = path / "last.pt" if path.is_dir() else path
     try:
-        return load_checkpoint(find_resume_checkpoint(str(path))), path.parent
+        path = find_resume_checkpoint(str(path))
+        return load_training_state(path), path.parent
     except UserError as err:
         if not previous_path(path).is_file():
             raise
         print(f"warning: {err}; resuming from the previous checkpoint {previous_path(path)}", flush=True)
-        return load_checkpoint(previous_path(path)), path.parent
+        return load_training_state(previous_path(path)), path.parent
+
+
+def load_training_state(path: Path) -> dict:
+    """A checkpoint to resume, with ``source``: the file it came from (for messages)."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path}: not a training checkpoint (no 'model' state in it)")
+    return ckpt | {"source": str(path)}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -453,13 +474,23 @@ def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: 
         last_micro = (i + 1) % micro == 0 or i + 1 == total
         sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
+            # The forward pass of a batch that --skip-nonfinite skips has already moved batch
+            # norm's running statistics (to NaN, for NaN activations): they are put back.
+            skip = getattr(args, "skip_nonfinite", False)
+            buffers = [b.detach().clone() for b in model.buffers()] if skip else None
             with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
                 loss, logs, n = step_fn(model, batch, dist.device)
-            if check_finite(loss, logs, epoch, scheduler.last_epoch, args):
+            finite = check_finite(loss, logs, epoch, scheduler.last_epoch, args)
+            if skip and dist.distributed:  # DDP's backward is collective: skip on every rank or none
+                finite = all_ranks(finite, dist)
+            if finite:
                 scaler.scale(loss / micro).backward()
                 accumulate(acc, logs, n)
             else:
                 acc["skipped"] += 1
+                with torch.no_grad():
+                    for buffer, saved in zip(model.buffers(), buffers):
+                        buffer.copy_(saved)
         if last_micro:
             optimizer_step(model, optimizer, scaler, args.grad_clip)
             scheduler.step()
@@ -468,6 +499,13 @@ def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: 
                 return {"interrupted": {"batch": i + 1, "partial": acc}}
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{acc['seen'] / (time.perf_counter() - start):.1f}")
     return epoch_means(acc, dist, time.perf_counter() - start)
+
+
+def all_ranks(flag: bool, dist: Dist) -> bool:
+    """True on every rank if ``flag`` is true on every rank."""
+    t = torch.tensor([float(flag)], device=dist.device if dist.device.type == "cuda" else "cpu")
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def accumulate(acc: dict, logs: dict, n: int) -> None:
@@ -479,7 +517,8 @@ def accumulate(acc: dict, logs: dict, n: int) -> None:
 def epoch_means(acc: dict, dist: Dist, seconds: float) -> dict:
     """Per-image means over all processes, the image count, skipped steps and time."""
     totals = reduce_sums({**acc["sums"], "_n": acc["seen"], "_skipped": acc["skipped"]}, dist)
-    n, skipped = max(1.0, totals.pop("_n")), int(totals.pop("_skipped"))
+    # every rank skips together (all_ranks in train_one_epoch), so each counted every skip
+    n, skipped = max(1.0, totals.pop("_n")), int(totals.pop("_skipped")) // dist.world_size
     row = {k: v / n for k, v in totals.items()} | {"images": int(n), "time_s": round(seconds, 2)}
     return row | ({"skipped_steps": skipped} if skipped else {})
 
@@ -525,11 +564,13 @@ def check_finite(loss, logs: dict, epoch: int, step: int, args) -> bool:
     if getattr(args, "skip_nonfinite", False):
         return False
     parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
-    raise NonFiniteLoss(f"loss became {float(loss)} at epoch {epoch + 1}, step {step} "
+    raise NonFiniteLoss(f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step} "
                         f"({parts}); lower --lr, use --grad-clip or --skip-nonfinite, or check the data")
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
+    if all(p.grad is None for group in optimizer.param_groups for p in group["params"]):
+        return  # every micro-batch of this step was skipped (--skip-nonfinite)
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -559,10 +600,23 @@ def start_run(args, dist: Dist, kind: str):
             torch_dist.broadcast_object_list(names, src=0)
             run_dir = Path(names[0])
     if dist.is_main:
-        config = {k: v for k, v in vars(args).items()} | {"world_size": dist.world_size,
-                                                         "torch": torch.__version__}
-        write_json(run_dir / ("config.json" if ckpt is None else "config_resumed.json"), config)
+        remove_stale_temporaries(run_dir)
+        if ckpt is None:  # a resumed run records its configuration in fit(), once its state fits
+            write_config(run_dir / "config.json", args, dist)
     return run_dir, ckpt
+
+
+def write_config(path: Path, args, dist: Dist) -> None:
+    write_json(path, {k: v for k, v in vars(args).items()} | {"world_size": dist.world_size,
+                                                             "torch": torch.__version__})
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the ``.<name>.tmp`` files that a run killed while saving left in its folder
+    (half-written checkpoints can be as large as the real ones)."""
+    for stale in run_dir.glob(".*.tmp"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
 
 
 def check_same_checkpoint(ckpt: dict | None, dist: Dist) -> None:
@@ -588,26 +642,30 @@ def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist:
     rank 0 only, after the checkpoints are saved (train.py's TensorBoard logging).
     SIGTERM or Ctrl-C saves the state after the current step and raises RunInterrupted.
     """
+    if resume and dist.is_main:
+        write_config(run_dir / "config_resumed.json", args, dist)
     resume = resume or {}
     start, best = resume.get("epoch", 0), resume.get("best", -math.inf)
     batch, partial = resume.get("batch", 0), resume.get("partial")
+    epoch_lr = resume.get("epoch_lr") if batch else None  # the rate at the start of that epoch
     log = MetricsLog(run_dir, keep_below_epoch=start + 1) if dist.is_main else None
     stopper = GracefulStop()
     try:
         for epoch in range(start, args.epochs):
             set_epoch(loader, epoch, batch)
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            lr = optimizer.param_groups[0]["lr"] if epoch_lr is None else epoch_lr
+            row = {"epoch": epoch + 1, "lr": lr}
             row |= train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args,
                                    epoch, dtype, batch, partial, stopper)
             if "interrupted" in row:
-                stop = row["interrupted"] | {"epoch": epoch}
+                stop = row["interrupted"] | {"epoch": epoch, "epoch_lr": row["lr"]}
                 if dist.is_main:
                     state = training_state(model, optimizer, scheduler, scaler, epoch, best, args, kind, extra)
                     save_with_previous(state | stop, run_dir / "last.pt")
                 raise RunInterrupted(f"{stopper.signal}: stopped in epoch {epoch + 1} after batch "
                                      f"{stop['batch']}; state saved in {run_dir / 'last.pt'}; "
                                      f"continue with --resume {run_dir}")
-            batch, partial = 0, None
+            batch, partial, epoch_lr = 0, None, None
             row |= (evaluate_fn(model, epoch) or {}) if evaluate_fn else {}
             improved = metric in row and row[metric] > best
             best = row[metric] if improved else best
@@ -621,13 +679,18 @@ def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist:
 
 def end_of_epoch(row, model, optimizer, scheduler, scaler, best, improved, args, kind, extra,
                  run_dir: Path, log: MetricsLog, on_epoch_end) -> None:
-    """Rank 0: log the row, save last.pt (keeping the previous one) and best.pt, plots."""
+    """Rank 0: log the row, save best.pt and last.pt (keeping the previous one), plots.
+
+    best.pt goes first: a run killed between the two saves resumes from the previous
+    last.pt and redoes this epoch, so best.pt is written again. The other way round,
+    last.pt would already hold the new best score and best.pt would never be written.
+    """
     log.append(row)
     print(format_row(row), flush=True)
     state = training_state(model, optimizer, scheduler, scaler, row["epoch"], best, args, kind, extra)
-    save_with_previous(state, run_dir / "last.pt")
     if improved:
         save_checkpoint(state, run_dir / "best.pt")
+    save_with_previous(state, run_dir / "last.pt")
     refresh_plots(run_dir)
     if on_epoch_end is not None:
         on_epoch_end(row, model)
@@ -656,6 +719,9 @@ def save_with_previous(state: dict, path: Path) -> None:
             import shutil
             shutil.copyfile(path, tmp)
         os.replace(tmp, previous_path(path))
+        # A run killed after the line above and before the save below leaves last_prev.pt and
+        # last.pt as two links to one file; renaming a link onto its twin does nothing.
+        tmp.unlink(missing_ok=True)
     save_checkpoint(state, path)
 
 

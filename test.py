@@ -21,7 +21,7 @@ import engine
 from dataset import build_voc_dataset
 from evaluate import evaluate_detections, format_report
 from model import load_detector
-from utils import run_cli
+from utils import UserError, run_cli
 
 ORIGINAL_SCORE_THRESHOLD = 0.4
 
@@ -61,6 +61,10 @@ def evaluate_checkpoint(args) -> dict:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.json and not Path(args.json).parent.is_dir():  # before the evaluation, not after it
+        raise UserError(f"--json {args.json}: {Path(args.json).parent} is not a folder")
     results = evaluate_checkpoint(args)
     print(f"{results['images']} images from {args.data}")
     print(f"original project's fixed-threshold mAP (score >= {ORIGINAL_SCORE_THRESHOLD}, IoU 0.5; "
@@ -71,7 +75,10 @@ def main(argv=None):
         summary = {"images": results["images"], "mAP": finite(results["voc"]["mAP"]),
                    "AP": results["voc"]["AP"], "fixed_threshold_mAP": finite(results["fixed"]["mAP"]),
                    "interp": results["voc"]["interp"], "iou": args.iou}
-        engine.write_json(Path(args.json), summary)
+        try:
+            engine.write_json(Path(args.json), summary)
+        except OSError as err:
+            raise UserError(f"--json {args.json}: cannot write it ({err.strerror})") from None
 
 
 def finite(x: float):

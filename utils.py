@@ -147,7 +147,7 @@ def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
     rule (Section 2), a box's class-specific score is ``Pr(class | object) * confidence``;
     each of the S*S*B boxes takes its most likely class. The raw outputs are regressions
     towards values in [0, 1], so both factors are clamped there before multiplying.
-    Non-maximum suppression runs per image and per class in one ``batched_nms`` call.
+    Non-maximum suppression runs per image and per class (``batched_nms``).
     """
     cls_scores, box_pred = split_predictions(pred.detach().float(), S, B, C)
     N = cls_scores.shape[0]
@@ -157,13 +157,15 @@ def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
     labels = cls_id.unsqueeze(-1).expand(-1, -1, -1, B).reshape(N, -1)
     boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1)
     boxes = boxes.reshape(N, -1, 4)
-    image = torch.arange(N, device=pred.device).unsqueeze(1).expand_as(score)
     keep = score > conf_threshold
-    score, labels, boxes, image = score[keep], labels[keep], boxes[keep], image[keep]
-    kept = batched_nms(boxes, score, image * C + labels, nms_iou)          # sorted by score
-    dets = torch.cat((labels[kept, None].float(), score[kept, None], boxes[kept]), dim=1)
-    per_image = [dets[image[kept] == n] for n in range(N)]
-    return [d[:max_det] for d in per_image] if max_det is not None else per_image
+    counts = keep.sum(1).tolist()
+    per_image = []
+    # NMS image by image: one batched_nms over the whole batch would make torchvision's CPU
+    # path loop over every (image, class) group, each scanning all boxes of the batch.
+    for s, l, b in zip(score[keep].split(counts), labels[keep].split(counts), boxes[keep].split(counts)):
+        kept = batched_nms(b, s, l, nms_iou)[:max_det]                    # sorted by score
+        per_image.append(torch.cat((l[kept, None].float(), s[kept, None], b[kept]), dim=1))
+    return per_image
 
 
 # --------------------------------------------------------------------------- checkpoints

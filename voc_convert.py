@@ -77,8 +77,11 @@ def main(argv=None) -> None:
         raise UserError(f"{devkit}: VOCdevkit folder not found")
     class_names = load_class_names(args.names)
     splits = [pair for entry in args.sets for pair in parse_split(entry)]
-    for sub in ("images", "labels", "labels_difficult"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    try:
+        for sub in ("images", "labels", "labels_difficult"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{out}: cannot create the output folders ({err.strerror})") from None
     csv_rows = {"train.csv": [], "test.csv": []}
     seen: dict[str, Path] = {}
     for year, image_set in splits:

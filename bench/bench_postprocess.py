@@ -1,0 +1,467 @@
+"""Post-processing + evaluation at VOC2007-test scale: fast path vs per-box Python.
+
+    python bench/bench_postprocess.py [--images 4952] [--reference-images 500] [--reps 3]
+    python bench/bench_postprocess.py --quick      # 120 images, for a smoke test
+
+Generates (seeded) raw YOLOv1 outputs for ``--images`` images (S=7, B=2, C=20: 98 boxes
+each) and ground truth with ~2.4 objects per image over the 20 VOC classes. Raw class
+scores and confidences are mostly near zero (Beta distributions), so the decoded scores
+``Pr(class|object) * conf`` are spread with most near zero; for 80% of the objects the
+responsible cell gets the object's class, a high confidence and the object's box with
+noise, so the APs are not trivial. Then times (median of ``--reps``, fewer once a timing
+has used ``--budget`` seconds):
+
+* at full scale: ``utils.decode_predictions`` in ``--chunk``-image batches, as
+  ``engine.predict_dataset`` calls it (conf > ``--conf`` = 0.005, NMS IoU 0.5), the
+  per-image scaling to pixels that ``predict_dataset`` does plus ``engine.detection_table``,
+  and ``evaluate.evaluate_detections`` at both interpolations ("all" and "11");
+* a proposed alternative decode (the same vectorised decode, then greedy NMS vectorised
+  over all (image, class) groups: no Python loop over groups), to size the possible gain;
+* ``decode_predictions`` on one whole batch of ``--batch-decode-images`` (500) images:
+  its cost grows with the square of the batch (torchvision's ``batched_nms`` on the CPU
+  loops over the (image, class) groups and masks all boxes for each), so the full 4,952
+  in one batch would take many minutes on 2 cores;
+* on the first ``--reference-images`` (500) images: the fast path (whole-batch decode,
+  table, both evaluations) and a straightforward per-box pure-Python implementation: per
+  image, loops over cells and boxes to decode, per-class greedy NMS in Python loops, then
+  Padilla's per-detection matching loop for AP (both interpolations). The ratio is per
+  image, measured in the same run.
+
+Checks that the fast path and the reference give the same detections (same count per
+image, allclose boxes and scores) and the same APs on the subset, prints a table and
+writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import evaluate  # noqa: E402
+from engine import detection_table  # noqa: E402
+from utils import VOC_CLASSES, cell_to_image_boxes, decode_predictions, split_predictions  # noqa: E402
+
+S, B, C = 7, 2, 20
+CLASS_FREQUENCY = np.array([3, 3, 4, 4, 5, 2, 12, 3, 8, 3, 2, 4, 3, 3, 35, 5, 3, 2, 2, 3], float)
+
+
+# --------------------------------------------------------------------------- data
+def generate(n_images: int, gt_per_image: float, seed: int, hit_rate: float = 0.8):
+    """Raw outputs ``(N, S*S*(C+5B))`` float32, image sizes ``(N, 2)`` (w, h) and the GT table."""
+    rng = np.random.default_rng(seed)
+    sizes = np.stack([rng.integers(300, 501, n_images), rng.integers(250, 501, n_images)], 1)
+    n_gt = rng.poisson(gt_per_image - 1, n_images) + 1
+    gt_image = np.repeat(np.arange(n_images), n_gt)
+    gt_class = rng.choice(C, len(gt_image), p=CLASS_FREQUENCY / CLASS_FREQUENCY.sum())
+    wh = rng.uniform(0.05, 0.7, (len(gt_image), 2))
+    cxcy = rng.uniform(0.0, 1.0, (len(gt_image), 2)) * (1 - wh) + wh / 2
+    pred = np.empty((n_images, S, S, C + 5 * B), np.float64)
+    pred[..., :C] = rng.beta(0.4, 6.0, (n_images, S, S, C)) + rng.normal(0, 0.01, (n_images, S, S, C))
+    boxes = pred[..., C:].reshape(n_images, S, S, B, 5)
+    boxes[..., 0] = rng.beta(0.5, 10.0, (n_images, S, S, B)) + rng.normal(0, 0.01, (n_images, S, S, B))
+    boxes[..., 1:3] = rng.uniform(0, 1, (n_images, S, S, B, 2))
+    boxes[..., 3:5] = rng.uniform(0.15, 0.85, (n_images, S, S, B, 2))
+    hits = np.flatnonzero(rng.random(len(gt_image)) < hit_rate)
+    col = np.minimum((cxcy[hits, 0] * S).astype(int), S - 1)
+    row = np.minimum((cxcy[hits, 1] * S).astype(int), S - 1)
+    img, k = gt_image[hits], rng.integers(0, B, len(hits))
+    pred[img, row, col, gt_class[hits]] = rng.uniform(0.5, 1.05, len(hits))
+    boxes[img, row, col, k, 0] = rng.uniform(0.3, 1.0, len(hits))
+    boxes[img, row, col, k, 1] = cxcy[hits, 0] * S - col + rng.normal(0, 0.06, len(hits))
+    boxes[img, row, col, k, 2] = cxcy[hits, 1] * S - row + rng.normal(0, 0.06, len(hits))
+    boxes[img, row, col, k, 3:5] = np.sqrt(wh[hits]) + rng.normal(0, 0.03, (len(hits), 2))
+    pred[..., C:] = boxes.reshape(n_images, S, S, 5 * B)
+    scale = np.tile(sizes[gt_image], (1, 2)).astype(np.float64)
+    xyxy = np.concatenate([cxcy - wh / 2, cxcy + wh / 2], 1) * scale
+    gt = {"image": gt_image.astype(np.int64), "cls": np.asarray(VOC_CLASSES, object)[gt_class],
+          "boxes": np.round(xyxy), "difficult": np.zeros(len(gt_image), bool)}
+    return pred.reshape(n_images, -1).astype(np.float32), sizes, gt
+
+
+def subset_gt(gt: dict, n: int) -> dict:
+    keep = gt["image"] < n
+    return {k: v[keep] for k, v in gt.items()}
+
+
+# --------------------------------------------------------------------------- fast path
+def to_pixels(dets: list, sizes: np.ndarray) -> dict:
+    """What ``engine.predict_dataset`` does with each image's detections."""
+    out = {}
+    for index, d in enumerate(dets):
+        w, h = int(sizes[index, 0]), int(sizes[index, 1])
+        scale = torch.tensor([w, h] * 2, dtype=d.dtype, device=d.device)
+        d = d.clone()
+        d[:, 2:] *= scale
+        out[index] = d.cpu().numpy()
+    return out
+
+
+def fast_decode(pred: torch.Tensor, conf: float, nms_iou: float, chunk: int | None = None) -> list:
+    if chunk is None:
+        return decode_predictions(pred, S, B, C, conf, nms_iou)
+    return [d for start in range(0, len(pred), chunk)
+            for d in decode_predictions(pred[start:start + chunk], S, B, C, conf, nms_iou)]
+
+
+def proposed_decode(pred: torch.Tensor, conf: float, nms_iou: float) -> list:
+    """Same result as ``decode_predictions``, with the greedy NMS vectorised over all
+    (image, class) groups at once: candidates are sorted by group then score, laid out as a
+    ``(groups, k)`` table per bucket of similar group sizes (k = the largest group in the
+    bucket; groups of one box need none), a ``(groups, k, k)`` IoU > ``nms_iou`` matrix is
+    built, and k passes (each a tensor op over all groups) suppress. No Python
+    loop over groups and no per-image mask over the whole batch: one split at the end."""
+    cls_scores, box_pred = split_predictions(pred.detach().float(), S, B, C)
+    n = cls_scores.shape[0]
+    cls_prob, cls_id = cls_scores.clamp(0, 1).max(-1)
+    score = (box_pred[..., 0].clamp(0, 1) * cls_prob.unsqueeze(-1)).reshape(n, -1)
+    labels = cls_id.unsqueeze(-1).expand(-1, -1, -1, B).reshape(n, -1)
+    boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1).reshape(n, -1, 4)
+    image = torch.arange(n).unsqueeze(1).expand_as(score)
+    keep = score > conf
+    score, labels, boxes, image = score[keep], labels[keep], boxes[keep], image[keep]
+    if score.numel() == 0:
+        return [torch.zeros(0, 6) for _ in range(n)]
+    group = image * C + labels
+    order = score.argsort(descending=True, stable=True)
+    order = order[group[order].argsort(stable=True)]            # by group, then by score
+    score, labels, boxes, image, group = (t[order] for t in (score, labels, boxes, image, group))
+    _, counts = torch.unique_consecutive(group, return_counts=True)
+    which = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    rank = torch.arange(len(group)) - (counts.cumsum(0) - counts)[which]
+    kept = torch.ones(len(group), dtype=torch.bool)
+    for low, high in ((2, 4), (5, 8), (9, len(group))):  # groups of similar size: little padding
+        chosen = (counts >= low) & (counts <= high)
+        if not chosen.any():
+            continue
+        members = chosen[which].nonzero().squeeze(1)
+        local = torch.cumsum(chosen.long(), 0) - 1  # group -> row of this bucket's table
+        rows, cols = local[which[members]], rank[members]
+        kept[members] = greedy_nms_table(boxes[members], rows, cols, int(chosen.sum()),
+                                         int(counts[chosen].max()), nms_iou)
+    score, labels, boxes, image = score[kept], labels[kept], boxes[kept], image[kept]
+    order = score.argsort(descending=True, stable=True)
+    order = order[image[order].argsort(stable=True)]            # by image, then by score
+    dets = torch.cat((labels[order, None].float(), score[order, None], boxes[order]), 1)
+    return list(dets.split(torch.bincount(image, minlength=n).tolist()))
+
+
+def greedy_nms_table(boxes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int,
+                     k: int, nms_iou: float) -> torch.Tensor:
+    """Greedy NMS of many groups at once: box m is entry ``cols[m]`` (rank by score) of
+    group ``rows[m]``. Returns which boxes are kept (IoU as torchvision's kernel: no +1)."""
+    table = boxes.new_zeros(n_rows, k, 4)
+    table[rows, cols] = boxes
+    alive = torch.zeros(n_rows, k, dtype=torch.bool)
+    alive[rows, cols] = True
+    area = (table[..., 2] - table[..., 0]) * (table[..., 3] - table[..., 1])
+    lt = torch.maximum(table[:, :, None, :2], table[:, None, :, :2])
+    rb = torch.minimum(table[:, :, None, 2:], table[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter)  # 0/0 (padding) is NaN: no suppression
+    suppress = (iou > nms_iou) & torch.ones(k, k, dtype=torch.bool).triu(1)
+    suppress = suppress.transpose(0, 1).contiguous()             # (rank, group, later box)
+    for r in range(k - 1):
+        alive &= ~(suppress[r] & alive[:, r:r + 1])
+    return alive[rows, cols]
+
+
+def fast_evaluate(dets: list, sizes: np.ndarray, gt: dict) -> dict:
+    table = detection_table(to_pixels(dets, sizes), VOC_CLASSES)
+    return {interp: evaluate.evaluate_detections(gt, table, interp=interp) for interp in ("all", "11")}
+
+
+# --------------------------------------------------------------------------- reference
+def f32(value: float) -> float:
+    return float(np.float32(value))
+
+
+def reference_decode_image(p: list, conf_threshold: float, nms_iou: float) -> list:
+    """One image, per box: ``[(class, score, x1, y1, x2, y2)]`` image-relative, by score."""
+    candidates = []
+    for i in range(S):
+        for j in range(S):
+            cell = p[(i * S + j) * (C + 5 * B):(i * S + j + 1) * (C + 5 * B)]
+            best, best_class = -1.0, 0
+            for c in range(C):
+                v = min(max(cell[c], 0.0), 1.0)
+                if v > best:
+                    best, best_class = v, c
+            for b in range(B):
+                conf, x, y, sw, sh = cell[C + 5 * b:C + 5 * b + 5]
+                score = f32(min(max(conf, 0.0), 1.0) * best)  # the network's float32 product
+                if score <= conf_threshold:
+                    continue
+                cx, cy, w, h = (x + j) / S, (y + i) / S, sw * sw, sh * sh
+                box = [min(max(v, 0.0), 1.0) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)]
+                candidates.append((best_class, score, *box))
+    kept = []
+    for c in range(C):
+        mine = sorted((d for d in candidates if d[0] == c), key=lambda d: d[1], reverse=True)
+        chosen = []
+        for d in mine:
+            if all(reference_iou(d[2:], k[2:]) <= nms_iou for k in chosen):
+                chosen.append(d)
+        kept += chosen
+    return sorted(kept, key=lambda d: d[1], reverse=True)
+
+
+def reference_iou(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def padilla_iou(a, b) -> float:
+    if a[0] > b[2] or b[0] > a[2] or a[3] < b[1] or a[1] > b[3]:
+        return 0.0
+    inter = (min(a[2], b[2]) - max(a[0], b[0]) + 1) * (min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+    return inter / (area_a + area_b - inter)
+
+
+def reference_class_ap(gts: list, dets: list, threshold: float) -> dict:
+    """Padilla's per-detection loop for one class; AP at both interpolations."""
+    per_image = {}
+    for g in gts:
+        per_image.setdefault(g[0], []).append([g[1], False])
+    tp = fp = 0
+    rec, prec = [], []
+    for d in sorted(dets, key=lambda d: d[1], reverse=True):
+        best, best_gt = 0.0, None
+        for gt in per_image.get(d[0], []):
+            overlap = padilla_iou(d[2], gt[0])
+            if overlap > best:
+                best, best_gt = overlap, gt
+        if best_gt is not None and best >= threshold and not best_gt[1]:
+            best_gt[1] = True
+            tp += 1
+        else:
+            fp += 1
+        rec.append(tp / len(gts))
+        prec.append(tp / (fp + tp))
+    mrec, mpre = [0.0] + rec + [1.0], [0.0] + prec + [0.0]
+    for i in range(len(mpre) - 1, 0, -1):
+        mpre[i - 1] = max(mpre[i - 1], mpre[i])
+    every = 0.0
+    for i in range(1, len(mrec)):
+        if mrec[i] != mrec[i - 1]:
+            every += (mrec[i] - mrec[i - 1]) * mpre[i]
+    eleven = 0.0
+    for r in np.linspace(0, 1, 11)[::-1].tolist():  # Padilla's points (0.30000000000000004...), r=1 first
+        above = [prec[i] for i in range(len(rec)) if rec[i] >= r]
+        eleven += max(above) if above else 0.0
+    return {"all": every, "11": eleven / 11}
+
+
+def reference_pipeline(pred: np.ndarray, sizes: np.ndarray, gt: dict, conf: float, nms_iou: float):
+    detections = []  # (image, class, score, [x1, y1, x2, y2] pixels), by image then score
+    for n in range(len(pred)):
+        w, h = float(sizes[n, 0]), float(sizes[n, 1])
+        for d in reference_decode_image(pred[n].tolist(), conf, nms_iou):
+            detections.append((n, d[0], d[1], [d[2] * w, d[3] * h, d[4] * w, d[5] * h]))
+    gts = [(int(i), c, b.tolist()) for i, c, b in zip(gt["image"], gt["cls"], gt["boxes"])]
+    aps = {"all": {}, "11": {}}
+    for c in sorted({g[1] for g in gts}):
+        class_id = VOC_CLASSES.index(c)
+        ap = reference_class_ap([(g[0], g[2]) for g in gts if g[1] == c],
+                                [(d[0], d[2], d[3]) for d in detections if d[1] == class_id], 0.5)
+        for interp in aps:
+            aps[interp][c] = ap[interp]
+    result = {interp: {"AP": a, "mAP": sum(a.values()) / len(a)} for interp, a in aps.items()}
+    return detections, result
+
+
+# --------------------------------------------------------------------------- checks, timing
+def same_detections(fast: list, sizes: np.ndarray, reference: list) -> tuple[bool, str]:
+    fast_px = to_pixels(fast, sizes)
+    by_image = {}
+    for d in reference:
+        by_image.setdefault(d[0], []).append([d[1], d[2], *d[3]])
+    for n, d in fast_px.items():
+        ref = np.asarray(by_image.get(n, []), np.float64).reshape(-1, 6)
+        if len(ref) != len(d):
+            return False, f"image {n}: {len(d)} fast vs {len(ref)} reference detections"
+        key = lambda a: np.lexsort((a[:, 2], a[:, 1], a[:, 0]))  # noqa: E731
+        a, b = d[key(d)].astype(np.float64), ref[key(ref)]
+        if not (np.array_equal(a[:, 0], b[:, 0]) and np.allclose(a[:, 1:], b[:, 1:], rtol=1e-5, atol=1e-4)):
+            return False, f"image {n}: detections differ"
+    return True, f"{sum(len(d) for d in fast_px.values())} detections"
+
+
+def same_aps(fast: dict, reference: dict, tol: float = 1e-9) -> tuple[bool, float]:
+    worst = 0.0
+    for interp in ("all", "11"):
+        for c, ap in reference[interp]["AP"].items():
+            worst = max(worst, abs(fast[interp]["AP"][c] - ap))
+        worst = max(worst, abs(fast[interp]["mAP"] - reference[interp]["mAP"]))
+    return worst <= tol, worst
+
+
+def median_time(function, reps: int, budget: float = math.inf):
+    """Median of up to ``reps`` runs; stops repeating once ``budget`` seconds are spent.
+    Returns (median seconds, last result, runs)."""
+    times, result = [], None
+    for _ in range(reps):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+        if sum(times) > budget:
+            break
+    return statistics.median(times), result, len(times)
+
+
+def as_records(dets: list, sizes: np.ndarray) -> list:
+    return [(n, int(d[0]), float(d[1]), d[2:].tolist()) for n, dd in to_pixels(dets, sizes).items() for d in dd]
+
+
+def machine() -> dict:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "platform": platform.platform()}
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=4952)
+    parser.add_argument("--reference-images", type=int, default=500)
+    parser.add_argument("--gt-per-image", type=float, default=2.4)
+    parser.add_argument("--conf", type=float, default=0.005)
+    parser.add_argument("--nms-iou", type=float, default=0.5)
+    parser.add_argument("--chunk", type=int, default=64, help="batch size of the chunked decode")
+    parser.add_argument("--batch-decode-images", type=int, default=500,
+                        help="images in the one-batch decode_predictions timing (it is quadratic)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=15.0,
+                        help="stop repeating a timing once it has taken this many seconds")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="120 images, 40 for the reference and the one-batch decode, 1 rep")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "postprocess.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.reference_images, args.batch_decode_images, args.reps = 120, 40, 40, 1
+    args.reference_images = min(args.reference_images, args.images)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = load_average()
+    raw, sizes, gt = generate(args.images, args.gt_per_image, args.seed)
+    pred = torch.from_numpy(raw)
+    conf, iou = args.conf, args.nms_iou
+
+    t, runs = {}, {}
+
+    def timed(key, function, reps=args.reps):
+        t[key], result, runs[key] = median_time(function, reps, args.budget)
+        return result
+
+    # Full scale: the decode as engine.predict_dataset calls it (--chunk images at a time),
+    # the proposed decode, the table and both evaluations.
+    dets = timed("decode_chunked", lambda: fast_decode(pred, conf, iou, args.chunk))
+    dets_proposed = timed("decode_proposed", lambda: proposed_decode(pred, conf, iou))
+    table = timed("to_table", lambda: detection_table(to_pixels(dets, sizes), VOC_CLASSES))
+    res_all = timed("evaluate_all", lambda: evaluate.evaluate_detections(gt, table, interp="all"))
+    res_11 = timed("evaluate_11", lambda: evaluate.evaluate_detections(gt, table, interp="11"))
+    rest = t["to_table"] + t["evaluate_all"] + t["evaluate_11"]
+    t["fast_total"], t["proposed_total"] = t["decode_chunked"] + rest, t["decode_proposed"] + rest
+    proposed_same, _ = same_detections(dets_proposed, sizes, as_records(dets, sizes))
+
+    # decode_predictions on one whole batch: quadratic in the batch (batched_nms loops over
+    # the (image, class) groups with a mask over all boxes each), so --batch-decode-images.
+    nb = min(args.batch_decode_images, args.images)
+    dets_batch = timed("decode_batch", lambda: fast_decode(pred[:nb], conf, iou))
+    batch_same, _ = same_detections(dets_batch, sizes[:nb], as_records(dets[:nb], sizes[:nb]))
+
+    # The subset: fast path (whole-batch decode, as the issue asks) and the reference.
+    m = args.reference_images
+    gt_m, pred_m, sizes_m = subset_gt(gt, m), pred[:m], sizes[:m]
+    dets_m, fast_m = timed("fast_subset", lambda: (lambda d: (d, fast_evaluate(d, sizes_m, gt_m)))(
+        fast_decode(pred_m, conf, iou)))
+    ref_dets, ref_m = timed("reference_subset", lambda: reference_pipeline(raw[:m], sizes_m, gt_m, conf, iou), 1)
+    boxes_same, boxes_note = same_detections(dets_m, sizes_m, ref_dets)
+    aps_same, ap_diff = same_aps(fast_m, ref_m)
+    load_after = load_average()
+
+    info = machine()
+    n_det = len(table["cls"])
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+          f"({info['torch_threads']} threads), numpy {info['numpy']}; "
+          f"load average before {load_before} after {load_after}")
+    print(f"data: {args.images} images x {S * S * B} boxes, {len(gt['cls'])} GT boxes, conf > {conf}, "
+          f"NMS IoU {iou}: {n_det} detections ({n_det / args.images:.1f}/image); "
+          f"mAP all-point {res_all['mAP']:.4f}, 11-point {res_11['mAP']:.4f}; median of {args.reps}")
+    def line(label, key, n):
+        note = f"  ({runs[key]} run{'s' if runs[key] > 1 else ''})" if runs[key] != args.reps else ""
+        print(f"{label:<56}{t[key]:>9.3f}{1000 * t[key] / n:>10.3f}{note}")
+
+    print(f"{'what (' + str(args.images) + ' images)':<56}{'seconds':>9}{'ms/image':>10}")
+    line(f"decode_predictions in {args.chunk}-image chunks (predict_dataset)", "decode_chunked", args.images)
+    line("proposed decode (vectorised grouped NMS, below)", "decode_proposed", args.images)
+    line("to pixels (as predict_dataset) + detection_table", "to_table", args.images)
+    line("evaluate_detections, every-point", "evaluate_all", args.images)
+    line("evaluate_detections, 11-point", "evaluate_11", args.images)
+    print(f"{'fast path total (chunked decode + table + 2 evals)':<56}{t['fast_total']:>9.3f}"
+          f"{1000 * t['fast_total'] / args.images:>10.3f}")
+    print(f"{'same, with the proposed decode':<56}{t['proposed_total']:>9.3f}"
+          f"{1000 * t['proposed_total'] / args.images:>10.3f}")
+    print(f"{'what (first ' + str(nb) + ' images)':<56}")
+    line("decode_predictions, one whole batch (batched_nms)", "decode_batch", nb)
+    print(f"{'what (first ' + str(m) + ' images)':<56}")
+    line("fast path (whole-batch decode + table + 2 evals)", "fast_subset", m)
+    line("per-box pure-Python reference (decode, NMS, AP x2)", "reference_subset", m)
+    ratio = t["reference_subset"] / t["fast_subset"]
+    print(f"reference / fast path, per image, on the first {m} images: {ratio:.2f}x; "
+          f"fast path (chunked) at {args.images} images under 1 s: {t['fast_total'] < 1.0}; "
+          f"with the proposed decode: {t['proposed_total'] < 1.0}")
+    print(f"checks: fast vs reference same detections: {boxes_same} ({boxes_note}), same APs: "
+          f"{aps_same} (max |dAP| {ap_diff:.1e}); proposed == chunked: {proposed_same}; "
+          f"whole-batch == chunked: {batch_same}")
+    report = {"machine": info, "load_average_before": load_before, "load_average_after": load_after,
+              "quick": args.quick,
+              "data": {"images": args.images, "gt_boxes": len(gt["cls"]), "detections": n_det,
+                       "conf_threshold": conf, "nms_iou": iou, "seed": args.seed,
+                       "reference_images": m},
+              "reps": args.reps, "runs": runs, "batch_decode_images": nb, "chunk": args.chunk,
+              "timings_s": t,
+              "mAP": {"all": res_all["mAP"], "11": res_11["mAP"]},
+              "ratios": {"reference_over_fast_per_image": ratio},
+              "fast_under_1s": t["fast_total"] < 1.0, "proposed_under_1s": t["proposed_total"] < 1.0,
+              "checks": {"same_detections": boxes_same, "same_aps": aps_same, "max_ap_diff": ap_diff,
+                         "whole_batch_same": batch_same, "proposed_same": proposed_same}}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    ok = boxes_same and aps_same and batch_same and proposed_same and not math.isnan(res_all["mAP"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

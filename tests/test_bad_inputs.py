@@ -1,0 +1,415 @@
+"""Bad inputs, all together: every script against every kind of bad input that applies.
+
+Each case runs a script as a user would (a process of its own, cwd the repository; see
+test_reliability.Scripts for how the processes start without importing torch each time)
+and must end with
+
+* exit code 2 and ONE line on stderr, ``error: ...``, naming the file or argument at fault
+  (what a terminal shows: tqdm's progress bar, redrawn and cleared with \\r, is not a line);
+  no "Traceback";
+* earlier outputs untouched: a previous run folder (``runs/exp``: config.json,
+  metrics.jsonl, last.pt, results.json) is hashed before and after, and the script's
+  output (``--project runs``, ``--json runs/exp/results.json``) points right at it.
+
+Errors found before any work leave nothing new behind either. The exceptions are marked
+``writes``: a bad image that a training run or a conversion meets only when it reads it
+(the datasets check that every file exists up front, but decode images when they are
+used), after the new run folder was started.
+
+Read-only output folders: the tests run as root, whom ``chmod`` does not stop. The case
+uses a folder under a file instead (mkdir fails with ENOTDIR, as it fails with EACCES in
+a read-only folder); the genuine read-only case runs only when the tests do not run as root.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import utils
+from model import build_model
+from synthetic import write_imagenet_tree, write_voc_txt_tree, write_vocdevkit_tree
+from test_reliability import REPO, Result, hashes, one_line_error
+from test_reliability import scripts  # noqa: F401 (a fixture: the fork server, one per module)
+
+TINY_YOLO = ["--S", "2", "--width", "0.0625", "--hidden", "16", "--epochs", "1", "--batch-size", "2",
+             "--workers", "0", "--device", "cpu"]
+TINY_DARKNET = ["--width", "0.0625", "--img-size", "32", "--epochs", "1", "--batch-size", "2",
+                "--workers", "0", "--device", "cpu"]
+
+
+# --------------------------------------------------------------------------- good inputs, once
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> dict[str, Path]:
+    """Small valid inputs of every kind; each case copies what it breaks."""
+    root = tmp_path_factory.mktemp("good")
+    write_voc_txt_tree(root / "voc", 4, size=48, seed=0, csv_name="train.csv")
+    write_vocdevkit_tree(root / "devkit", {"2007/trainval": 2, "2007/test": 2}, size=48, seed=0)
+    write_imagenet_tree(root / "imagenet", n_classes=2, n_train_per_class=2, n_val_per_class=1, size=32)
+    model = build_model("yolov1", S=2, width=0.0625, hidden=16, C=20)
+    ckpt = root / "yolo.pt"
+    utils.save_checkpoint({"kind": "yolo", "epoch": 1, "model": model.state_dict(),
+                           "model_config": model.config, "class_names": list(utils.VOC_CLASSES)}, ckpt)
+    (root / "gt").mkdir()
+    (root / "gt" / "a.txt").write_text("dog 0 0 9 9\n")
+    (root / "det").mkdir()
+    (root / "det" / "a.txt").write_text("dog 0.9 0 0 9 9\n")
+    return {"voc": root / "voc", "devkit": root / "devkit" / "VOCdevkit", "imagenet": root / "imagenet",
+            "ckpt": ckpt, "gt": root / "gt", "det": root / "det"}
+
+
+class Context:
+    """One case's folder: copies of the good inputs to break, and the previous run folder."""
+
+    def __init__(self, tmp: Path, good: dict[str, Path]):
+        self.tmp, self.good = tmp, good
+        self.runs = tmp / "runs"
+        previous = self.runs / "exp"
+        previous.mkdir(parents=True)
+        (previous / "config.json").write_text('{"epochs": 1}\n')
+        (previous / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.5}\n')
+        (previous / "results.json").write_text('{"mAP": 0.5}\n')
+        shutil.copyfile(good["ckpt"], previous / "last.pt")
+        self.ckpt = previous / "last.pt"
+        self.a_file = tmp / "a_file"
+        self.a_file.write_text("not a folder\n")
+
+    def copy(self, what: str) -> Path:
+        target = self.tmp / what
+        if not target.exists():
+            shutil.copytree(self.good[what] if what != "devkit" else self.good[what].parent, target)
+        return target / "VOCdevkit" if what == "devkit" else target
+
+    # the txt layout ------------------------------------------------------------------------
+    def voc(self, label: str | None = None, csv: str | None = None, image: bytes | str | None = None) -> Path:
+        """A copy of the txt tree with the first label file, the csv or the first image replaced."""
+        root = self.copy("voc")
+        first = sorted((root / "labels").iterdir())[0]
+        if label is not None:
+            first.write_text(label)
+        if csv is not None:
+            (root / "train.csv").write_text(csv)
+        if image == "truncated":
+            path = sorted((root / "images").iterdir())[0]
+            noise = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(path, quality=95)
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+        elif image is not None:
+            sorted((root / "images").iterdir())[0].write_bytes(image)
+        return root / "train.csv"
+
+    def image(self, n: int = 0) -> Path:
+        return sorted((self.copy("voc") / "images").iterdir())[n]
+
+    def label(self, n: int = 0) -> Path:
+        return sorted((self.copy("voc") / "labels").iterdir())[n]
+
+    # VOCdevkit ------------------------------------------------------------------------------
+    def devkit(self, edit: Callable[[str], str]) -> tuple[Path, Path]:
+        devkit = self.copy("devkit")
+        xml = sorted((devkit / "VOC2007" / "Annotations").iterdir())[0]
+        xml.write_text(edit(xml.read_text()))
+        return devkit, xml
+
+    # ImageNet -------------------------------------------------------------------------------
+    def imagenet_args(self) -> list[str]:
+        root = self.copy("imagenet")
+        return ["--train-dir", str(root / "train"), "--val-dir", str(root / "val"),
+                "--val-labels", str(root / "LOC_val_solution.csv")]
+
+
+def no_size(xml: str) -> str:
+    return xml[:xml.index("<size>")] + xml[xml.index("</size>") + len("</size>"):]
+
+
+def box_outside(xml: str) -> str:
+    import re
+    return re.sub(r"<xmax>\d+</xmax>", "<xmax>4000</xmax>", xml, count=1)
+
+
+# --------------------------------------------------------------------------- the catalogue
+@dataclass
+class Case:
+    id: str
+    script: str
+    build: Callable[[Context], tuple[list, list[str]]]  # -> (arguments, fragments of the error line)
+    writes: str = ""  # why a new output may be left behind (empty: nothing new may appear)
+    marks: list = field(default_factory=list)
+
+
+def data_cases(script: str, argv: Callable[[Context, Path], list]) -> list[Case]:
+    """The txt-layout defects, for a script that reads a csv (argv builds its arguments)."""
+    lazy = "writes" if script == "train.py" else ""
+    defects = [
+        ("missing image", lambda c: (c.voc(csv="a.jpg,synth_000000.txt\n"), ["train.csv:1: image",
+                                                                             "a.jpg not found"])),
+        ("missing label file", lambda c: (c.voc(csv="synth_000000.jpg,nope.txt\n"),
+                                          ["train.csv:1: label file", "nope.txt not found"])),
+        ("csv row with a missing field",
+         lambda c: (c.voc(csv="synth_000000.jpg,synth_000000.txt\nsynth_000001.jpg\n"),
+                    ["train.csv:2: expected 2 fields 'image,label', got 1"])),
+        ("label line with 4 values", lambda c: (c.voc(label="14 0.5 0.5 0.2\n"),
+                                                [f"{c.label()}:1: expected 5 values"])),
+        ("label value not a number", lambda c: (c.voc(label="14 0.5 zero 0.2 0.2\n"),
+                                                [f"{c.label()}:1: y_center 'zero' is not a number"])),
+        ("class id out of range", lambda c: (c.voc(label="20 0.5 0.5 0.2 0.2\n"),
+                                             [f"{c.label()}:1: class id 20 out of range"])),
+        ("coordinate outside [0, 1]", lambda c: (c.voc(label="14 1.2 0.5 0.2 0.2\n"),
+                                                 [f"{c.label()}:1: x_center 1.2 outside [0, 1]"])),
+        ("box of size 0", lambda c: (c.voc(label="14 0.5 0.5 0 0.2\n"),
+                                     [f"{c.label()}:1: box size 0 x 0.2 must be positive"])),
+        ("unreadable image", lambda c: (c.voc(image=b"this is not a JPEG"),
+                                        [f"{c.image()}: unreadable image"])),
+        ("truncated image", lambda c: (c.voc(image="truncated"), [f"{c.image()}: unreadable image"])),
+    ]
+    cases = []
+    for name, defect in defects:
+        def build(c, defect=defect):
+            csv, fragments = defect(c)
+            return argv(c, csv), fragments
+        image = "image" in name and "missing" not in name
+        cases.append(Case(f"{script} {name}", script, build, writes=lazy if image else ""))
+    return cases
+
+
+def train_args(c: Context, data) -> list:
+    # --workers 1: an error raised in a DataLoader worker comes back wrapped in its traceback
+    return ["train.py", "--data", data, *TINY_YOLO, "--workers", "1", "--project", c.runs, "--name", "exp"]
+
+
+def evaluation_args(c: Context, data) -> list:
+    return ["test.py", c.ckpt, "--data", data, "--device", "cpu", "--json", c.runs / "exp" / "results.json"]
+
+
+def detect_txt_args(c: Context, data) -> list:
+    return ["detect_txt.py", c.ckpt, "--data", data, "--device", "cpu", "--project", c.runs]
+
+
+def darknet_args(c: Context, *extra) -> list:
+    return ["darknet_train.py", *c.imagenet_args(), *TINY_DARKNET, "--project", c.runs, "--name", "exp",
+            *extra]
+
+
+def devkit_cases() -> list[Case]:
+    cases = []
+    for name, edit, fragment in (("XML without <size>", no_size, "no <size> element"),
+                                 ("XML box outside the image", box_outside, "object 1")):
+        for script, argv in (
+                ("train.py", lambda c, d: ["train.py", "--data", d, "--split", "2007/trainval+2007/test",
+                                           *TINY_YOLO, "--project", c.runs, "--name", "exp"]),
+                ("test.py", lambda c, d: [*evaluation_args(c, d), "--split", "2007/trainval"]),
+                ("detect_txt.py", lambda c, d: [*detect_txt_args(c, d), "--split", "2007/trainval"]),
+                ("voc_convert.py", lambda c, d: ["voc_convert.py", "--devkit", d, "--sets", "2007/trainval",
+                                                 "2007/test", "--out", c.runs / "exp" / "converted"])):
+            def build(c, edit=edit, argv=argv, fragment=fragment):
+                devkit, xml = c.devkit(edit)
+                return argv(c, devkit), [f"{xml}: ", fragment]
+            cases.append(Case(f"{script} {name}", script, build))
+    return cases
+
+
+def imagenet_cases() -> list[Case]:
+    def empty_class_folder(c):
+        args = darknet_args(c)
+        folder = Path(args[args.index("--train-dir") + 1]) / "n01234567"
+        folder.mkdir()
+        return args, [f"{folder}: empty class folder"]
+
+    def val_image_not_in_labels(c):
+        args = darknet_args(c)
+        image = Path(args[args.index("--val-dir") + 1]) / "ILSVRC2012_val_00000099.JPEG"
+        Image.new("RGB", (32, 32)).save(image)
+        return args, [f"{image}: not in the validation label file"]
+
+    def truncated_training_image(c):
+        args = darknet_args(c, "--workers", "1")
+        image = sorted(Path(args[args.index("--train-dir") + 1]).rglob("*.JPEG"))[0]
+        image.write_bytes(image.read_bytes()[:200])
+        return args, [f"{image}: unreadable image"]
+
+    return [Case("darknet_train.py empty class folder", "darknet_train.py", empty_class_folder),
+            Case("darknet_train.py val image absent from the label file", "darknet_train.py",
+                 val_image_not_in_labels),
+            Case("darknet_train.py truncated training image", "darknet_train.py", truncated_training_image,
+                 writes="the image is decoded when training reads it")]
+
+
+def evaluate_cases() -> list[Case]:
+    def bad(gt_line: str, det_line: str, fragment: str):
+        def build(c):
+            for name, line in (("gt", gt_line), ("det", det_line)):
+                (c.tmp / name).mkdir()
+                (c.tmp / name / "a.txt").write_text(line)
+            return (["evaluate.py", "--gt", c.tmp / "gt", "--det", c.tmp / "det",
+                     "--json", c.runs / "exp" / "results.json"], [fragment])
+        return build
+    return [
+        Case("evaluate.py gt line with 4 values", "evaluate.py",
+             bad("dog 0 0 9\n", "", "gt/a.txt:1: expected 5")),
+        Case("evaluate.py detection score not a number", "evaluate.py",
+             bad("dog 0 0 9 9\n", "dog high 0 0 9 9\n", "det/a.txt:1: confidence is not a number")),
+        Case("evaluate.py missing folders", "evaluate.py",
+             lambda c: (["evaluate.py", "--gt", c.tmp / "nope", "--det", c.good["det"]],
+                        [f"{c.tmp / 'nope'}"])),
+        Case("evaluate.py --json under a file", "evaluate.py",
+             lambda c: (["evaluate.py", "--gt", c.good["gt"], "--det", c.good["det"], "--json",
+                         c.a_file / "r.json"], [f"{c.a_file / 'r.json'}"])),
+    ]
+
+
+def image_script_cases() -> list[Case]:
+    def unreadable(c):
+        c.voc(image=b"GIF89a broken")
+        return ["detect.py", c.ckpt, c.image(), "--device", "cpu", "--project", c.runs], [
+            f"{c.image()}: unreadable image"]
+
+    return [
+        Case("detect.py unreadable image", "detect.py", unreadable,
+             writes="detect.py reads the images after making its output folder (it draws the readable "
+                    "ones of a folder, then reports the others)"),
+        Case("detect.py missing source", "detect.py",
+             lambda c: (["detect.py", c.ckpt, c.tmp / "nope.jpg", "--project", c.runs],
+                        [f"{c.tmp / 'nope.jpg'}: no such file or folder"])),
+    ]
+
+
+def argument_cases() -> list[Case]:
+    yolo = lambda c, *extra: ["train.py", "--data", c.copy("voc") / "train.csv", *TINY_YOLO,  # noqa: E731
+                              "--project", c.runs, "--name", "exp", *extra]
+    cases = [
+        # missing paths
+        Case("train.py missing --data", "train.py",
+             lambda c: (["train.py", "--data", c.tmp / "nope.csv", *TINY_YOLO, "--project", c.runs],
+                        [f"{c.tmp / 'nope.csv'}"])),
+        Case("train.py missing --backbone", "train.py",
+             lambda c: (yolo(c, "--backbone", c.tmp / "nope.pt"),
+                        [f"{c.tmp / 'nope.pt'}: checkpoint not found"])),
+        Case("train.py --resume of a folder without last.pt", "train.py",
+             lambda c: (yolo(c, "--resume", c.tmp), [f"{c.tmp / 'last.pt'}: no checkpoint to resume from"])),
+        Case("train.py --resume of a file that holds a bare tensor", "train.py", resume_a_bare_tensor),
+        Case("darknet_train.py --resume of a YOLO checkpoint", "darknet_train.py",
+             lambda c: (darknet_args(c, "--resume", c.ckpt),
+                        [f"{c.ckpt}: a 'yolo' checkpoint, not a 'darknet' one"])),
+        Case("darknet_train.py missing --train-dir", "darknet_train.py",
+             lambda c: (["darknet_train.py", "--train-dir", c.tmp / "nope", *TINY_DARKNET,
+                         "--project", c.runs], [f"{c.tmp / 'nope'}"])),
+        Case("voc_convert.py missing --devkit", "voc_convert.py",
+             lambda c: (["voc_convert.py", "--devkit", c.tmp / "nope", "--out", c.runs / "voc"],
+                        [f"{c.tmp / 'nope'}: VOCdevkit folder not found"])),
+        Case("export.py missing checkpoint", "export.py",
+             lambda c: (["export.py", c.tmp / "nope.pt", "--include", "torchscript", "--project", c.runs],
+                        [f"{c.tmp / 'nope.pt'}: checkpoint not found"])),
+    ]
+    missing = {"test.py": lambda c: ["test.py", c.tmp / "nope.pt", "--device", "cpu"],
+               "detect_txt.py": lambda c: ["detect_txt.py", c.tmp / "nope.pt", "--project", c.runs],
+               "detect.py": lambda c: ["detect.py", c.tmp / "nope.pt", c.image(), "--project", c.runs]}
+    for script, argv in missing.items():
+        cases.append(Case(f"{script} missing checkpoint", script, lambda c, a=argv: (
+            a(c), [f"{c.tmp / 'nope.pt'}: checkpoint not found"])))
+    # output folders that cannot be written
+    outputs = {
+        "train.py": lambda c, p: yolo(c)[:-4] + ["--project", p, "--name", "exp"],
+        "darknet_train.py": lambda c, p: darknet_args(c)[:-4] + ["--project", p, "--name", "exp"],
+        "detect_txt.py": lambda c, p: ["detect_txt.py", c.ckpt, "--data", c.copy("voc") / "train.csv",
+                                       "--device", "cpu", "--project", p],
+        "detect.py": lambda c, p: ["detect.py", c.ckpt, c.image(), "--device", "cpu", "--project", p],
+        "export.py": lambda c, p: ["export.py", c.ckpt, "--include", "torchscript", "--project", p],
+    }
+    for script, argv in outputs.items():
+        cases.append(Case(f"{script} --project is a file", script,
+                          lambda c, a=argv: (a(c, c.a_file), [f"{c.a_file}: exists and is not a folder"])))
+        cases.append(Case(f"{script} --project under a file", script,
+                          lambda c, a=argv: (a(c, c.a_file / "runs"),
+                                             [f"{c.a_file / 'runs'}", "Not a directory"])))
+        cases.append(Case(f"{script} --project read-only", script,
+                          lambda c, a=argv: (a(c, read_only(c)), [f"{read_only(c)}", "Permission denied"]),
+                          marks=[pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only "
+                                                    "folders; the 'under a file' case stands in for it")]))
+    cases += [
+        Case("test.py --json under a file", "test.py",
+             lambda c: (["test.py", c.ckpt, "--data", c.copy("voc") / "train.csv", "--device", "cpu",
+                         "--json", c.a_file / "r.json"], [f"{c.a_file / 'r.json'}"])),
+        Case("voc_convert.py --out is a file", "voc_convert.py",
+             lambda c: (["voc_convert.py", "--devkit", c.copy("devkit"), "--sets", "2007/test",
+                         "--out", c.a_file], [f"{c.a_file}"])),
+    ]
+    # counts
+    for value in ("0", "-1"):
+        cases.append(Case(f"train.py --epochs {value}", "train.py",
+                          lambda c, v=value: (yolo(c, "--epochs", v),
+                                              [f"--epochs must be at least 1, got {v}"])))
+        cases.append(Case(f"darknet_train.py --epochs {value}", "darknet_train.py",
+                          lambda c, v=value: (darknet_args(c, "--epochs", v),
+                                              [f"--epochs must be at least 1, got {v}"])))
+    batch = {
+        "train.py": lambda c: yolo(c, "--batch-size", "-2"),
+        "darknet_train.py": lambda c: darknet_args(c, "--batch-size", "-2"),
+        "test.py": lambda c: ["test.py", c.ckpt, "--data", c.copy("voc") / "train.csv", "--device", "cpu",
+                              "--batch-size", "-2"],
+        "detect_txt.py": lambda c: ["detect_txt.py", c.ckpt, "--data", c.copy("voc") / "train.csv",
+                                    "--device", "cpu", "--project", c.runs, "--batch-size", "-2"],
+        "detect.py": lambda c: ["detect.py", c.ckpt, c.image(), "--device", "cpu", "--project", c.runs,
+                                "--batch-size", "-2"],
+    }
+    for script, argv in batch.items():
+        cases.append(Case(f"{script} --batch-size -2", script,
+                          lambda c, a=argv: (a(c), ["--batch-size must be at least 1, got -2"])))
+    return cases
+
+
+def resume_a_bare_tensor(c: Context) -> tuple[list, list[str]]:
+    torch.save(torch.zeros(3), c.tmp / "tensor.pt")
+    return (["train.py", "--data", c.copy("voc") / "train.csv", *TINY_YOLO, "--project", c.runs,
+             "--resume", c.tmp / "tensor.pt"], [f"{c.tmp / 'tensor.pt'}: not a training checkpoint"])
+
+
+def read_only(c: Context) -> Path:
+    folder = c.tmp / "read_only"
+    if not folder.exists():
+        folder.mkdir()
+        folder.chmod(0o555)
+    return folder / "runs"
+
+
+CASES = [
+    *data_cases("train.py", train_args), *data_cases("test.py", evaluation_args),
+    *data_cases("detect_txt.py", detect_txt_args), *devkit_cases(), *imagenet_cases(), *evaluate_cases(),
+    *image_script_cases(), *argument_cases(),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id, marks=case.marks) for case in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_earlier_outputs_alone(scripts, good, tmp_path, case):
+    context = Context(tmp_path, good)
+    argv, fragments = case.build(context)
+    before, entries = hashes(context.runs / "exp"), set(context.runs.iterdir())
+    result = scripts.run(*argv, timeout=120)
+    line = one_line_error(result, *fragments)
+    assert "Traceback" not in result.stdout
+    assert hashes(context.runs / "exp") == before, f"{case.id} changed the previous run folder: {line}"
+    new = set(context.runs.iterdir()) - entries
+    if not case.writes:
+        assert not new, f"{case.id} left {sorted(p.name for p in new)} behind: {line}"
+
+
+def test_a_real_process_says_the_same_as_a_forked_one(scripts, good, tmp_path):
+    """The fork server is faithful: ``python train.py`` itself, started the ordinary way,
+    prints the same line and exits with the same code."""
+    context = Context(tmp_path, good)
+    argv = ["train.py", "--data", context.voc(label="14 0.5 0.5 0.2\n"), *TINY_YOLO,
+            "--project", context.runs]
+    forked = scripts.run(*argv)
+    real = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    real = Result(real.returncode, real.stdout, real.stderr)
+    assert (real.rc, real.shown, real.stdout) == (forked.rc, forked.shown, forked.stdout) == (
+        2, [one_line_error(forked)], "")
