@@ -29,7 +29,25 @@ FAST_YOLO = [
 MODEL_NAMES = ("yolov1", "fast")
 
 
-class YOLOv1(nn.Module):
+class GridDetector(nn.Module):
+    """What YOLOv1 and Fast YOLO share: an S x S grid, the input side it needs (the
+    network downsamples by 64) and ``forward`` = ``head(trunk(x))``."""
+
+    S: int
+
+    @property
+    def input_size(self) -> int:
+        return 64 * self.S
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.input_size, self.S)
+        return self.head(self.trunk(x))
+
+
+class YOLOv1(GridDetector):
     """24 convolutions and 2 fully connected layers; defaults are the paper's network
     with batch norm (about 271.7 M parameters without batch norm, hidden 4096)."""
 
@@ -50,16 +68,11 @@ class YOLOv1(nn.Module):
         )
         init_weights(self)
 
-    @property
-    def input_size(self) -> int:
-        return 64 * self.S
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.input_size, self.S)
-        return self.head(self.extra(self.features(x)))
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extra(self.features(x))
 
 
-class FastYOLO(nn.Module):
+class FastYOLO(GridDetector):
     """Fast YOLO: nine convolutions, then one linear layer to the S x S x (C + 5B) output."""
 
     def __init__(self, S: int = 7, B: int = 2, C: int = 20, batch_norm: bool = True,
@@ -72,13 +85,8 @@ class FastYOLO(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(S * S * ch, S * S * (C + 5 * B)))
         init_weights(self)
 
-    @property
-    def input_size(self) -> int:
-        return 64 * self.S
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.input_size, self.S)
-        return self.head(self.features(x))
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 def check_input(x: torch.Tensor, size: int, S: int) -> None:
