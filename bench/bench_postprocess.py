@@ -48,8 +48,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 import evaluate  # noqa: E402
+from machine import load_average, machine  # noqa: E402
 from engine import detection_table  # noqa: E402
 from utils import VOC_CLASSES, cell_to_image_boxes, decode_predictions, split_predictions  # noqa: E402
 
@@ -328,25 +330,6 @@ def median_time(function, reps: int, budget: float = math.inf):
 
 def as_records(dets: list, sizes: np.ndarray) -> list:
     return [(n, int(d[0]), float(d[1]), d[2:].tolist()) for n, dd in to_pixels(dets, sizes).items() for d in dd]
-
-
-def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "platform": platform.platform()}
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def main(argv=None) -> int:

@@ -36,8 +36,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 from darknet_model import Darknet  # noqa: E402
+from machine import load_average, machine  # noqa: E402
 from engine import build_optimizer  # noqa: E402
 from loss import YoloLoss  # noqa: E402
 from model import YOLOv1  # noqa: E402
@@ -45,28 +47,6 @@ from utils import encode_target  # noqa: E402
 
 
 # --------------------------------------------------------------------------- machine
-def machine(device: torch.device) -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
