@@ -48,6 +48,9 @@ def run_cli(main, argv=None):
     except Interrupted as note:
         print(f"interrupted: {note}", file=sys.stderr)
         sys.exit(0)
+    except KeyboardInterrupt:  # Ctrl-C before training started (or a second Ctrl-C): no state to save
+        print("interrupted: Ctrl-C", file=sys.stderr)
+        sys.exit(130)
 
 
 def one_line(err: Exception) -> str:

@@ -351,3 +351,13 @@ def test_run_cli_reports_an_error_from_a_dataloader_worker_on_one_line(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err == "error: labels/x.txt:3: class id 25 out of range [0, 20)\n"
+
+
+def test_run_cli_turns_ctrl_c_outside_training_into_one_line_and_exit_130(capsys):
+    def main(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(main)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted: Ctrl-C\n"
