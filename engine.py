@@ -11,18 +11,23 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import Interrupted, UserError, load_checkpoint, load_state_checked, save_checkpoint
+import plots  # stdlib only at import time: matplotlib loads when a plot is drawn
+from evaluate import evaluate_detections
+from utils import (Interrupted, UserError, decode_predictions, load_checkpoint, load_state_checked,
+                   save_checkpoint)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -214,7 +219,6 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
     def rows(self) -> list[dict]:
-        import plots  # the same reader as the plots: lines that are not JSON objects are skipped
         return plots.read_metrics(self.path)
 
 
@@ -531,12 +535,10 @@ class GracefulStop:
     """
 
     def __init__(self):
-        import signal
         self.signal = None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
-        import signal
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
@@ -551,7 +553,6 @@ class GracefulStop:
         return bool(flag.item())
 
     def restore(self) -> None:
-        import signal
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
@@ -732,7 +733,6 @@ def refresh_plots(run_dir: Path) -> None:
     a full disk) is reported and the training run goes on.
     """
     try:
-        import plots  # imported here: matplotlib loads only in the process that draws
         plots.plot_run(run_dir)
     except Exception as err:  # noqa: BLE001 - see the docstring
         print(f"warning: plots not updated: {' '.join(str(err).split())}", flush=True)
@@ -752,7 +752,6 @@ def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold:
     Under DDP each rank predicts every world_size-th image and the results are gathered,
     so every rank returns the whole dictionary (and computes the same metrics).
     """
-    from utils import decode_predictions
     bare = unwrap(model)
     was_training = bare.training
     bare.eval()
@@ -766,9 +765,8 @@ def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold:
         for dets in decode_predictions(out, bare.S, bare.B, bare.C, conf_threshold, nms_iou):
             index = indices[position]
             ann = dataset.annotation(index)
-            scale = torch.tensor([ann["width"], ann["height"]] * 2, dtype=dets.dtype, device=dets.device)
-            dets[:, 2:] *= scale
             results[index] = dets.cpu().numpy()
+            results[index][:, 2:] *= (ann["width"], ann["height"]) * 2
             position += 1
     bare.train(was_training)
     if dist.distributed:
@@ -780,7 +778,6 @@ def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold:
 
 def ground_truth_table(dataset, class_names) -> dict:
     """All ground-truth boxes of ``dataset`` in the evaluator's table form (absolute pixels)."""
-    import numpy as np
     images, classes, boxes, difficult = [], [], [], []
     for i in range(len(dataset)):
         ann = dataset.annotation(i)
@@ -796,7 +793,6 @@ def ground_truth_table(dataset, class_names) -> dict:
 
 def detection_table(dets: dict, class_names, min_score: float = 0.0) -> dict:
     """Detections from :func:`predict_dataset` in the evaluator's table form."""
-    import numpy as np
     rows = [(i, d[d[:, 1] >= min_score]) for i, d in sorted(dets.items())]
     rows = [(i, d) for i, d in rows if len(d)]
     if not rows:
@@ -811,7 +807,6 @@ def detection_table(dets: dict, class_names, min_score: float = 0.0) -> dict:
 def detection_evaluator(dataset, args, dist: Dist):
     """``evaluate_fn`` for :func:`fit`: VOC mAP (all-point, IoU 0.5) on ``dataset`` every
     ``args.eval_every`` epochs and after the last one."""
-    from evaluate import evaluate_detections
     gt = ground_truth_table(dataset, dataset.class_names)
 
     def evaluate_fn(model, epoch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -216,7 +217,6 @@ def check_archive(path: Path) -> None:
     interrupted copy over an old file) would load, with wrong weights. Files that are not
     zip archives (the legacy format, or no checkpoint at all) are left to torch.load.
     """
-    import zipfile
     try:
         if not zipfile.is_zipfile(path):
             return
