@@ -104,7 +104,7 @@ def build_model(args, num_classes: int, device: torch.device) -> Darknet:
     model = Darknet(num_classes, batch_norm=not args.no_batch_norm, width=args.width).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return engine.compile_model(model, args)
 
 
 # --------------------------------------------------------------------------- training

@@ -28,6 +28,8 @@ run folders and checkpoints are those of darknet_train.py.
 """
 from __future__ import annotations
 
+import os
+
 from torch.nn.parallel import DistributedDataParallel
 
 import engine
@@ -48,8 +50,8 @@ def main(argv=None):
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
         else:
-            print("note: not started by torchrun (no WORLD_SIZE), so this trains in one process, "
-                  "as darknet_train.py does", flush=True)
+            why = "WORLD_SIZE is 1" if "WORLD_SIZE" in os.environ else "not started by torchrun"
+            print(f"note: {why}, so this trains in one process, as darknet_train.py does", flush=True)
         train(args, dist, model, train_set, val_set, run_dir, ckpt)
     finally:
         engine.cleanup_distributed()

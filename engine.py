@@ -64,6 +64,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                    help="mixed precision: auto = on for CUDA, off on CPU (CPUs without native "
                         "bfloat16 run it hundreds of times slower)")
     r.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU tensor cores)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (GPU: fused kernels, see BENCHMARKS.md; the "
+                        "first steps are slow while it compiles)")
     r.add_argument("--workers", type=int, default=2, help="data-loading processes (default %(default)s)")
     r.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     r.add_argument("--project", default=project, help="parent folder of run folders (default %(default)s)")
@@ -167,6 +170,15 @@ def reduce_sums(values: dict[str, float], dist: Dist) -> dict[str, float]:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DataParallel / DistributedDataParallel."""
     return model.module if hasattr(model, "module") else model
+
+
+def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
+    """``--compile``: compile ``model`` in place (``nn.Module.compile``) before any DDP
+    wrapping. Unlike ``torch.compile(model)`` this keeps the module itself, so state-dict
+    keys, checkpoints and ``unwrap`` are those of the plain model."""
+    if getattr(args, "compile", False):
+        model.compile()
+    return model
 
 
 def amp_dtype(args, device: torch.device):

@@ -99,6 +99,7 @@ def make_model(args, num_classes: int, dist: engine.Dist):
     model = model.to(dist.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    engine.compile_model(model, args)
     if dist.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)

@@ -139,6 +139,8 @@ def run_case(name, batch, width, device, variant, steps, warmup):
     if variant.get("fused_sgd"):  # the same parameter groups and settings, with the fused (one-kernel) update
         optimizer = torch.optim.SGD(optimizer.param_groups, lr=1e-4, momentum=0.9, fused=True)
     runner = torch.compile(model) if variant.get("compile") else model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     optimizer_times = []
     step = make_step(runner, loss_fn, optimizer, x, y, amp, device, optimizer_times)
     start = time.perf_counter()
@@ -155,7 +157,10 @@ def run_case(name, batch, width, device, variant, steps, warmup):
     if not torch.isfinite(loss.detach()).all():
         raise RuntimeError(f"{name} {variant}: non-finite loss")
     median = statistics.median(times)
+    # Peak GPU memory of the whole training step (weights, gradients, momentum, activations).
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"model": name, "variant": variant_name(variant), "batch": batch, "width": width,
+            "peak_memory_bytes": peak,
             "step_s": times, "median_step_s": median, "images_per_s": batch / median,
             "optimizer_s": statistics.median(optimizer_times),
             "warmup_s": warmup_s, "flops_per_image": flops}, step
@@ -191,8 +196,8 @@ def profile_step(step, device: torch.device, path: Path, top: int = 8) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (median); default 3 (CPU), 10 (GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first; default 1 (CPU), 3 (GPU)")
     parser.add_argument("--batch-yolo", type=int, default=None, help="default 2 (CPU), 64 (GPU)")
     parser.add_argument("--batch-darknet", type=int, default=None, help="default 4 (CPU), 128 (GPU)")
     parser.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
@@ -222,6 +227,9 @@ def main(argv=None) -> int:
     args.batch_yolo = args.batch_yolo or (64 if gpu else 2)
     args.batch_darknet = args.batch_darknet or (128 if gpu else 4)
     args.mm_size = args.mm_size or (8192 if gpu else 2048)
+    # GPU steps are short: more of them for a stable median (and cudnn.benchmark's tuning)
+    args.steps = args.steps or (10 if gpu else 3)
+    args.warmup = args.warmup or (3 if gpu else 1)
     if gpu:
         torch.backends.cudnn.benchmark = True
 
@@ -235,8 +243,8 @@ def main(argv=None) -> int:
         variants += [{"bf16": True}, {"bf16": True, "channels_last": True}]
         if not args.no_compile:
             variants += [{"bf16": True, "channels_last": True, "compile": True}]
-    if args.fused_sgd:
-        variants += [dict(variants[-1], fused_sgd=True)]
+    if args.fused_sgd:  # the fastest eager variant, with the one-kernel SGD update
+        variants += [dict(variants[2 if len(variants) > 2 else 0], fused_sgd=True)]
 
     rows, yolo_step = [], None
     for name, batch in (("yolov1@448", args.batch_yolo), ("darknet@224", args.batch_darknet)):
@@ -266,12 +274,13 @@ def main(argv=None) -> int:
     print(f"width {args.width:g}; median of {args.steps} timed steps after {args.warmup} warm-up; "
           f"SGD as train.py (engine.build_optimizer) unless 'fused SGD'")
     header = (f"{'model':<12}{'variant':<50}{'batch':>6}{'step s':>9}{'img/s':>9}"
-              f"{'optim s':>9}{'GFLOP/img':>11}{'floor img/s':>13}{'% of mm':>9}")
+              f"{'optim s':>9}{'GFLOP/img':>11}{'floor img/s':>13}{'% of mm':>9}{'peak GiB':>10}")
     print(header)
     for r in rows:
+        peak = f"{r['peak_memory_bytes'] / 2 ** 30:>10.2f}" if r["peak_memory_bytes"] else f"{'-':>10}"
         print(f"{r['model']:<12}{r['variant']:<50}{r['batch']:>6}{r['median_step_s']:>9.3f}"
               f"{r['images_per_s']:>9.3f}{r['optimizer_s']:>9.3f}{r['flops_per_image'] / 1e9:>11.2f}"
-              f"{r['floor_images_per_s']:>13.3f}{100 * r['fraction_of_matmul']:>8.1f}%")
+              f"{r['floor_images_per_s']:>13.3f}{100 * r['fraction_of_matmul']:>8.1f}%{peak}")
     if profile:
         print(f"profile of one yolov1@448 step (batch {args.batch_yolo}), top 8 by {profile['sorted_by']}, "
               f"total {profile['total_self_s']:.2f} s:")
