@@ -27,12 +27,12 @@ python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvi
 
 log "1. training step"
 if [ -n "$QUICK" ]; then TRAIN_ARGS="--quick --all-variants"; else TRAIN_ARGS=""; fi
-timeout 330 python bench/bench_train.py --device "$DEVICE" --fused-sgd $TRAIN_ARGS --json "$OUT/train.json"
+timeout 300 python bench/bench_train.py --device "$DEVICE" --fused-sgd $TRAIN_ARGS --json "$OUT/train.json"
 
 log "2. data loading"
 if [ -n "$QUICK" ]; then DATA_ARGS="--images 8 --files 100 --workers 0,2 --batch 8 --batches 2 --repeats 2"
 else DATA_ARGS="--images 40 --files 2000 --workers 1,4,8,14 --batch 64 --batches 12 --repeats 3"; fi
-timeout 150 python bench/bench_data.py $DATA_ARGS --json "$OUT/data.json"
+timeout 100 python bench/bench_data.py $DATA_ARGS --json "$OUT/data.json"
 
 log "3. train.py end to end"
 if [ -n "$QUICK" ]; then E2E="--model fast --width 0.0625 --S 2 --batch-size 8 --workers 2"; N=32
@@ -49,15 +49,15 @@ body = lines[1:]  # header, then image,label rows: repeat them to n rows
 csv.write_text("\n".join([lines[0]] + [body[i % len(body)] for i in range(n)]) + "\n")
 print(f"{n} rows over {len(body)} JPEGs in {csv}")
 EOF
-timeout 200 python train.py --recipe paper --data "$WORK/voc/train.csv" --epochs 2 --device "$DEVICE" \
+timeout 150 python train.py --recipe paper --data "$WORK/voc/train.csv" --epochs 2 --device "$DEVICE" \
     --channels-last $E2E --project "$WORK/runs" --name e2e 2>&1 | grep -v "it/s\]" | tail -5
 cp "$WORK/runs/e2e/metrics.jsonl" "$OUT/e2e_metrics.jsonl" && cat "$OUT/e2e_metrics.jsonl"
 
 log "4. smoke: DDP (torchrun, NCCL on a GPU), DataParallel script, AMP"
 SMALL="--width 0.125 --img-size 96 --batch-size 16 --epochs 2 --device $DEVICE --workers 2 --channels-last"
-timeout 120 torchrun --standalone --nproc-per-node 1 darknet_train_multigpu_distr.py $SMALL \
+timeout 60 torchrun --standalone --nproc-per-node 1 darknet_train_multigpu_distr.py $SMALL \
     --project "$WORK/runs" --name ddp 2>&1 | grep -v "it/s\]" | tail -3
-if [ "$DEVICE" = cuda ]; then timeout 90 python - <<'NCCL'
+if [ "$DEVICE" = cuda ]; then timeout 60 python - <<'NCCL'
 # One GPU cannot hold two NCCL ranks, and torchrun with one process trains without DDP:
 # this checks the NCCL collectives the engine uses, and a DDP step, in a world of one.
 import os, sys
@@ -79,7 +79,7 @@ print("NCCL ok:", engine.reduce_sums({"a": 2.0, "b": 3.0}, fake), engine.all_ran
 td.destroy_process_group()
 NCCL
 fi
-timeout 90 python darknet_train_multigpu.py $SMALL --project "$WORK/runs" --name dp 2>&1 | grep -v "it/s\]" | tail -3
-timeout 90 python test.py "$WORK/runs/e2e/last.pt" --data data/val.csv --device "$DEVICE" 2>&1 | tail -3
+timeout 60 python darknet_train_multigpu.py $SMALL --project "$WORK/runs" --name dp 2>&1 | grep -v "it/s\]" | tail -3
+timeout 60 python test.py "$WORK/runs/e2e/last.pt" --data data/val.csv --device "$DEVICE" 2>&1 | tail -3
 log done
 rm -rf "$WORK"
