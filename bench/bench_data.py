@@ -9,7 +9,7 @@ has 16,551) for the start-up times, which parse every annotation. Per sample: me
 (as dataset.load_image) and by ``torchvision.io.decode_jpeg``. Per loader: images/s of a
 ``torch.utils.data.DataLoader`` (batch ``--batch``) over the training set (the paper's
 augmentation and target encoding) and the ImageNet training transform at 224, for each
-worker count in ``--workers``, counted from the first batch on (worker start-up excluded).
+worker count in ``--workers``, in the steady state (worker start-up and prefetch excluded).
 Compare with bench_train.py's images/s to see which bounds an epoch.
 """
 from __future__ import annotations
@@ -76,11 +76,14 @@ class Repeat(torch.utils.data.Dataset):
 
 
 def loader_rate(data, workers: int, batch: int, batches: int) -> float:
-    """Images/s of a DataLoader over ``data``, from the first batch to the last."""
-    loader = torch.utils.data.DataLoader(Repeat(data, batch * (batches + 1)), batch_size=batch,
+    """Steady-state images/s of a DataLoader over ``data``: the clock starts once the
+    batches that the workers prefetch while starting up (2 each) have been taken."""
+    ahead = max(1, 2 * workers)
+    loader = torch.utils.data.DataLoader(Repeat(data, batch * (batches + ahead)), batch_size=batch,
                                          shuffle=True, num_workers=workers)
     iterator = iter(loader)
-    next(iterator)  # workers started, first batch in
+    for _ in range(ahead):
+        next(iterator)
     start = time.perf_counter()
     count = sum(len(labels) for _, labels in iterator)
     return count / (time.perf_counter() - start)

@@ -4,6 +4,7 @@
 #     bash bench/gpu_suite.sh                 # results in bench/results/gpu/
 #     OUT=/somewhere bash bench/gpu_suite.sh
 #     QUICK=1 DEVICE=cpu bash bench/gpu_suite.sh   # the plumbing, on a CPU, in a minute or two
+#     PARTS="2 3" bash bench/gpu_suite.sh          # only some of the parts below
 #
 # 1. bench_train.py: YOLOv1@448 (batch 64) and Darknet@224 (batch 128) training steps in
 #    float32, bf16 autocast, + channels_last, + torch.compile, and fused SGD; peak memory.
@@ -16,6 +17,8 @@ set -u
 OUT=${OUT:-bench/results/gpu}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
+PARTS=${PARTS:-1 2 3 4}
+part() { [[ " $PARTS " == *" $1 "* ]] && echo "=== $1. $2 ($(date +%T))"; }
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -25,16 +28,18 @@ log machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cpus', __import__('os').cpu_count())"
 
-log "1. training step"
+if part 1 "training step"; then
 if [ -n "$QUICK" ]; then TRAIN_ARGS="--quick --all-variants"; else TRAIN_ARGS=""; fi
 timeout 300 python bench/bench_train.py --device "$DEVICE" --fused-sgd $TRAIN_ARGS --json "$OUT/train.json"
+fi
 
-log "2. data loading"
+if part 2 "data loading"; then
 if [ -n "$QUICK" ]; then DATA_ARGS="--images 8 --files 100 --workers 0,2 --batch 8 --batches 2 --repeats 2"
-else DATA_ARGS="--images 40 --files 2000 --workers 1,4,8,14 --batch 64 --batches 12 --repeats 3"; fi
+else DATA_ARGS="--images 40 --files 2000 --workers 1,4,8,14 --batch 64 --batches 40 --repeats 3"; fi
 timeout 100 python bench/bench_data.py $DATA_ARGS --json "$OUT/data.json"
+fi
 
-log "3. train.py end to end"
+if part 3 "train.py end to end"; then
 if [ -n "$QUICK" ]; then E2E="--model fast --width 0.0625 --S 2 --batch-size 8 --workers 2"; N=32
 else E2E="--batch-size 64 --workers 12 --compile"; N=6400; fi
 python - "$WORK/voc" "$N" <<'EOF'
@@ -50,13 +55,16 @@ csv.write_text("\n".join([lines[0]] + [body[i % len(body)] for i in range(n)]) +
 print(f"{n} rows over {len(body)} JPEGs in {csv}")
 EOF
 timeout 150 python train.py --recipe paper --data "$WORK/voc/train.csv" --epochs 2 --device "$DEVICE" \
-    --channels-last $E2E --project "$WORK/runs" --name e2e 2>&1 | grep -v "it/s\]" | tail -5
+    --channels-last --lr 1e-4 --skip-nonfinite $E2E --project "$WORK/runs" --name e2e 2>&1 \
+    | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -8
 cp "$WORK/runs/e2e/metrics.jsonl" "$OUT/e2e_metrics.jsonl" && cat "$OUT/e2e_metrics.jsonl"
+timeout 60 python test.py "$WORK/runs/e2e/last.pt" --data data/val.csv --device "$DEVICE" 2>&1 | tail -3
+fi
 
-log "4. smoke: DDP (torchrun, NCCL on a GPU), DataParallel script, AMP"
+if part 4 "smoke: DDP (torchrun, NCCL on a GPU), DataParallel script, AMP"; then
 SMALL="--width 0.125 --img-size 96 --batch-size 16 --epochs 2 --device $DEVICE --workers 2 --channels-last"
 timeout 60 torchrun --standalone --nproc-per-node 1 darknet_train_multigpu_distr.py $SMALL \
-    --project "$WORK/runs" --name ddp 2>&1 | grep -v "it/s\]" | tail -3
+    --project "$WORK/runs" --name ddp 2>&1 | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -3
 if [ "$DEVICE" = cuda ]; then timeout 60 python - <<'NCCL'
 # One GPU cannot hold two NCCL ranks, and torchrun with one process trains without DDP:
 # this checks the NCCL collectives the engine uses, and a DDP step, in a world of one.
@@ -79,7 +87,7 @@ print("NCCL ok:", engine.reduce_sums({"a": 2.0, "b": 3.0}, fake), engine.all_ran
 td.destroy_process_group()
 NCCL
 fi
-timeout 60 python darknet_train_multigpu.py $SMALL --project "$WORK/runs" --name dp 2>&1 | grep -v "it/s\]" | tail -3
-timeout 60 python test.py "$WORK/runs/e2e/last.pt" --data data/val.csv --device "$DEVICE" 2>&1 | tail -3
+timeout 60 python darknet_train_multigpu.py $SMALL --project "$WORK/runs" --name dp 2>&1 | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -3
+fi
 log done
 rm -rf "$WORK"
