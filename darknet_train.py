@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import engine
 from darknet_model import Darknet
-from dataset import build_imagenet, imagenet_transform
+from dataset import build_imagenet, imagenet_transform, to_float_images
 from utils import UserError, run_cli
 
 KIND = "darknet"  # checkpoint kind: resuming another kind of checkpoint is refused
@@ -90,9 +90,10 @@ def parse_args(argv, description: str = __doc__) -> argparse.Namespace:
 # --------------------------------------------------------------------------- data and model
 def build_datasets(args):
     """(training set, validation set); class ids of both follow the sorted training wnids."""
-    train_set = build_imagenet(args.train_dir, train=True, img_size=args.img_size)
+    # uint8 training batches, made float on the training device (classification_step)
+    train_set = build_imagenet(args.train_dir, train=True, img_size=args.img_size, uint8=True)
     if args.no_augment:
-        train_set.transform = imagenet_transform(False, args.img_size)
+        train_set.transform = imagenet_transform(False, args.img_size, uint8=True)
     val_set = build_imagenet(args.train_dir, args.val_dir, args.val_labels, train=False,
                              img_size=args.img_size)
     return train_set, val_set
@@ -115,7 +116,7 @@ def classification_step(label_smoothing: float, channels_last: bool):
 
     def step(model, batch, device):
         images, labels = batch
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        images = to_float_images(images, None, device, memory_format)
         labels = labels.to(device, non_blocking=True)
         logits = model(images)
         loss = loss_fn(logits.float(), labels)

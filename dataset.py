@@ -117,17 +117,39 @@ def _one_line(err: Exception) -> str:
 
 # --------------------------------------------------------------------------- augmentation
 def scale_exposure_saturation(image: torch.Tensor, exposure: float, saturation: float) -> torch.Tensor:
-    """Scale V and S in HSV space, as Darknet's ``random_distort_image`` (without its hue shift).
+    """Scale V and S in HSV space, as Darknet's ``random_distort_image`` (without its hue
+    shift), on one float ``(3, H, W)`` image in [0, 1], in place: see :func:`to_float_images`."""
+    return to_float_images(image[None], photometric_factors(exposure, saturation)[None])[0]
 
-    For a fixed hue and value V = max(R, G, B), every channel is ``V - S * V * k`` with k set
-    by the hue alone, so scaling S by f moves each channel to ``V - f * (V - c)``, and
-    scaling V scales all three. ``image``: float (3, H, W) in [0, 1], changed in place (a
-    fresh 448 x 448 float tensor per step costs more than the arithmetic) and clamped to
-    [0, 1] as Darknet does.
-    """
-    value = torch.maximum(torch.maximum(image[0], image[1]), image[2])
-    value.mul_(exposure * (1.0 - saturation))
-    return image.mul_(exposure * saturation).add_(value).clamp_(0.0, 1.0)
+
+def photometric_factors(exposure: float = 1.0, saturation: float = 1.0) -> torch.Tensor:
+    """The two multipliers of :func:`scale_exposure_saturation`, computed in double precision
+    as it does, for :func:`to_float_images`."""
+    return torch.tensor([exposure * saturation, exposure * (1.0 - saturation)], dtype=torch.float64)
+
+
+def to_float_images(images: torch.Tensor, factors: torch.Tensor | None = None, device=None,
+                    memory_format=torch.preserve_format) -> torch.Tensor:
+    """A uint8 ``(N, 3, H, W)`` batch -> float32 in [0, 1] on ``device``, with each image's
+    exposure and saturation scaled (``factors``: ``(N, 2)`` from :func:`photometric_factors`).
+
+    Darknet's ``random_distort_image`` scales V and S in HSV space. For a fixed hue and
+    value V = max(R, G, B), every channel is ``V - S * V * k`` with k set by the hue alone,
+    so scaling S by s moves each channel to ``V - s * (V - c)``, and scaling V by e scales
+    all three: ``c' = e * s * c + e * (1 - s) * V``, clamped to [0, 1] as Darknet does. The
+    same operations in the same order on any device, so the CPU and GPU give the same
+    pixels. A float batch is converted in place (a fresh 448 x 448 float tensor per image
+    costs more than the arithmetic)."""
+    images = images.to(device, non_blocking=True)
+    if memory_format != torch.preserve_format:
+        images = images.contiguous(memory_format=memory_format)
+    if images.dtype == torch.uint8:
+        images = F.to_dtype(images, torch.float32, scale=True)
+    if factors is None:
+        return images
+    scale, shift = factors.to(images.device, torch.float32, non_blocking=True)[:, :, None, None, None].unbind(1)
+    value = torch.maximum(torch.maximum(images[:, 0:1], images[:, 1:2]), images[:, 2:3]).mul_(shift)
+    return images.mul_(scale).add_(value).clamp_(0.0, 1.0)
 
 
 def _rand_scale(limit: float) -> float:
@@ -164,6 +186,14 @@ class YoloAugment:
     def __call__(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
         """uint8 ``(3, H, W)`` image, relative xyxy boxes, labels -> float32
         ``(3, img_size, img_size)`` image in [0, 1] and the boxes (relative xyxy) and labels kept."""
+        image, boxes, labels, factors = self.sample(image, boxes, labels)
+        return to_float_images(image[None], factors[None])[0], boxes, labels
+
+    def sample(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
+        """The geometric part on uint8, and the photometric factors still to apply:
+        ``(uint8 image, boxes, labels, factors)``; :func:`to_float_images` applies them
+        (on the GPU for training: a uint8 batch is a quarter of the bytes to collate,
+        pin and copy, and the per-pixel arithmetic leaves the loader's workers)."""
         height, width = image.shape[-2:]
         scale = 1.0 + self.jitter * (2.0 * torch.rand(()).item() - 1.0)
         shift_x, shift_y = (self.jitter * (2.0 * torch.rand(2) - 1.0)).tolist()
@@ -177,10 +207,9 @@ class YoloAugment:
         boxes = F.resized_crop(boxes, top, left, round(crop_h), round(crop_w), size)
         if torch.rand(()).item() < self.flip:
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
-        image = F.to_dtype(image, torch.float32, scale=True)
-        scale_exposure_saturation(image, _rand_scale(self.exposure), _rand_scale(self.saturation))
+        factors = photometric_factors(_rand_scale(self.exposure), _rand_scale(self.saturation))
         boxes, labels = self.drop_hidden(boxes.as_subclass(torch.Tensor) / self.img_size, labels)
-        return image, boxes, labels
+        return image, boxes, labels, factors
 
     def drop_hidden(self, boxes: torch.Tensor, labels: torch.Tensor):
         """Clip relative xyxy boxes to the image and apply the drop rule."""
@@ -211,6 +240,9 @@ class DetectionDataset(Dataset):
         self.records, self.class_names = records, tuple(class_names)
         self.S, self.img_size, self.train = S, img_size, train
         self.augment = YoloAugment(img_size) if train else None
+        # uint8 samples (image, target, photometric factors) for the training loop, which
+        # finishes them with to_float_images on its device; float (image, target) otherwise.
+        self.uint8 = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -222,11 +254,13 @@ class DetectionDataset(Dataset):
         keep = torch.from_numpy(~record.difficult)
         boxes, labels = torch.from_numpy(record.boxes)[keep], torch.from_numpy(record.labels)[keep]
         if self.augment is not None:
-            image, boxes, labels = self.augment(image, boxes, labels)
+            image, boxes, labels, factors = self.augment.sample(image, boxes, labels)
         else:  # resize on uint8, then convert: a quarter of the bytes to interpolate
-            image = F.to_dtype(F.resize(image, list(size), antialias=True), torch.float32, scale=True)
+            image, factors = F.resize(image, list(size), antialias=True), photometric_factors()
         target = encode_target(box_convert(boxes, "xyxy", "cxcywh"), labels, self.S, len(self.class_names))
-        return image, target
+        if self.uint8:
+            return image, target, factors
+        return to_float_images(image[None], factors[None] if self.augment else None)[0], target
 
     def image_size(self, index: int) -> tuple[int, int]:
         """Original ``(width, height)`` (after EXIF orientation), without decoding pixels."""
@@ -499,14 +533,22 @@ def devkit_years(root: Path) -> list[str]:
 
 
 def build_voc_dataset(data, img_dir=None, label_dir=None, split: str | None = None, names=None,
-                      S: int = 7, img_size: int = 448, train: bool = False) -> DetectionDataset:
+                      S: int = 7, img_size: int = 448, train: bool = False,
+                      uint8: bool = False) -> DetectionDataset:
     """A VOC dataset from a csv file of the txt layout or from a VOCdevkit folder.
 
     csv: ``img_dir`` and ``label_dir`` default to ``images/`` and ``labels/`` beside it.
     VOCdevkit: ``split`` defaults to every year's trainval for training (the paper's
     2007+2012) and to ``2007/test`` for evaluation. ``names``: a names file or list; VOC's
-    20 classes by default. ``train`` switches the augmentation on.
+    20 classes by default. ``train`` switches the augmentation on. ``uint8``: samples are
+    ``(uint8 image, target, photometric factors)``, finished by :func:`to_float_images`.
     """
+    data = _build_voc_dataset(data, img_dir, label_dir, split, names, S, img_size, train)
+    data.uint8 = uint8
+    return data
+
+
+def _build_voc_dataset(data, img_dir, label_dir, split, names, S, img_size, train) -> DetectionDataset:
     path = Path(data)
     if path.is_dir():
         years = devkit_years(path)
@@ -536,15 +578,17 @@ def build_image_dataset(folder, img_size: int = 448, S: int = 7, names=None) -> 
 
 
 # --------------------------------------------------------------------------- ImageNet
-def imagenet_transform(train: bool, img_size: int = 224) -> v2.Compose:
+def imagenet_transform(train: bool, img_size: int = 224, uint8: bool = False) -> v2.Compose:
     """Standard ImageNet transforms at any size: RandomResizedCrop + flip for training,
     Resize(img_size * 256 / 224) + CenterCrop for validation. Output in [0, 1] without
-    mean/std normalisation, like the detection input the backbone is moved to."""
+    mean/std normalisation, like the detection input the backbone is moved to; ``uint8``
+    leaves the conversion to :func:`to_float_images` on the training device."""
     if train:
         steps = [v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip()]
     else:
         steps = [v2.Resize(round(img_size * 256 / 224), antialias=True), v2.CenterCrop(img_size)]
-    return v2.Compose([*steps, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+    steps.append(v2.PILToTensor())
+    return v2.Compose(steps if uint8 else [*steps, v2.ToDtype(torch.float32, scale=True)])
 
 
 class ImageNetFolder(ImageFolder):
@@ -643,8 +687,9 @@ def _imagenet_dirs(root: Path) -> tuple[Path, Path]:
 
 
 def build_imagenet(root_or_train_dir, val_dir=None, val_labels=None, train: bool = True,
-                   img_size: int = 224) -> Dataset:
+                   img_size: int = 224, uint8: bool = False) -> Dataset:
     """ImageNet for Darknet pretraining: the training set, or (``train=False``) validation.
+    ``uint8``: training images stay uint8 (see :func:`imagenet_transform`).
 
     Validation images are in class folders, or flat with ``val_labels`` (found by default
     as ``LOC_val_solution.csv`` in the val folder, beside it or in the root). Class indices
@@ -653,7 +698,7 @@ def build_imagenet(root_or_train_dir, val_dir=None, val_labels=None, train: bool
     root = Path(root_or_train_dir)
     train_dir, default_val = _imagenet_dirs(root)
     if train:
-        return ImageNetFolder(train_dir, imagenet_transform(True, img_size))
+        return ImageNetFolder(train_dir, imagenet_transform(True, img_size, uint8))
     val_dir = Path(val_dir) if val_dir is not None else default_val
     if not val_dir.is_dir():
         raise UserError(f"{val_dir}: validation folder not found")

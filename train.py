@@ -19,7 +19,7 @@ import sys
 import torch
 
 import engine
-from dataset import build_voc_dataset
+from dataset import build_voc_dataset, to_float_images
 from loss import YoloLoss
 from model import build_model, load_backbone
 from plots import TensorBoardLogger, require
@@ -107,11 +107,16 @@ def make_model(args, num_classes: int, dist: engine.Dist):
 
 
 def yolo_step(loss_fn, channels_last: bool):
-    """The per-batch step for engine.train_one_epoch: loss and its four components."""
+    """The per-batch step for engine.train_one_epoch: loss and its four components.
+
+    The loader's batches are uint8 images, targets and photometric factors: the images
+    become float, with their exposure and saturation scaled, on the training device."""
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+
     def step(model, batch, device):
-        images, targets = (t.to(device, non_blocking=True) for t in batch)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, targets, factors = batch
+        images = to_float_images(images, factors, device, memory_format)
+        targets = targets.to(device, non_blocking=True)
         loss, parts = loss_fn(model(images), targets, components=True)
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}, len(images)
     return step
@@ -148,7 +153,7 @@ def main(argv=None):
               "for the paper's run.", flush=True)
     engine.seed_everything(args.seed)
     train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
-                                  S=args.S, img_size=64 * args.S, train=not args.no_augment)
+                                  S=args.S, img_size=64 * args.S, train=not args.no_augment, uint8=True)
     val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
                                  S=args.S, img_size=64 * args.S) if args.val_data else None)
     # The model (and --backbone) before the run folder: a bad backbone writes nothing.

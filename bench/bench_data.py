@@ -85,7 +85,7 @@ def loader_rate(data, workers: int, batch: int, batches: int) -> float:
     for _ in range(ahead):
         next(iterator)
     start = time.perf_counter()
-    count = sum(len(labels) for _, labels in iterator)
+    count = sum(len(batch[1]) for batch in iterator)
     return count / (time.perf_counter() - start)
 
 
@@ -119,9 +119,14 @@ def main(argv=None) -> None:
         report["decode"] = decode_times(sorted((root / "samples" / "images").glob("*.jpg")), args.repeats)
         print(f"JPEG decode alone, 500x375: PIL {1000 * report['decode']['pil_s']:.2f} ms, "
               f"torchvision.io.decode_jpeg {1000 * report['decode']['torchvision_decode_jpeg_s']:.2f} ms")
-        imagenet = dataset.build_imagenet(synthetic.write_imagenet_tree(
-            root / "imagenet", n_classes=4, n_train_per_class=8, size=400), train=True)
-        report["loader"] = loader_rates({"voc train": train_set, "imagenet train @224": imagenet}, args)
+        imagenet = synthetic.write_imagenet_tree(root / "imagenet", n_classes=4, n_train_per_class=8, size=400)
+        report["loader"] = loader_rates({
+            "voc train, float": train_set,
+            "voc train, uint8 (train.py)": dataset.build_voc_dataset(csv_path, img_size=args.size,
+                                                                    train=True, uint8=True),
+            "imagenet train @224, float": dataset.build_imagenet(imagenet, train=True),
+            "imagenet train @224, uint8 (darknet_train.py)": dataset.build_imagenet(imagenet, train=True,
+                                                                                   uint8=True)}, args)
         csv_big, devkit = many_annotations(root / "many", args.files)
         for name, source in (("csv + txt label files", csv_big), ("VOCdevkit XML files", devkit)):
             build = lambda: dataset.build_voc_dataset(source, split="2007/trainval")  # noqa: E731
@@ -134,20 +139,20 @@ def main(argv=None) -> None:
 
 
 def sample_times(csv_path: Path, args, report: dict):
-    """One eval and one training sample, in ms; returns the training set."""
-    for train in (False, True):
-        data = dataset.build_voc_dataset(csv_path, img_size=args.size, train=train)
+    """One eval and one training sample (float, and uint8 as train.py loads them), in ms;
+    returns the float training set."""
+    for name, train, uint8 in (("eval", False, False), ("train uint8", True, True), ("train", True, False)):
+        data = dataset.build_voc_dataset(csv_path, img_size=args.size, train=train, uint8=uint8)
         seconds = median_seconds(lambda: [data[i] for i in range(len(data))], args.repeats)
-        report[f"{'train' if train else 'eval'}_sample_s"] = seconds / len(data)
-        print(f"{'train' if train else 'eval':5} sample, 500x375 JPEG -> {args.size}: "
-              f"{1000 * seconds / len(data):.2f} ms")
+        report[f"{name.replace(' ', '_')}_sample_s"] = seconds / len(data)
+        print(f"{name:11} sample, 500x375 JPEG -> {args.size}: {1000 * seconds / len(data):.2f} ms")
     return data
 
 
 def loader_rates(sets: dict, args) -> list[dict]:
     rows = []
-    for name, data in sets.items():
-        for workers in (int(w) for w in args.workers.split(",")):
+    for workers in (int(w) for w in args.workers.split(",")):
+        for name, data in sets.items():
             rate = loader_rate(data, workers, args.batch, args.batches)
             rows.append({"data": name, "workers": workers, "images_per_s": rate})
             print(f"DataLoader, {name}, {workers} workers, batch {args.batch}: {rate:.1f} images/s")

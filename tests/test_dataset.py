@@ -320,6 +320,40 @@ def test_exposure_and_saturation_scale_v_and_s_in_hsv():
             np.testing.assert_allclose(new, expected, atol=1e-5)
 
 
+def test_uint8_samples_finished_on_the_device_equal_float_samples(rectangles):
+    """The training loop's path (uint8 from the workers, to_float_images on its device)
+    gives the same pixels and targets as the float samples, with and without augmentation."""
+    for train in (False, True):
+        floats = build_voc_dataset(rectangles, S=S, img_size=SIZE, train=train)
+        uint8 = build_voc_dataset(rectangles, S=S, img_size=SIZE, train=train, uint8=True)
+        batch, expected = [], []
+        for i in range(len(floats)):
+            torch.manual_seed(i)
+            expected.append(floats[i])
+            torch.manual_seed(i)
+            batch.append(uint8[i])
+        images, targets, factors = (torch.stack(t) for t in zip(*batch))
+        assert images.dtype == torch.uint8 and factors.shape == (len(floats), 2)
+        assert torch.equal(targets, torch.stack([t for _, t in expected]))
+        finished = dataset.to_float_images(images, factors, memory_format=torch.channels_last)
+        assert finished.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(finished, torch.stack([x for x, _ in expected]))
+        assert train == bool((factors != torch.tensor([1.0, 0.0], dtype=torch.float64)).any())
+
+
+def test_batched_photometric_factors_apply_per_image():
+    """Each image of a batch gets its own exposure and saturation: the batch equals the
+    images one at a time, which test_exposure_and_saturation_scale_v_and_s_in_hsv checks
+    against colorsys."""
+    images = torch.randint(0, 256, (3, 3, 5, 7), dtype=torch.uint8)
+    scales = [(1.2, 0.7), (0.8, 1.4), (1.0, 1.0)]
+    factors = torch.stack([dataset.photometric_factors(e, s) for e, s in scales])
+    batch = dataset.to_float_images(images, factors)
+    for image, (e, s), out in zip(images, scales, batch):
+        alone = scale_exposure_saturation(image.float() / 255, e, s)
+        torch.testing.assert_close(out, alone, rtol=0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- ImageNet
 @pytest.mark.parametrize("layout, label_format", [("flat", "kaggle"), ("flat", "plain"), ("folders", None)])
 def test_imagenet_indices_follow_sorted_training_wnids(tmp_path, layout, label_format):
