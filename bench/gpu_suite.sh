@@ -8,9 +8,9 @@
 #
 # 1. bench_train.py: YOLOv1@448 (batch 64) and Darknet@224 (batch 128) training steps in
 #    float32, bf16 autocast, + channels_last, + torch.compile, and fused SGD; peak memory.
-# 2. bench_data.py: DataLoader images/s with 1 to 14 workers on the host's cores.
+# 2. bench_data.py: DataLoader images/s with 4 to 14 workers on the host's cores.
 # 3. train.py end to end on 6,400 VOC-sized synthetic JPEGs (augmentation on), bf16 +
-#    channels_last + --compile, 12 workers: epoch 2's images/s is what a VOC epoch gets.
+#    channels_last + --compile, 14 workers: epoch 2's images/s is what a VOC epoch gets.
 # 4. Smoke runs of the GPU-only paths: DDP over NCCL (torchrun), DataParallel's script, AMP.
 # Each step has its own time limit, so one failure does not cost the others.
 set -u
@@ -35,13 +35,13 @@ fi
 
 if part 2 "data loading"; then
 if [ -n "$QUICK" ]; then DATA_ARGS="--images 8 --files 100 --workers 0,2 --batch 8 --batches 2 --repeats 2"
-else DATA_ARGS="--images 40 --files 2000 --workers 1,4,8,14 --batch 64 --batches 40 --repeats 3"; fi
+else DATA_ARGS="--images 40 --files 2000 --workers 4,8,14 --batch 64 --batches 24 --repeats 3"; fi
 timeout 100 python bench/bench_data.py $DATA_ARGS --json "$OUT/data.json"
 fi
 
 if part 3 "train.py end to end"; then
 if [ -n "$QUICK" ]; then E2E="--model fast --width 0.0625 --S 2 --batch-size 8 --workers 2"; N=32
-else E2E="--batch-size 64 --workers 12 --compile"; N=6400; fi
+else E2E="--batch-size 64 --workers 14 --compile"; N=6400; fi
 python - "$WORK/voc" "$N" <<'EOF'
 import sys
 from pathlib import Path
