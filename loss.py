@@ -8,6 +8,12 @@
 summed over the batch and divided by the batch size (Darknet scales its gradient by
 1 / batch). The network regresses sqrt(w), sqrt(h) directly (Darknet's ``sqrt=1``), so
 only the target's square root is taken and zero-size predictions have finite gradients.
+
+Learning rates do not carry over from Darknet unchanged: its detection layer back-propagates
+``delta = scale * (truth - output)`` (detection_layer.c), half the gradient of this sum of
+squares, and its GPU connected layers clamp each delta to [-1, 1] (``constrain_gpu``). Here the
+gradient is the exact one of equation 3, neither halved nor clamped: the same learning rate
+takes steps twice as large as in Darknet, with nothing bounding them.
 """
 from __future__ import annotations
 

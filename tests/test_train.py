@@ -104,6 +104,18 @@ def test_compile_trains_like_eager_and_saves_plain_checkpoints(tree, tmp_path):
     assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
 
 
+def test_paper_recipe_stays_finite_only_with_its_gradient_clipping(tree, tmp_path):
+    """The paper's learning rate (1e-3 -> 1e-2) with the exact gradient of equation 3
+    diverges within a few steps unless the gradient norm is clipped (train.py's RECIPES)."""
+    common = ["--data", tree / "train.csv", *TINY, "--epochs", "6", "--project", tmp_path]
+    unclipped = run("train.py", *common, "--grad-clip", "0", "--name", "unclipped", check=False)
+    assert unclipped.returncode == 2 and "loss became nan" in unclipped.stderr
+    run("train.py", *common, "--name", "paper")
+    rows = [json.loads(x) for x in (tmp_path / "paper" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and rows[-1]["lr"] == pytest.approx(1e-2)
+    assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+
+
 def test_recipes_fill_defaults_and_explicit_arguments_win():
     demo = train.parse_args([])
     assert demo.recipe == "demo" and demo.model == "fast" and demo.data == "data/shapes/train.csv"
@@ -113,6 +125,7 @@ def test_recipes_fill_defaults_and_explicit_arguments_win():
     paper = train.parse_args(["--data", "x.csv"])
     assert (paper.epochs, paper.batch_size, paper.lr, paper.momentum) == (135, 64, 1e-2, 0.9)
     assert paper.milestones == [75, 105] and paper.dropout == 0.5 and paper.amp == "auto"
+    assert paper.grad_clip == 10.0 and train.parse_args(["--grad-clip", "0"]).grad_clip == 0.0
     assert train.parse_args(["--recipe", "demo", "--epochs", "3"]).epochs == 3
 
 
