@@ -19,7 +19,7 @@ from pathlib import Path
 
 import engine
 from dataset import build_voc_dataset
-from evaluate import evaluate_detections, format_report
+from evaluate import format_report, match_detections, summarize_matches
 from model import load_detector
 from utils import UserError, run_cli
 
@@ -53,9 +53,14 @@ def evaluate_checkpoint(args) -> dict:
     dets = engine.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
     gt = engine.ground_truth_table(dataset, names)
     interp, difficult = ("11", "ignore") if args.voc07 else ("all", "ignore")
-    real = evaluate_detections(gt, engine.detection_table(dets, names), args.iou, interp, difficult)
-    fixed = evaluate_detections(gt, engine.detection_table(dets, names, ORIGINAL_SCORE_THRESHOLD),
-                                0.5, "all", difficult)
+    # One ranking and matching serves both numbers: the fixed-threshold one counts only the
+    # detections scoring >= 0.4, which rank first in each class (min_score). It needs its
+    # own matching only when --iou is not its 0.5.
+    table = engine.detection_table(dets, names)
+    matches = match_detections(gt, table, args.iou, difficult)
+    real = summarize_matches(matches, interp)
+    fixed = summarize_matches(matches if args.iou == 0.5 else match_detections(gt, table, 0.5, difficult),
+                              "all", min_score=ORIGINAL_SCORE_THRESHOLD)
     return {"images": len(dataset), "fixed": fixed, "voc": real}
 
 

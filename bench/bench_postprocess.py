@@ -1,4 +1,4 @@
-"""Post-processing + evaluation at VOC2007-test scale: fast path vs per-box Python.
+"""Post-processing + evaluation at VOC2007-test scale: production code vs per-box Python.
 
     python bench/bench_postprocess.py [--images 4952] [--reference-images 500] [--reps 3]
     python bench/bench_postprocess.py --quick      # 120 images, for a smoke test
@@ -9,35 +9,33 @@ scores and confidences are mostly near zero (Beta distributions), so the decoded
 ``Pr(class|object) * conf`` are spread with most near zero; for 80% of the objects the
 responsible cell gets the object's class, a high confidence and the object's box with
 noise, so the APs are not trivial. Then times (median of ``--reps``, fewer once a timing
-has used ``--budget`` seconds):
+has used ``--budget`` seconds) the production code, at full scale:
 
-* at full scale: ``utils.decode_predictions`` in ``--chunk``-image batches, as
-  ``engine.predict_dataset`` calls it (conf > ``--conf`` = 0.005, NMS IoU 0.5), the
-  per-image scaling to pixels that ``predict_dataset`` does plus ``engine.detection_table``,
-  and ``evaluate.evaluate_detections`` at both interpolations ("all" and "11");
-* a proposed alternative decode (the same vectorised decode, then greedy NMS vectorised
-  over all (image, class) groups: no Python loop over groups), to size the possible gain;
-* ``decode_predictions`` on one whole batch of ``--batch-decode-images`` (500) images:
-  its cost grows with the square of the batch (torchvision's ``batched_nms`` on the CPU
-  loops over the (image, class) groups and masks all boxes for each), so the full 4,952
-  in one batch would take many minutes on 2 cores;
-* on the first ``--reference-images`` (500) images: the fast path (whole-batch decode,
-  table, both evaluations) and a straightforward per-box pure-Python implementation: per
-  image, loops over cells and boxes to decode, per-class greedy NMS in Python loops, then
-  Padilla's per-detection matching loop for AP (both interpolations). The ratio is per
-  image, measured in the same run.
+* ``utils.decode_predictions`` (conf > ``--conf`` = 0.005, NMS IoU 0.5) on the whole
+  batch, and in ``--chunk``-image batches as ``engine.predict_dataset`` calls it;
+* the previous ``decode_predictions`` (kept here: torchvision's ``batched_nms`` image by
+  image, in ``--chunk``-image batches), for a same-run ratio;
+* ``engine.scale_to_pixels`` + ``engine.detection_table`` (what ``predict_dataset`` and
+  ``test.py`` do with the detections);
+* the evaluation at both interpolations ("all" and "11") from one ranking and matching
+  (``evaluate.match_detections`` + ``summarize_matches``), and, for comparison,
+  ``evaluate.evaluate_detections`` once per interpolation (a matching each);
+* the fast path: whole-batch decode + table + the single-matching evaluation;
+* on the first ``--reference-images`` (500) images: the fast path and a straightforward
+  per-box pure-Python implementation: per image, loops over cells and boxes to decode,
+  per-class greedy NMS in Python loops, then Padilla's per-detection matching loop for AP
+  (both interpolations). The ratio is per image, measured in the same run.
 
 Checks that the fast path and the reference give the same detections (same count per
-image, allclose boxes and scores) and the same APs on the subset, prints a table and
-writes JSON.
+image, allclose boxes and scores) and the same APs on the subset; that the whole-batch,
+chunked and previous decodes give identical tensors; and that the single matching gives
+exactly ``evaluate_detections``' APs. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -52,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 import evaluate  # noqa: E402
 from machine import load_average, machine  # noqa: E402
-from engine import detection_table  # noqa: E402
+from engine import detection_table, scale_to_pixels  # noqa: E402
+from torchvision.ops import batched_nms  # noqa: E402
 from utils import VOC_CLASSES, cell_to_image_boxes, decode_predictions, split_predictions  # noqa: E402
 
 S, B, C = 7, 2, 20
@@ -98,90 +97,48 @@ def subset_gt(gt: dict, n: int) -> dict:
 
 
 # --------------------------------------------------------------------------- fast path
-def to_pixels(dets: list, sizes: np.ndarray) -> dict:
-    """What ``engine.predict_dataset`` does with each image's detections."""
-    out = {}
-    for index, d in enumerate(dets):
-        w, h = int(sizes[index, 0]), int(sizes[index, 1])
-        scale = torch.tensor([w, h] * 2, dtype=d.dtype, device=d.device)
-        d = d.clone()
-        d[:, 2:] *= scale
-        out[index] = d.cpu().numpy()
-    return out
-
-
 def fast_decode(pred: torch.Tensor, conf: float, nms_iou: float, chunk: int | None = None) -> list:
+    """``utils.decode_predictions`` on the whole batch, or ``chunk`` images at a time."""
     if chunk is None:
         return decode_predictions(pred, S, B, C, conf, nms_iou)
     return [d for start in range(0, len(pred), chunk)
             for d in decode_predictions(pred[start:start + chunk], S, B, C, conf, nms_iou)]
 
 
-def proposed_decode(pred: torch.Tensor, conf: float, nms_iou: float) -> list:
-    """Same result as ``decode_predictions``, with the greedy NMS vectorised over all
-    (image, class) groups at once: candidates are sorted by group then score, laid out as a
-    ``(groups, k)`` table per bucket of similar group sizes (k = the largest group in the
-    bucket; groups of one box need none), a ``(groups, k, k)`` IoU > ``nms_iou`` matrix is
-    built, and k passes (each a tensor op over all groups) suppress. No Python
-    loop over groups and no per-image mask over the whole batch: one split at the end."""
-    cls_scores, box_pred = split_predictions(pred.detach().float(), S, B, C)
-    n = cls_scores.shape[0]
-    cls_prob, cls_id = cls_scores.clamp(0, 1).max(-1)
-    score = (box_pred[..., 0].clamp(0, 1) * cls_prob.unsqueeze(-1)).reshape(n, -1)
-    labels = cls_id.unsqueeze(-1).expand(-1, -1, -1, B).reshape(n, -1)
-    boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1).reshape(n, -1, 4)
-    image = torch.arange(n).unsqueeze(1).expand_as(score)
-    keep = score > conf
-    score, labels, boxes, image = score[keep], labels[keep], boxes[keep], image[keep]
-    if score.numel() == 0:
-        return [torch.zeros(0, 6) for _ in range(n)]
-    group = image * C + labels
-    order = score.argsort(descending=True, stable=True)
-    order = order[group[order].argsort(stable=True)]            # by group, then by score
-    score, labels, boxes, image, group = (t[order] for t in (score, labels, boxes, image, group))
-    _, counts = torch.unique_consecutive(group, return_counts=True)
-    which = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    rank = torch.arange(len(group)) - (counts.cumsum(0) - counts)[which]
-    kept = torch.ones(len(group), dtype=torch.bool)
-    for low, high in ((2, 4), (5, 8), (9, len(group))):  # groups of similar size: little padding
-        chosen = (counts >= low) & (counts <= high)
-        if not chosen.any():
-            continue
-        members = chosen[which].nonzero().squeeze(1)
-        local = torch.cumsum(chosen.long(), 0) - 1  # group -> row of this bucket's table
-        rows, cols = local[which[members]], rank[members]
-        kept[members] = greedy_nms_table(boxes[members], rows, cols, int(chosen.sum()),
-                                         int(counts[chosen].max()), nms_iou)
-    score, labels, boxes, image = score[kept], labels[kept], boxes[kept], image[kept]
-    order = score.argsort(descending=True, stable=True)
-    order = order[image[order].argsort(stable=True)]            # by image, then by score
-    dets = torch.cat((labels[order, None].float(), score[order, None], boxes[order]), 1)
-    return list(dets.split(torch.bincount(image, minlength=n).tolist()))
+def to_table(dets: list, sizes: np.ndarray) -> dict:
+    """What ``engine.predict_dataset`` (to pixels) and ``test.py`` (the table) do."""
+    return detection_table(dict(enumerate(scale_to_pixels(dets, sizes))), VOC_CLASSES)
 
 
-def greedy_nms_table(boxes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int,
-                     k: int, nms_iou: float) -> torch.Tensor:
-    """Greedy NMS of many groups at once: box m is entry ``cols[m]`` (rank by score) of
-    group ``rows[m]``. Returns which boxes are kept (IoU as torchvision's kernel: no +1)."""
-    table = boxes.new_zeros(n_rows, k, 4)
-    table[rows, cols] = boxes
-    alive = torch.zeros(n_rows, k, dtype=torch.bool)
-    alive[rows, cols] = True
-    area = (table[..., 2] - table[..., 0]) * (table[..., 3] - table[..., 1])
-    lt = torch.maximum(table[:, :, None, :2], table[:, None, :, :2])
-    rb = torch.minimum(table[:, :, None, 2:], table[:, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    iou = inter / (area[:, :, None] + area[:, None, :] - inter)  # 0/0 (padding) is NaN: no suppression
-    suppress = (iou > nms_iou) & torch.ones(k, k, dtype=torch.bool).triu(1)
-    suppress = suppress.transpose(0, 1).contiguous()             # (rank, group, later box)
-    for r in range(k - 1):
-        alive &= ~(suppress[r] & alive[:, r:r + 1])
-    return alive[rows, cols]
+def evaluate_both(gt: dict, table: dict) -> dict:
+    """Every-point and 11-point APs from one ranking and matching."""
+    matches = evaluate.match_detections(gt, table)
+    return {interp: evaluate.summarize_matches(matches, interp) for interp in ("all", "11")}
 
 
-def fast_evaluate(dets: list, sizes: np.ndarray, gt: dict) -> dict:
-    table = detection_table(to_pixels(dets, sizes), VOC_CLASSES)
-    return {interp: evaluate.evaluate_detections(gt, table, interp=interp) for interp in ("all", "11")}
+def fast_path(pred: torch.Tensor, sizes: np.ndarray, gt: dict, conf: float, nms_iou: float):
+    dets = fast_decode(pred, conf, nms_iou)
+    return dets, evaluate_both(gt, to_table(dets, sizes))
+
+
+def previous_decode(pred: torch.Tensor, conf: float, nms_iou: float, chunk: int) -> list:
+    """``decode_predictions`` before the NMS was vectorised over the batch: the same decoding,
+    then torchvision's ``batched_nms`` image by image (``chunk`` images per call)."""
+    out = []
+    for start in range(0, len(pred), chunk):
+        cls_scores, box_pred = split_predictions(pred[start:start + chunk].float(), S, B, C)
+        n = cls_scores.shape[0]
+        cls_prob, cls_id = cls_scores.clamp(0, 1).max(-1)
+        score = (box_pred[..., 0].clamp(0, 1) * cls_prob.unsqueeze(-1)).reshape(n, -1)
+        labels = cls_id.unsqueeze(-1).expand(-1, -1, -1, B).reshape(n, -1)
+        boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1)
+        keep = score > conf
+        counts = keep.sum(1).tolist()
+        for s_, l_, b_ in zip(score[keep].split(counts), labels[keep].split(counts),
+                              boxes.reshape(n, -1, 4)[keep].split(counts)):
+            kept = batched_nms(b_, s_, l_, nms_iou)
+            out.append(torch.cat((l_[kept, None].float(), s_[kept, None], b_[kept]), dim=1))
+    return out
 
 
 # --------------------------------------------------------------------------- reference
@@ -291,7 +248,7 @@ def reference_pipeline(pred: np.ndarray, sizes: np.ndarray, gt: dict, conf: floa
 
 # --------------------------------------------------------------------------- checks, timing
 def same_detections(fast: list, sizes: np.ndarray, reference: list) -> tuple[bool, str]:
-    fast_px = to_pixels(fast, sizes)
+    fast_px = dict(enumerate(scale_to_pixels(fast, sizes)))
     by_image = {}
     for d in reference:
         by_image.setdefault(d[0], []).append([d[1], d[2], *d[3]])
@@ -328,8 +285,14 @@ def median_time(function, reps: int, budget: float = math.inf):
     return statistics.median(times), result, len(times)
 
 
-def as_records(dets: list, sizes: np.ndarray) -> list:
-    return [(n, int(d[0]), float(d[1]), d[2:].tolist()) for n, dd in to_pixels(dets, sizes).items() for d in dd]
+def identical(a: list, b: list) -> bool:
+    """Detections per image: the same tensors, bit for bit."""
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def same_results(a: dict, b: dict) -> bool:
+    keys = ("AP", "npos", "ndet", "tp", "fp")
+    return all(a[k] == b[k] for k in keys) and (a["mAP"] == b["mAP"] or math.isnan(a["mAP"]) and math.isnan(b["mAP"]))
 
 
 def main(argv=None) -> int:
@@ -340,18 +303,16 @@ def main(argv=None) -> int:
     parser.add_argument("--conf", type=float, default=0.005)
     parser.add_argument("--nms-iou", type=float, default=0.5)
     parser.add_argument("--chunk", type=int, default=64, help="batch size of the chunked decode")
-    parser.add_argument("--batch-decode-images", type=int, default=500,
-                        help="images in the one-batch decode_predictions timing (it is quadratic)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--budget", type=float, default=15.0,
                         help="stop repeating a timing once it has taken this many seconds")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="120 images, 40 for the reference and the one-batch decode, 1 rep")
+    parser.add_argument("--quick", action="store_true", help="120 images, 40 for the reference, 1 rep")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "postprocess.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.images, args.reference_images, args.batch_decode_images, args.reps = 120, 40, 40, 1
+        args.images, args.reference_images, args.reps = 120, 40, 1
     args.reference_images = min(args.reference_images, args.images)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -366,28 +327,24 @@ def main(argv=None) -> int:
         t[key], result, runs[key] = median_time(function, reps, args.budget)
         return result
 
-    # Full scale: the decode as engine.predict_dataset calls it (--chunk images at a time),
-    # the proposed decode, the table and both evaluations.
-    dets = timed("decode_chunked", lambda: fast_decode(pred, conf, iou, args.chunk))
-    dets_proposed = timed("decode_proposed", lambda: proposed_decode(pred, conf, iou))
-    table = timed("to_table", lambda: detection_table(to_pixels(dets, sizes), VOC_CLASSES))
+    # Full scale: the production decode (whole batch, and in --chunk batches as
+    # engine.predict_dataset calls it), the previous decode, the table, the evaluation.
+    dets = timed("decode_batch", lambda: fast_decode(pred, conf, iou))
+    dets_chunked = timed("decode_chunked", lambda: fast_decode(pred, conf, iou, args.chunk))
+    dets_previous = timed("decode_previous", lambda: previous_decode(pred, conf, iou, args.chunk))
+    table = timed("to_table", lambda: to_table(dets, sizes))
+    res = timed("evaluate_single_matching", lambda: evaluate_both(gt, table))
     res_all = timed("evaluate_all", lambda: evaluate.evaluate_detections(gt, table, interp="all"))
     res_11 = timed("evaluate_11", lambda: evaluate.evaluate_detections(gt, table, interp="11"))
-    rest = t["to_table"] + t["evaluate_all"] + t["evaluate_11"]
-    t["fast_total"], t["proposed_total"] = t["decode_chunked"] + rest, t["decode_proposed"] + rest
-    proposed_same, _ = same_detections(dets_proposed, sizes, as_records(dets, sizes))
+    t["fast_total"] = t["decode_batch"] + t["to_table"] + t["evaluate_single_matching"]
+    t["fast_total_chunked"] = t["decode_chunked"] + t["to_table"] + t["evaluate_single_matching"]
+    batch_same, previous_same = identical(dets, dets_chunked), identical(dets, dets_previous)
+    matching_same = same_results(res["all"], res_all) and same_results(res["11"], res_11)
 
-    # decode_predictions on one whole batch: quadratic in the batch (batched_nms loops over
-    # the (image, class) groups with a mask over all boxes each), so --batch-decode-images.
-    nb = min(args.batch_decode_images, args.images)
-    dets_batch = timed("decode_batch", lambda: fast_decode(pred[:nb], conf, iou))
-    batch_same, _ = same_detections(dets_batch, sizes[:nb], as_records(dets[:nb], sizes[:nb]))
-
-    # The subset: fast path (whole-batch decode, as the issue asks) and the reference.
+    # The subset: the fast path and the per-box Python reference.
     m = args.reference_images
     gt_m, pred_m, sizes_m = subset_gt(gt, m), pred[:m], sizes[:m]
-    dets_m, fast_m = timed("fast_subset", lambda: (lambda d: (d, fast_evaluate(d, sizes_m, gt_m)))(
-        fast_decode(pred_m, conf, iou)))
+    dets_m, fast_m = timed("fast_subset", lambda: fast_path(pred_m, sizes_m, gt_m, conf, iou))
     ref_dets, ref_m = timed("reference_subset", lambda: reference_pipeline(raw[:m], sizes_m, gt_m, conf, iou), 1)
     boxes_same, boxes_note = same_detections(dets_m, sizes_m, ref_dets)
     aps_same, ap_diff = same_aps(fast_m, ref_m)
@@ -400,49 +357,53 @@ def main(argv=None) -> int:
           f"load average before {load_before} after {load_after}")
     print(f"data: {args.images} images x {S * S * B} boxes, {len(gt['cls'])} GT boxes, conf > {conf}, "
           f"NMS IoU {iou}: {n_det} detections ({n_det / args.images:.1f}/image); "
-          f"mAP all-point {res_all['mAP']:.4f}, 11-point {res_11['mAP']:.4f}; median of {args.reps}")
-    def line(label, key, n):
-        note = f"  ({runs[key]} run{'s' if runs[key] > 1 else ''})" if runs[key] != args.reps else ""
-        print(f"{label:<56}{t[key]:>9.3f}{1000 * t[key] / n:>10.3f}{note}")
+          f"mAP all-point {res['all']['mAP']:.4f}, 11-point {res['11']['mAP']:.4f}; median of {args.reps}")
 
-    print(f"{'what (' + str(args.images) + ' images)':<56}{'seconds':>9}{'ms/image':>10}")
-    line(f"decode_predictions in {args.chunk}-image chunks (predict_dataset)", "decode_chunked", args.images)
-    line("proposed decode (vectorised grouped NMS, below)", "decode_proposed", args.images)
-    line("to pixels (as predict_dataset) + detection_table", "to_table", args.images)
-    line("evaluate_detections, every-point", "evaluate_all", args.images)
-    line("evaluate_detections, 11-point", "evaluate_11", args.images)
-    print(f"{'fast path total (chunked decode + table + 2 evals)':<56}{t['fast_total']:>9.3f}"
-          f"{1000 * t['fast_total'] / args.images:>10.3f}")
-    print(f"{'same, with the proposed decode':<56}{t['proposed_total']:>9.3f}"
-          f"{1000 * t['proposed_total'] / args.images:>10.3f}")
-    print(f"{'what (first ' + str(nb) + ' images)':<56}")
-    line("decode_predictions, one whole batch (batched_nms)", "decode_batch", nb)
-    print(f"{'what (first ' + str(m) + ' images)':<56}")
-    line("fast path (whole-batch decode + table + 2 evals)", "fast_subset", m)
+    def line(label, key, n):
+        note = f"  ({runs[key]} run{'s' if runs[key] > 1 else ''})" if runs.get(key, args.reps) != args.reps else ""
+        print(f"{label:<60}{t[key]:>9.3f}{1000 * t[key] / n:>10.3f}{note}")
+
+    print(f"{'what (' + str(args.images) + ' images)':<60}{'seconds':>9}{'ms/image':>10}")
+    line("decode_predictions, whole batch", "decode_batch", args.images)
+    line(f"decode_predictions, {args.chunk}-image chunks (predict_dataset)", "decode_chunked", args.images)
+    line(f"previous decode (batched_nms per image), {args.chunk}-image chunks", "decode_previous", args.images)
+    line("scale_to_pixels + detection_table", "to_table", args.images)
+    line("evaluation, both interpolations, one matching", "evaluate_single_matching", args.images)
+    line("evaluate_detections, every-point (own matching)", "evaluate_all", args.images)
+    line("evaluate_detections, 11-point (own matching)", "evaluate_11", args.images)
+    line("fast path total (whole-batch decode + table + evaluation)", "fast_total", args.images)
+    line("same, with the chunked decode", "fast_total_chunked", args.images)
+    print(f"{'what (first ' + str(m) + ' images)':<60}")
+    line("fast path", "fast_subset", m)
     line("per-box pure-Python reference (decode, NMS, AP x2)", "reference_subset", m)
     ratio = t["reference_subset"] / t["fast_subset"]
-    print(f"reference / fast path, per image, on the first {m} images: {ratio:.2f}x; "
-          f"fast path (chunked) at {args.images} images under 1 s: {t['fast_total'] < 1.0}; "
-          f"with the proposed decode: {t['proposed_total'] < 1.0}")
+    ratios = {"reference_over_fast_per_image": ratio,
+              "previous_decode_over_chunked": t["decode_previous"] / t["decode_chunked"],
+              "two_evaluations_over_single_matching":
+                  (t["evaluate_all"] + t["evaluate_11"]) / t["evaluate_single_matching"]}
+    print(f"same run: reference / fast path per image ({m} images) {ratio:.2f}x; previous decode / "
+          f"chunked decode {ratios['previous_decode_over_chunked']:.1f}x; two evaluate_detections / "
+          f"one matching {ratios['two_evaluations_over_single_matching']:.1f}x; fast path at "
+          f"{args.images} images under 1 s: {t['fast_total'] < 1.0} (chunked: {t['fast_total_chunked'] < 1.0})")
     print(f"checks: fast vs reference same detections: {boxes_same} ({boxes_note}), same APs: "
-          f"{aps_same} (max |dAP| {ap_diff:.1e}); proposed == chunked: {proposed_same}; "
-          f"whole-batch == chunked: {batch_same}")
+          f"{aps_same} (max |dAP| {ap_diff:.1e}); whole-batch == chunked == previous decode: "
+          f"{batch_same} / {previous_same}; one matching == two evaluate_detections: {matching_same}")
     report = {"machine": info, "load_average_before": load_before, "load_average_after": load_after,
               "quick": args.quick,
               "data": {"images": args.images, "gt_boxes": len(gt["cls"]), "detections": n_det,
                        "conf_threshold": conf, "nms_iou": iou, "seed": args.seed,
                        "reference_images": m},
-              "reps": args.reps, "runs": runs, "batch_decode_images": nb, "chunk": args.chunk,
-              "timings_s": t,
-              "mAP": {"all": res_all["mAP"], "11": res_11["mAP"]},
-              "ratios": {"reference_over_fast_per_image": ratio},
-              "fast_under_1s": t["fast_total"] < 1.0, "proposed_under_1s": t["proposed_total"] < 1.0,
+              "reps": args.reps, "runs": runs, "chunk": args.chunk, "timings_s": t,
+              "mAP": {"all": res["all"]["mAP"], "11": res["11"]["mAP"]}, "ratios": ratios,
+              "fast_under_1s": t["fast_total"] < 1.0, "fast_chunked_under_1s": t["fast_total_chunked"] < 1.0,
               "checks": {"same_detections": boxes_same, "same_aps": aps_same, "max_ap_diff": ap_diff,
-                         "whole_batch_same": batch_same, "proposed_same": proposed_same}}
+                         "whole_batch_same": batch_same, "previous_same": previous_same,
+                         "single_matching_same": matching_same}}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    ok = boxes_same and aps_same and batch_same and proposed_same and not math.isnan(res_all["mAP"])
+    ok = (boxes_same and aps_same and batch_same and previous_same and matching_same
+          and not math.isnan(res["all"]["mAP"]))
     return 0 if ok else 1
 
 

@@ -413,6 +413,43 @@ def test_matches_naive_implementation_on_random_inputs(seed):
                                                          and np.isnan(result["mAP"]))
 
 
+def as_object_tables(gts, dets):
+    """The records as tables with class names in object arrays (as engine.detection_table
+    makes them: another factorisation path than numpy string arrays)."""
+    g, d = list(zip(*gts)) or [()] * 7, list(zip(*dets)) or [()] * 7
+    return ({"image": np.array(g[0], int), "cls": np.array(g[1], object),
+             "boxes": np.array(g[2:6], float).T.reshape(-1, 4), "difficult": np.array(g[6], bool)},
+            {"image": np.array(d[0], int), "cls": np.array(d[1], object), "score": np.array(d[2], float),
+             "boxes": np.array(d[3:7], float).T.reshape(-1, 4)})
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_one_matching_gives_each_interpolation_and_score_cut_off(seed):
+    """summarize_matches on one match_detections equals evaluate_detections for either
+    interpolation, and with min_score equals evaluating only the detections scoring at
+    least that much (test.py's fixed-threshold number)."""
+    rng = np.random.default_rng(1000 + seed)
+    for _ in range(10):
+        gts, dets = random_case(rng)
+        threshold = float(rng.choice([0.1, 0.5, 0.75]))
+        for difficult in ev.DIFFICULT_MODES:
+            matches = ev.match_detections(*as_object_tables(gts, dets), threshold, difficult)
+            for interp in ev.INTERPOLATIONS:
+                for min_score in (None, 0.5, 0.9, 1.0):
+                    kept = [d for d in dets if min_score is None or d[2] >= min_score]
+                    want = ev.evaluate_detections(gts, kept, threshold, interp, difficult,
+                                                  return_curves=True)
+                    got = ev.summarize_matches(matches, interp, min_score, return_curves=True)
+                    assert got.keys() == want.keys()
+                    for key in got.keys() - {"mAP", "curves"}:
+                        assert got[key] == want[key], key
+                    assert got["mAP"] == want["mAP"] or np.isnan(got["mAP"]) and np.isnan(want["mAP"])
+                    assert got["curves"].keys() == want["curves"].keys()
+                    for label, curve in got["curves"].items():
+                        for name, values in curve.items():
+                            np.testing.assert_array_equal(values, want["curves"][label][name])
+
+
 # --------------------------------------------------------------------------
 # File reading
 # --------------------------------------------------------------------------

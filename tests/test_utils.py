@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import batched_nms, box_convert, box_iou
 
 import utils
 from utils import (UserError, decode_predictions, elementwise_iou, encode_target,
@@ -210,6 +211,91 @@ def test_max_det():
     for f, c in zip(full, capped):
         assert len(f) > 3 and len(c) == 3
         torch.testing.assert_close(c, f[:3])          # the three best
+
+
+def torchvision_per_image(pred, S, B, C, conf_threshold, nms_iou, max_det=None):
+    """Independent reference for decode_predictions' NMS: one image at a time, torchvision's
+    batched_nms over the classes of the image (the decoding itself as in utils)."""
+    out = []
+    for p in pred.reshape(len(pred), S, S, C + 5 * B):
+        cls_scores, box_pred = utils.split_predictions(p[None], S, B, C)
+        prob, label = cls_scores[0].clamp(0, 1).max(-1)
+        score = (box_pred[0, ..., 0].clamp(0, 1) * prob[..., None]).flatten()
+        label = label[..., None].expand(-1, -1, B).flatten()
+        boxes = utils.cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square())
+        boxes = boxes.clamp(0, 1).reshape(-1, 4)
+        c = score > conf_threshold
+        kept = batched_nms(boxes[c], score[c], label[c], nms_iou)[:max_det]
+        out.append(torch.cat((label[c][kept, None].float(), score[c][kept, None], boxes[c][kept]), 1))
+    return out
+
+
+def tie_heavy_predictions(seed, N, S, B, C):
+    """Raw outputs with many ties and near-duplicates: class scores and confidences on a
+    coarse grid (equal scores), in a few classes; in every cell box 1 copies box 0 and box 2
+    is box 0 at half its width with the same left edge, so its IoU with box 0 is 0.5 up to
+    float32 rounding (which torchvision's class offsets change)."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(N, S, S, C + 5 * B, generator=g) * 1.2 - 0.1
+    p[..., :C] = (p[..., :C] * 4).round() / 4
+    box = p[..., C:].reshape(N, S, S, B, 5)
+    box[..., 0] = (box[..., 0] * 4).round() / 4
+    if B >= 3:
+        box[..., 1, :] = box[..., 0, :]
+        w = box[..., 0, 3].square()
+        box[..., 2, :] = box[..., 0, :]
+        box[..., 2, 3] = (w / 2).sqrt()
+        box[..., 2, 1] = box[..., 0, 1] - (w - w / 2) / 2 * S
+    p[..., C:] = box.reshape(N, S, S, 5 * B)
+    return p.reshape(N, S * S * (C + 5 * B))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_nms_equals_torchvision_per_image(seed, monkeypatch):
+    """Same boxes in the same order as torchvision's batched_nms image by image, with
+    ties, near-duplicates, thresholds not representable in float32 (0.4, 0.45, 0.7), any
+    batch size (0 too), images without any box, max_det, and with the pairs of boxes
+    compared in several chunks (a tiny MAX_NMS_PAIRS)."""
+    if seed % 3 == 2:
+        monkeypatch.setattr(utils, "MAX_NMS_PAIRS", 5)
+    for k, (N, S, B, C) in enumerate([(0, 2, 3, 2), (1, 2, 3, 1), (3, 3, 3, 2), (6, 4, 3, 3),
+                                      (5, 3, 1, 2), (8, 7, 2, 20), (4, 5, 3, 2)]):
+        pred = tie_heavy_predictions(100 * seed + k, N, S, B, C)
+        if N > 1:
+            pred[1] = -1.0  # an image without any box above the threshold
+        for nms_iou in (0.5, 0.4, 0.45, 0.7, 0.0, 1.0):
+            for conf_threshold, max_det in ((0.01, None), (0.3, 2), (-1.0, None), (0.0, 1)):
+                got = decode_predictions(pred, S, B, C, conf_threshold, nms_iou, max_det)
+                want = torchvision_per_image(pred, S, B, C, conf_threshold, nms_iou, max_det)
+                assert len(got) == N
+                for n, (g, w) in enumerate(zip(got, want)):
+                    assert torch.equal(g, w), (N, S, B, C, nms_iou, conf_threshold, max_det, n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_on_cuda_equals_cpu():
+    pred = tie_heavy_predictions(0, 64, 7, 3, 20)
+    for nms_iou in (0.5, 0.4):
+        cpu = decode_predictions(pred, 7, 3, 20, 0.005, nms_iou)
+        cuda = decode_predictions(pred.cuda(), 7, 3, 20, 0.005, nms_iou)
+        assert all(d.is_cuda for d in cuda)
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, cuda))
+
+
+def test_scale_to_pixels_and_detection_table():
+    """engine.scale_to_pixels (one multiply per batch) gives each image's detections in its
+    own pixels, and detection_table lists them image by image, with min_score."""
+    import engine
+    dets = [torch.tensor([[1, 0.9, 0.1, 0.2, 0.5, 0.6]]), torch.zeros(0, 6),
+            torch.tensor([[0, 0.3, 0.0, 0.0, 1.0, 1.0], [1, 0.5, 0.5, 0.5, 0.75, 1.0]])]
+    pixels = engine.scale_to_pixels(dets, [(100, 50), (7, 7), (20, 40)])
+    assert [p.shape for p in pixels] == [(1, 6), (0, 6), (2, 6)]
+    np.testing.assert_allclose(pixels[0], [[1, 0.9, 10, 10, 50, 30]], rtol=1e-6)
+    np.testing.assert_allclose(pixels[2], [[0, 0.3, 0, 0, 20, 40], [1, 0.5, 10, 20, 15, 40]], rtol=1e-6)
+    table = engine.detection_table(dict(zip([5, 3, 9], pixels)), ["a", "b"], min_score=0.4)
+    assert table["image"].tolist() == [5, 9] and table["cls"].tolist() == ["b", "b"]
+    np.testing.assert_allclose(table["score"], [0.9, 0.5], rtol=1e-6)
+    assert engine.detection_table({}, ["a"])["boxes"].shape == (0, 4)
 
 
 # --------------------------------------------------------------------------- IoU
