@@ -42,5 +42,30 @@ def test_bench_postprocess_quick(tmp_path):
     assert report["timings_s"]["fast_total"] > 0
 
 
+def test_bench_data_quick(tmp_path):
+    out = tmp_path / "data.json"
+    load("bench_data").main(["--images", "4", "--files", "20", "--workers", "0", "--batch", "2",
+                             "--batches", "2", "--repeats", "1", "--size", "64", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert {r["data"] for r in report["loader"]} == {
+        "voc train, float", "voc train, uint8 (train.py)", "imagenet train @224, float",
+        "imagenet train @224, uint8 (darknet_train.py)"}
+    assert all(r["images_per_s"] > 0 and r["workers"] == 0 for r in report["loader"])
+    assert min(report["eval_sample_s"], report["train_sample_s"], report["train_uint8_sample_s"]) > 0
+    assert report["decode"]["pil_s"] > 0 and report["decode"]["torchvision_decode_jpeg_s"] > 0
+
+
+def test_bench_memory_quick(tmp_path):
+    """Peak RSS of real training steps in fresh processes, and a fit that predicts a third."""
+    out = tmp_path / "memory.json"
+    assert load("bench_memory").main(["--width", "0.0625", "--batches", "1,2", "--check", "3",
+                                      "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert all(peak > 50e6 for peak in report["points"].values())  # torch alone is more
+    check = report["check"]
+    assert check["measured"] == pytest.approx(check["predicted"], rel=0.25)
+    assert report["largest_batch"] > 0
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
