@@ -92,11 +92,11 @@ def loader_rate(data, workers: int, batch: int, batches: int) -> float:
 
 def decode_times(paths: list[Path], repeats: int) -> dict:
     """Seconds per JPEG: PIL (dataset.load_image, as the datasets decode) and torchvision.io."""
+    from torchvision.io import decode_jpeg, read_file
+    pil = median_seconds(lambda: [dataset.load_image(p) for p in paths], repeats) / len(paths)
     with warnings.catch_warnings():  # torchvision >= 0.29 deprecates its image decoders
         warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import decode_jpeg, read_file
-    pil = median_seconds(lambda: [dataset.load_image(p) for p in paths], repeats) / len(paths)
-    tv = median_seconds(lambda: [decode_jpeg(read_file(str(p))) for p in paths], repeats) / len(paths)
+        tv = median_seconds(lambda: [decode_jpeg(read_file(str(p))) for p in paths], repeats) / len(paths)
     return {"pil_s": pil, "torchvision_decode_jpeg_s": tv}
 
 
