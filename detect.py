@@ -24,6 +24,7 @@ threshold (test.py, 0.005). Videos need PyAV (``pip install av``).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -290,6 +291,10 @@ def main(argv=None):
     model, names = load_detector(args.checkpoint, engine.resolve_device(args.device))
     outputs = Outputs(engine.make_run_dir(args.project, args.name), names, args)
     errors = detect_images(model, images, outputs, args) if images else []
+    if errors and len(errors) == len(images) and not videos:
+        shutil.rmtree(outputs.dir)  # made by this run, with nothing in it: leave no trace
+        raise UserError(errors[0] if len(images) == 1 else f"none of the {len(images)} images "
+                        f"could be read; the first: {errors[0]}")
     frames = sum(detect_video(model, path, outputs, args) for path in videos)
     outputs.finish(args.checkpoint)
     boxes = sum(len(r["detections"]) for r in outputs.records)

@@ -164,6 +164,26 @@ def test_video_frames_are_detected_drawn_and_turned_upright(checkpoint, tmp_path
     assert (out / "labels" / "clip_000004.txt").read_text().splitlines() == expected_lines(96, 128)
 
 
+def test_nothing_readable_leaves_no_output_folder(checkpoint, tmp_path, capsys):
+    """When no image can be read there is nothing to keep: the new run folder goes too,
+    and a folder from an earlier run is untouched."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (folder / name).write_bytes(b"not an image")
+    earlier = tmp_path / "runs" / "exp"
+    earlier.mkdir(parents=True)
+    (earlier / "keep.txt").write_text("an earlier run")
+    with pytest.raises(SystemExit) as exc:
+        utils.run_cli(detect.main, [str(checkpoint), str(folder), "--project", str(tmp_path / "runs"),
+                                    "--save-txt", "--save-json"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: none of the 2 images could be read; the first: ") and "a.jpg" in last
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["exp"]
+    assert [p.name for p in earlier.iterdir()] == ["keep.txt"]
+
+
 @pytest.mark.parametrize("case", ["missing source", "not a checkpoint", "darknet checkpoint",
                                   "bad threshold", "unreadable image", "unreadable video"])
 def test_bad_input_is_one_line_and_exit_2(case, checkpoint, tmp_path, capsys):
