@@ -504,12 +504,16 @@ def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: 
             if finite:
                 scaler.scale(loss / micro).backward()
                 accumulate(acc, logs, n)
-            else:
+            if last_micro:  # DDP averages the gradients in this backward pass, if it runs
+                synced = finite
+            if not finite:
                 acc["skipped"] += 1
                 with torch.no_grad():
                     for buffer, saved in zip(model.buffers(), buffers):
                         buffer.copy_(saved)
         if last_micro:
+            if dist.distributed and not synced:
+                average_gradients(model)
             optimizer_step(model, optimizer, scaler, args.grad_clip)
             scheduler.step()
             if stopper is not None and stopper.agreed(dist):
@@ -517,6 +521,19 @@ def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: 
                 return {"interrupted": {"batch": i + 1, "partial": acc}}
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{acc['seen'] / (time.perf_counter() - start):.1f}")
     return epoch_means(acc, dist, time.perf_counter() - start)
+
+
+def average_gradients(model) -> None:
+    """Average the accumulated gradients over the ranks by hand. DDP does it in the backward
+    pass of a step's last micro-batch; when --skip-nonfinite skipped that one (on every rank
+    at once), the earlier micro-batches' gradients (under ``no_sync``) are still each rank's
+    own, and stepping on them would let the ranks' weights drift apart."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        world = torch_dist.get_world_size()
+        for grad in grads:
+            torch_dist.all_reduce(grad)
+            grad.div_(world)
 
 
 def all_ranks(flag: bool, dist: Dist) -> bool:

@@ -142,7 +142,7 @@ import engine
 
 env = {k: os.environ.get(k, "") for k in ("REL_STOP_AFTER_STEPS", "REL_STOP_SIGNAL", "REL_KILL_IN_SAVE",
                                           "REL_KILL_AFTER_SAVE", "REL_KILL_AFTER_EPOCH", "REL_NAN_AT_BATCH",
-                                          "REL_NAN_RANK", "REL_SAVE_INITIAL")}
+                                          "REL_NAN_RANK", "REL_SAVE_INITIAL", "REL_SAVE_FINAL")}
 number = lambda key: int(env[key] or 0)
 counts = {"steps": 0, "saves": 0, "batches": 0}
 real_step, real_save, real_fit, real_torch_save = (engine.optimizer_step, engine.save_checkpoint,
@@ -187,7 +187,10 @@ def fit(model, loader, step_fn, *args, **kwargs):
         if counts["batches"] == number("REL_NAN_AT_BATCH") and on_this_rank:
             batch = [batch[0] * float("nan"), *batch[1:]]
         return step_fn(model, batch, device)
-    return real_fit(model, loader, step, *args, **kwargs)
+    result = real_fit(model, loader, step, *args, **kwargs)
+    if env["REL_SAVE_FINAL"]:  # every rank's own weights, to compare them
+        torch.save(engine.unwrap(model).state_dict(), f"{env['REL_SAVE_FINAL']}.rank{os.environ.get('RANK', 0)}")
+    return result
 
 
 engine.optimizer_step, engine.save_checkpoint, engine.fit = optimizer_step, save_checkpoint, fit
@@ -851,6 +854,22 @@ def test_ddp_skip_nonfinite_on_one_rank_skips_on_every_rank(imagenet, tmp_path):
     assert [row["images"] for row in rows] == [8, 12]  # 12 images an epoch; the skipped batch held 4
     for name, tensor in utils.load_checkpoint(run_dir / "last.pt")["model"].items():
         assert torch.isfinite(tensor.float()).all(), name
+
+
+def test_ddp_skipped_last_micro_batch_keeps_the_ranks_identical(imagenet, tmp_path):
+    """--accum-steps 2 under DDP, the NaN in the last micro-batch of the first step (rank 1):
+    both ranks skip it, so DDP's gradient all-reduce (in that backward pass) never runs; the
+    engine averages the first micro-batch's gradients by hand, and both ranks end with the
+    same weights (stepping on each rank's own gradients would let them drift apart)."""
+    final = tmp_path / "final.pt"
+    args = [*darknet_args(imagenet, tmp_path / "runs", "accum"), "--epochs", 2, "--skip-nonfinite",
+            "--accum-steps", 2]
+    proc, log = torchrun(tmp_path, args, env={"REL_NAN_AT_BATCH": 2, "REL_NAN_RANK": 1,
+                                              "REL_SAVE_FINAL": final}, faults=True)
+    assert finish(proc, log) == 0, log.read_text()[-6000:]
+    assert [row.get("skipped_steps", 0) for row in metrics(tmp_path / "runs" / "accum")] == [1, 0]
+    rank0, rank1 = (torch.load(f"{final}.rank{r}", weights_only=True) for r in (0, 1))
+    assert_same_tensors(rank0, rank1, "weights of rank 0 and rank 1")
 
 
 def test_a_step_whose_batches_were_all_skipped_changes_nothing():
