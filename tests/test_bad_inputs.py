@@ -38,8 +38,7 @@ from PIL import Image
 import utils
 from model import build_model
 from synthetic import write_imagenet_tree, write_voc_txt_tree, write_vocdevkit_tree
-from test_reliability import REPO, Result, hashes, one_line_error
-from test_reliability import scripts  # noqa: F401 (a fixture: the fork server, one per module)
+from scripts_server import REPO, Result, hashes, one_line_error
 
 TINY_YOLO = ["--S", "2", "--width", "0.0625", "--hidden", "16", "--epochs", "1", "--batch-size", "2",
              "--workers", "0", "--device", "cpu"]
