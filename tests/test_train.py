@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,8 @@ def test_resume_continues_exactly(tree, tmp_path):
     assert rows == [1, 2, 3]
 
 
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+                    reason="torch.compile on the CPU needs a C++ compiler")
 def test_compile_trains_like_eager_and_saves_plain_checkpoints(tree, tmp_path):
     """--compile (nn.Module.compile, in place) computes the same losses as the eager model,
     up to the fused kernels' rounding, and its checkpoints load into a plain model. No
