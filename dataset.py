@@ -183,15 +183,11 @@ class YoloAugment:
         self.exposure, self.saturation = exposure, saturation
         self.min_visible, self.min_side = min_visible, min_side
 
-    def __call__(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
-        """uint8 ``(3, H, W)`` image, relative xyxy boxes, labels -> float32
-        ``(3, img_size, img_size)`` image in [0, 1] and the boxes (relative xyxy) and labels kept."""
-        image, boxes, labels, factors = self.sample(image, boxes, labels)
-        return to_float_images(image[None], factors[None])[0], boxes, labels
-
     def sample(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
-        """The geometric part on uint8, and the photometric factors still to apply:
-        ``(uint8 image, boxes, labels, factors)``; :func:`to_float_images` applies them
+        """uint8 ``(3, H, W)`` image, relative xyxy boxes, labels -> the geometric part done
+        on uint8 (``img_size`` square), the boxes (relative xyxy) and labels kept, and the
+        photometric factors still to apply: ``(uint8 image, boxes, labels, factors)``;
+        :func:`to_float_images` applies them
         (on the GPU for training: a uint8 batch is a quarter of the bytes to collate,
         pin and copy, and the per-pixel arithmetic leaves the loader's workers)."""
         height, width = image.shape[-2:]

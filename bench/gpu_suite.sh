@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement in BENCHMARKS.md, in one go (about 8 minutes on an H100):
+# Every GPU measurement in BENCHMARKS.md, in one go (about 4 minutes on an H100, machine start not counted):
 #
 #     bash bench/gpu_suite.sh                 # results in bench/results/gpu/
 #     OUT=/somewhere bash bench/gpu_suite.sh
