@@ -10,3 +10,15 @@ def scripts(tmp_path_factory):
     server = Scripts(tmp_path_factory.mktemp("scripts"))
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def darknet(tmp_path_factory):
+    """Darknet's C implementation built once per session (tests/darknet_ref.py), or a skip
+    that says why it cannot be built here."""
+    from darknet_ref import DarknetUnavailable, build_darknet
+
+    try:
+        return build_darknet(tmp_path_factory.mktemp("darknet-build"))
+    except DarknetUnavailable as err:
+        pytest.skip(str(err))
