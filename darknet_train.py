@@ -38,7 +38,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import distributed
 import engine
+import runs
 from darknet_model import Darknet
 from dataset import build_imagenet, imagenet_transform, to_float_images
 from utils import UserError, run_cli
@@ -101,7 +103,7 @@ def build_datasets(args):
 
 def build_model(args, num_classes: int, device: torch.device) -> Darknet:
     """The Darknet classifier on ``device``, initialised from --seed (the same on every rank)."""
-    engine.seed_everything(args.seed)
+    runs.seed_everything(args.seed)
     model = Darknet(num_classes, batch_norm=not args.no_batch_norm, width=args.width).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -125,11 +127,11 @@ def classification_step(label_smoothing: float, channels_last: bool):
     return step
 
 
-def train(args, dist: engine.Dist, model, train_set, val_set, run_dir, ckpt) -> float:
+def train(args, dist: distributed.Dist, model, train_set, val_set, run_dir, ckpt) -> float:
     """Optimiser, schedule, exact resume and the epoch loop: the same for all three scripts.
 
     ``model`` may be wrapped (DataParallel, DDP); ``dist`` says whether this is one of
-    several processes, in which case each reads its own shard (engine.make_loader).
+    several processes, in which case each reads its own shard (distributed.make_loader).
     """
     loader, optimizer, scheduler, scaler, dtype = engine.prepare_training(
         model, train_set, args, dist, ckpt, KIND)
@@ -151,12 +153,12 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
     return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
 
-def make_evaluator(val_set, args, dist: engine.Dist, dtype):
+def make_evaluator(val_set, args, dist: distributed.Dist, dtype):
     """``evaluate(model, epoch)`` for engine.fit: validation loss, top-1 and top-5 in percent.
 
     Each rank scores every world_size-th image (a DistributedSampler would pad the last
     batch with repeats and count them twice); the counts are summed over the ranks
-    (engine.reduce_sums), so every rank returns the same numbers.
+    (distributed.reduce_sums), so every rank returns the same numbers.
     """
     shard = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
     loader = DataLoader(shard, batch_size=max(1, args.batch_size // dist.world_size),
@@ -166,9 +168,9 @@ def make_evaluator(val_set, args, dist: engine.Dist, dtype):
     def evaluate(model, epoch):
         # The bare model under DDP: the ranks' shards differ in length, and a DDP forward
         # may communicate. DataParallel keeps its wrapper, to spread the batch over GPUs.
-        sync_buffers(engine.unwrap(model), dist)
-        net = engine.unwrap(model) if dist.distributed else model
-        totals = engine.reduce_sums(score(net, loader, dist, dtype, memory_format), dist)
+        sync_buffers(distributed.unwrap(model), dist)
+        net = distributed.unwrap(model) if dist.distributed else model
+        totals = distributed.reduce_sums(score(net, loader, dist, dtype, memory_format), dist)
         n = max(1.0, totals["n"])
         return {"val_loss": totals["loss"] / n, "top1": 100 * totals["top1"] / n,
                 "top5": 100 * totals["top5"] / n}
@@ -176,7 +178,7 @@ def make_evaluator(val_set, args, dist: engine.Dist, dtype):
 
 
 @torch.no_grad()
-def score(net: nn.Module, loader, dist: engine.Dist, dtype, memory_format) -> dict[str, float]:
+def score(net: nn.Module, loader, dist: distributed.Dist, dtype, memory_format) -> dict[str, float]:
     """Summed cross-entropy, top-1 and top-5 hits and image count over ``loader``."""
     net.eval()
     sums = {"loss": 0.0, "top1": 0, "top5": 0, "n": 0}
@@ -193,7 +195,7 @@ def score(net: nn.Module, loader, dist: engine.Dist, dtype, memory_format) -> di
     return sums
 
 
-def sync_buffers(model: nn.Module, dist: engine.Dist) -> None:
+def sync_buffers(model: nn.Module, dist: distributed.Dist) -> None:
     """Give every rank rank 0's batch-norm statistics.
 
     DDP keeps the weights equal (it averages the gradients), but it broadcasts the
@@ -209,7 +211,7 @@ def sync_buffers(model: nn.Module, dist: engine.Dist) -> None:
 # --------------------------------------------------------------------------- one device
 def main(argv=None):
     args = parse_args(argv)
-    dist = engine.Dist(device=engine.resolve_device(args.device))  # one process, one device
+    dist = distributed.Dist(device=distributed.resolve_device(args.device))  # one process, one device
     train_set, val_set = build_datasets(args)
     run_dir, ckpt = engine.start_run(args, dist, KIND)
     model = build_model(args, len(train_set.classes), dist.device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import distributed
 import engine
 from darknet_train import KIND, build_datasets, build_model, parse_args, train
 from utils import UserError, run_cli
@@ -26,7 +27,7 @@ from utils import UserError, run_cli
 
 def main(argv=None):
     args = parse_args(argv, __doc__)
-    dist = engine.Dist(device=engine.resolve_device(args.device))  # one process, every GPU
+    dist = distributed.Dist(device=distributed.resolve_device(args.device))  # one process, every GPU
     train_set, val_set = build_datasets(args)
     run_dir, ckpt = engine.start_run(args, dist, KIND)
     model = build_model(args, len(train_set.classes), dist.device)

@@ -32,6 +32,7 @@ import os
 
 from torch.nn.parallel import DistributedDataParallel
 
+import distributed
 import engine
 from darknet_train import KIND, build_datasets, build_model, parse_args, train
 from utils import run_cli
@@ -39,14 +40,14 @@ from utils import run_cli
 
 def main(argv=None):
     args = parse_args(argv, __doc__)
-    dist = engine.setup_distributed(args.device)  # one process per device: RANK, WORLD_SIZE from torchrun
+    dist = distributed.setup_distributed(args.device)  # one process per device: RANK, WORLD_SIZE from torchrun
     try:
         train_set, val_set = build_datasets(args)
         run_dir, ckpt = engine.start_run(args, dist, KIND)
         model = build_model(args, len(train_set.classes), dist.device)
         if dist.distributed:
             # DDP copies rank 0's weights to every rank, then all-reduces gradient buckets during
-            # backward; engine.make_loader gives each rank its shard (DistributedSampler).
+            # backward; distributed.make_loader gives each rank its shard (DistributedSampler).
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
         else:
@@ -54,7 +55,7 @@ def main(argv=None):
             print(f"note: {why}, so this trains in one process, as darknet_train.py does", flush=True)
         train(args, dist, model, train_set, val_set, run_dir, ckpt)
     finally:
-        engine.cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-import engine
+import distributed
+import runs
 from dataset import load_image
 from model import load_detector
 from plots import draw_detections, require
@@ -141,7 +142,7 @@ class Outputs:
 
     def finish(self, checkpoint: str) -> None:
         if self.args.save_json:
-            engine.write_json(self.dir / "detections.json", {
+            runs.write_json(self.dir / "detections.json", {
                 "checkpoint": str(checkpoint), "class_names": list(self.names),
                 "conf_threshold": self.args.conf_threshold, "nms_iou": self.args.nms_iou,
                 "box_format": "x1 y1 x2 y2, pixels of the original image", "images": self.records})
@@ -288,8 +289,8 @@ def main(argv=None):
     images, videos = list_sources(args.source)
     if videos:
         require("av", "av", "reading videos")
-    model, names = load_detector(args.checkpoint, engine.resolve_device(args.device))
-    outputs = Outputs(engine.make_run_dir(args.project, args.name), names, args)
+    model, names = load_detector(args.checkpoint, distributed.resolve_device(args.device))
+    outputs = Outputs(runs.make_run_dir(args.project, args.name), names, args)
     errors = detect_images(model, images, outputs, args) if images else []
     if errors and len(errors) == len(images) and not videos:
         shutil.rmtree(outputs.dir)  # made by this run, with nothing in it: leave no trace

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import engine
+import distributed
+import predict
+import runs
 from dataset import build_image_dataset, build_voc_dataset
 from model import load_detector
 from utils import UserError, run_cli
@@ -67,11 +69,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    dist = engine.Dist(device=engine.resolve_device(args.device))
+    dist = distributed.Dist(device=distributed.resolve_device(args.device))
     model, names = load_detector(args.checkpoint, dist.device)
     dataset, labelled = load_data(args, names, model)
-    dets = engine.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
-    out = engine.make_run_dir(args.project, args.name)
+    dets = predict.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
+    out = runs.make_run_dir(args.project, args.name)
     (out / "detections").mkdir()
     if labelled:
         (out / "groundtruths").mkdir()

@@ -1,33 +1,30 @@
-"""What every training script shares: arguments, run folder, distributed set-up,
-learning-rate schedules, data loaders, checkpoints with exact resume, the training loop.
+"""The training loop every training script shares: arguments and their checks, the
+start of a run, the optimiser and its learning-rate schedule, and the epoch loop with
+gradient accumulation, mixed precision, non-finite losses and clean stops on signals.
 
-train.py (YOLO on VOC) and the three Darknet scripts all build on these pieces, so a
-run folder, a checkpoint and a progress bar look the same whichever script made them.
+train.py (YOLO on VOC) and the three Darknet scripts all build on it, so a run folder,
+a checkpoint and a progress bar look the same whichever script made them. The pieces
+below it: distributed.py (devices, processes, samplers), runs.py (run folders,
+checkpoints, resume).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import plots  # stdlib only at import time: matplotlib loads when a plot is drawn
-from evaluate import evaluate_detections
-from utils import (Interrupted, UserError, decode_predictions, load_checkpoint, load_state_checked,
-                   save_checkpoint)
+from distributed import Dist, all_ranks, amp_dtype, average_gradients, make_loader, reduce_sums, set_epoch
+from runs import (MetricsLog, RunInterrupted, check_same_checkpoint, load_resume, make_run_dir,
+                  refresh_plots, remove_stale_temporaries, restore_training_state, save_epoch_checkpoints,
+                  save_with_previous, training_state, write_config)
+from utils import UserError
 
 
 # --------------------------------------------------------------------------- arguments
@@ -92,88 +89,6 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
 
 
-# --------------------------------------------------------------------------- devices and processes
-@dataclass
-class Dist:
-    """Where this process runs and what it is among its peers (world_size 1 if alone)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: not a device name: {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def setup_distributed(device_arg: str = "auto") -> Dist:
-    """One process per device under ``torchrun``; a plain single process otherwise.
-
-    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. NCCL carries the gradients between
-    GPUs, gloo between CPU processes.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist(device=resolve_device(device_arg))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_arg)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not torch_dist.is_initialized():
-        warn_if_restarted_on_shared_store(rank)
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, device)
-
-
-def warn_if_restarted_on_shared_store(rank: int) -> None:
-    """torchrun --max-restarts: recent torchrun hands restarted workers the store of the
-    first attempt, whose stale addresses keep the new process group from connecting
-    (pytorch/pytorch#167288). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt its own."""
-    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-    if restarted and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and rank == 0:
-        print("warning: torchrun restarted the workers on the store of its first attempt; if they "
-              "fail to connect, start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-              "(pytorch/pytorch#167288)", file=sys.stderr, flush=True)
-
-
-def cleanup_distributed() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-def reduce_sums(values: dict[str, float], dist: Dist) -> dict[str, float]:
-    """Sum each value over all processes, so every rank sees the same totals."""
-    if not dist.distributed or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=dist.device if dist.device.type == "cuda" else "cpu")
-    torch_dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DataParallel / DistributedDataParallel."""
-    return model.module if hasattr(model, "module") else model
-
-
 def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
     """``--compile``: compile ``model`` in place (``nn.Module.compile``) before any DDP
     wrapping. Unlike ``torch.compile(model)`` this keeps the module itself, so state-dict
@@ -181,59 +96,6 @@ def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
     if getattr(args, "compile", False):
         model.compile()
     return model
-
-
-def amp_dtype(args, device: torch.device):
-    """float16 on CUDA (bfloat16 where supported), nothing on CPU unless asked for."""
-    if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
-# --------------------------------------------------------------------------- run folder
-def make_run_dir(project: str, name: str, exist_ok: bool = False) -> Path:
-    """``project/name``, or ``name2``, ``name3``... if it is taken (as YOLOv5 does);
-    with ``exist_ok``, ``project/name`` whether or not it exists."""
-    root = Path(project)
-    if root.exists() and not root.is_dir():
-        raise UserError(f"{root}: exists and is not a folder")
-    candidate, k = root / name, 2
-    while candidate.exists() and not exist_ok:
-        candidate, k = root / f"{name}{k}", k + 1
-    try:
-        candidate.mkdir(parents=True, exist_ok=exist_ok)
-    except OSError as err:
-        raise UserError(f"{candidate}: cannot create the run folder: {err.strerror}") from None
-    return candidate
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-class MetricsLog:
-    """One JSON line per epoch in ``metrics.jsonl``. On resume, lines of epochs that the
-    checkpoint does not include (written just before a kill) are dropped."""
-
-    def __init__(self, run_dir: Path, keep_below_epoch: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        if keep_below_epoch is not None and self.path.exists():
-            rows = self.rows()  # without the half line a crash in the middle of a write leaves
-            kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) < keep_below_epoch)
-            tmp = self.path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text(kept)
-            os.replace(tmp, self.path)
-
-    def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def rows(self) -> list[dict]:
-        return plots.read_metrics(self.path)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -279,147 +141,6 @@ def build_scheduler(optimizer, args, steps_per_epoch: int):
         optimizer, lambda step: lr_factor(step / steps_per_epoch, args))
 
 
-# --------------------------------------------------------------------------- data loaders
-class EpochSampler(torch.utils.data.Sampler):
-    """This process's indices for one epoch, from any position in it.
-
-    The order follows from (seed, epoch) alone; under DDP each of the world_size processes
-    takes every world_size-th index of it, padded to equal shares as DistributedSampler
-    does. ``start`` skips the samples already trained when a run resumes mid-epoch.
-    """
-
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world_size
-        self.epoch, self.start = 0, 0
-        self.per_rank = -(-n // world_size)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        order += order[:self.per_rank * self.world - self.n]
-        return order[self.rank::self.world]
-
-    def __iter__(self):
-        return iter(self.indices()[self.start:])
-
-    def __len__(self) -> int:
-        return max(0, self.per_rank - self.start)
-
-
-class SeededDataset(torch.utils.data.Dataset):
-    """Each sample's random augmentation follows from (seed, epoch, index) alone.
-
-    It then does not depend on which worker loads the sample, on how many workers
-    there are, or on whether the run was interrupted and resumed.
-    """
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1000003 + self.epoch) * 10000019 + index) % 2**63)
-            return self.dataset[index]
-
-
-def make_loader(dataset, batch_size: int, train: bool, workers: int, dist: Dist,
-                seed: int, collate_fn=None) -> DataLoader:
-    """A training loader whose batches depend only on (seed, epoch): see set_epoch.
-
-    Under DDP each process reads its own shard of a per-process batch of
-    ``batch_size / world_size``. The loader has a generator of its own: without one, each
-    epoch's iterator draws its base seed from the global RNG, which a run resumed in the
-    middle of an epoch would draw once more than the uninterrupted run (other dropout masks).
-    """
-    batch_size = max(1, batch_size // dist.world_size)
-    sampler = EpochSampler(len(dataset), train, seed, dist.rank, dist.world_size)
-    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
-                      num_workers=workers, pin_memory=dist.device.type == "cuda", drop_last=False,
-                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
-
-
-def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
-    """Select ``epoch``'s order and augmentation, starting after ``start_batch`` batches."""
-    loader.sampler.set_epoch(epoch, start_batch * loader.batch_size)
-    loader.dataset.epoch = epoch
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def training_state(model, optimizer, scheduler, scaler, epoch: int, best: float, args, kind: str,
-                   extra: dict | None = None) -> dict:
-    """Everything a resumed run needs; only tensors and plain Python types (weights_only).
-
-    ``extra`` carries what a script adds, such as the class names of a detector.
-    """
-    bare = unwrap(model)
-    return (extra or {}) | {
-        "kind": kind, "epoch": epoch, "step": scheduler.last_epoch, "best": best,
-        "model": bare.state_dict(), "model_config": dict(bare.config),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "args": {k: v for k, v in vars(args).items()},
-        "rng": rng_state(),
-    }
-
-
-def find_resume_checkpoint(resume: str) -> Path:
-    """``--resume`` takes a run folder (its last.pt) or a checkpoint file."""
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        raise UserError(f"{path}: no checkpoint to resume from")
-    return path
-
-
-def restore_training_state(ckpt: dict, source: str, model, optimizer, scheduler, scaler, kind: str) -> None:
-    if ckpt.get("kind") != kind:
-        raise UserError(f"{source}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
-    source = ckpt.get("source", source)
-    try:
-        load_state_checked(unwrap(model), ckpt["model"], source)
-    except UserError as err:
-        saved, built = dict(ckpt.get("model_config") or {}), dict(getattr(unwrap(model), "config", {}))
-        differ = [k for k in built if saved and saved.get(k) != built[k]]
-        if not differ:
-            raise
-        was, now = (", ".join(f"{k}={config.get(k)!r}" for k in differ) for config in (saved, built))
-        raise UserError(f"{source}: the checkpoint's model has {was}, this command builds {now}: resume "
-                        f"with the run's own model arguments (its config.json); "
-                        f"{str(err).removeprefix(f'{source}: ')}") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-
-
 def prepare_training(model, dataset, args, dist: Dist, ckpt: dict | None, kind: str, collate_fn=None):
     """The training loader, optimiser, per-step schedule, gradient scaler and AMP dtype,
     restored from ``ckpt`` when resuming: the same for every training script."""
@@ -431,38 +152,6 @@ def prepare_training(model, dataset, args, dist: Dist, ckpt: dict | None, kind: 
     if ckpt is not None:
         restore_training_state(ckpt, args.resume, model, optimizer, scheduler, scaler, kind)
     return loader, optimizer, scheduler, scaler, dtype
-
-
-def load_resume(args) -> tuple[dict | None, Path | None]:
-    """The checkpoint to resume and its run folder, or (None, None) for a new run.
-
-    ``--auto-resume`` becomes ``--resume project/name/last.pt`` when that file exists. A
-    damaged or missing last.pt falls back to last_prev.pt, saying so.
-    """
-    last = Path(args.project) / args.name / "last.pt"
-    if not args.resume and getattr(args, "auto_resume", False) and (
-            last.is_file() or previous_path(last).is_file()):
-        args.resume = str(last)
-    if not args.resume:
-        return None, None
-    path = Path(args.resume)
-    path = path / "last.pt" if path.is_dir() else path
-    try:
-        path = find_resume_checkpoint(str(path))
-        return load_training_state(path), path.parent
-    except UserError as err:
-        if not previous_path(path).is_file():
-            raise
-        print(f"warning: {err}; resuming from the previous checkpoint {previous_path(path)}", flush=True)
-        return load_training_state(previous_path(path)), path.parent
-
-
-def load_training_state(path: Path) -> dict:
-    """A checkpoint to resume, with ``source``: the file it came from (for messages)."""
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{path}: not a training checkpoint (no 'model' state in it)")
-    return ckpt | {"source": str(path)}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -521,26 +210,6 @@ def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: 
                 return {"interrupted": {"batch": i + 1, "partial": acc}}
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{acc['seen'] / (time.perf_counter() - start):.1f}")
     return epoch_means(acc, dist, time.perf_counter() - start)
-
-
-def average_gradients(model) -> None:
-    """Average the accumulated gradients over the ranks by hand. DDP does it in the backward
-    pass of a step's last micro-batch; when --skip-nonfinite skipped that one (on every rank
-    at once), the earlier micro-batches' gradients (under ``no_sync``) are still each rank's
-    own, and stepping on them would let the ranks' weights drift apart."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads:
-        world = torch_dist.get_world_size()
-        for grad in grads:
-            torch_dist.all_reduce(grad)
-            grad.div_(world)
-
-
-def all_ranks(flag: bool, dist: Dist) -> bool:
-    """True on every rank if ``flag`` is true on every rank."""
-    t = torch.tensor([float(flag)], device=dist.device if dist.device.type == "cuda" else "cpu")
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def accumulate(acc: dict, logs: dict, n: int) -> None:
@@ -638,29 +307,6 @@ def start_run(args, dist: Dist, kind: str):
     return run_dir, ckpt
 
 
-def write_config(path: Path, args, dist: Dist) -> None:
-    write_json(path, {k: v for k, v in vars(args).items()} | {"world_size": dist.world_size,
-                                                             "torch": torch.__version__})
-
-
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete the ``.<name>.tmp`` files that a run killed while saving left in its folder
-    (half-written checkpoints can be as large as the real ones)."""
-    for stale in run_dir.glob(".*.tmp"):
-        if stale.is_file():
-            stale.unlink(missing_ok=True)
-
-
-def check_same_checkpoint(ckpt: dict | None, dist: Dist) -> None:
-    """Every rank must start from the same checkpoint (or none): a node that cannot see
-    the run folder would otherwise start afresh beside the others' resumed run."""
-    steps = [None] * dist.world_size
-    torch_dist.all_gather_object(steps, None if ckpt is None else ckpt["step"])
-    if len(set(steps)) > 1:
-        raise UserError(f"the processes found different checkpoints to resume (steps {steps} by rank): "
-                        "the run folder must be on storage that every node sees")
-
-
 def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist: Dist, args,
         run_dir: Path, kind: str, metric: str, resume: dict | None = None,
         dtype=None, extra: dict | None = None, on_epoch_end=None) -> float:
@@ -711,153 +357,15 @@ def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist:
 
 def end_of_epoch(row, model, optimizer, scheduler, scaler, best, improved, args, kind, extra,
                  run_dir: Path, log: MetricsLog, on_epoch_end) -> None:
-    """Rank 0: log the row, save best.pt and last.pt (keeping the previous one), plots.
-
-    best.pt goes first: a run killed between the two saves resumes from the previous
-    last.pt and redoes this epoch, so best.pt is written again. The other way round,
-    last.pt would already hold the new best score and best.pt would never be written.
-    """
+    """Rank 0: log the row, save best.pt and last.pt (keeping the previous one), plots."""
     log.append(row)
     print(format_row(row), flush=True)
     state = training_state(model, optimizer, scheduler, scaler, row["epoch"], best, args, kind, extra)
-    if improved:
-        save_checkpoint(state, run_dir / "best.pt")
-    save_with_previous(state, run_dir / "last.pt")
+    save_epoch_checkpoints(state, run_dir, improved)
     refresh_plots(run_dir)
     if on_epoch_end is not None:
         on_epoch_end(row, model)
 
 
-class RunInterrupted(Interrupted):
-    """A signal stopped the run after its state was saved; the script exits cleanly."""
-
-
-def previous_path(path: Path) -> Path:
-    return path.with_name(f"{path.stem}_prev{path.suffix}")
-
-
-def save_with_previous(state: dict, path: Path) -> None:
-    """Save ``path`` atomically, keeping the checkpoint it replaces as ``<stem>_prev.pt``.
-
-    The old file is hard-linked (or copied) to the previous name first, so ``path``
-    itself never disappears, and a resume can fall back if ``path`` is ever damaged.
-    """
-    if path.is_file():
-        tmp = path.with_name(f".{path.stem}_prev.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            import shutil
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, previous_path(path))
-        # A run killed after the line above and before the save below leaves last_prev.pt and
-        # last.pt as two links to one file; renaming a link onto its twin does nothing.
-        tmp.unlink(missing_ok=True)
-    save_checkpoint(state, path)
-
-
-def refresh_plots(run_dir: Path) -> None:
-    """Redraw loss.png, lr.png and metrics.png from metrics.jsonl (plots.plot_run).
-
-    The pictures are a convenience: whatever goes wrong drawing them (a broken matplotlib,
-    a full disk) is reported and the training run goes on.
-    """
-    try:
-        plots.plot_run(run_dir)
-    except Exception as err:  # noqa: BLE001 - see the docstring
-        print(f"warning: plots not updated: {' '.join(str(err).split())}", flush=True)
-
-
 def format_row(row: dict) -> str:
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-
-
-# --------------------------------------------------------------------------- detection evaluation
-@torch.no_grad()
-def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold: float,
-                    nms_iou: float, dtype=None, workers: int = 0) -> dict[int, "np.ndarray"]:
-    """Detections for every image of ``dataset``: index -> ``(M, 6)`` array of
-    ``class, score, x1, y1, x2, y2`` in absolute pixels of the original image.
-
-    Under DDP each rank predicts every world_size-th image and the results are gathered,
-    so every rank returns the whole dictionary (and computes the same metrics).
-    """
-    bare = unwrap(model)
-    was_training = bare.training
-    bare.eval()
-    indices = list(range(dist.rank, len(dataset), dist.world_size))
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                        num_workers=workers, pin_memory=dist.device.type == "cuda")
-    results, position = {}, 0
-    for images, _ in loader:
-        with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
-            out = bare(images.to(dist.device, non_blocking=True))
-        dets = decode_predictions(out, bare.S, bare.B, bare.C, conf_threshold, nms_iou)
-        batch = indices[position:position + len(dets)]
-        sizes = [(ann["width"], ann["height"]) for ann in map(dataset.annotation, batch)]
-        results.update(zip(batch, scale_to_pixels(dets, sizes)))
-        position += len(dets)
-    bare.train(was_training)
-    if dist.distributed:
-        gathered = [None] * dist.world_size
-        torch_dist.all_gather_object(gathered, results)
-        results = {k: v for part in gathered for k, v in part.items()}
-    return results
-
-
-def scale_to_pixels(dets: list[torch.Tensor], sizes) -> list["np.ndarray"]:
-    """Image-relative detections (``decode_predictions``) -> arrays in pixels of each image.
-
-    ``sizes``: ``(width, height)`` per image. One copy to the host and one multiply for the
-    whole batch, rather than one of each per image.
-    """
-    counts = [len(d) for d in dets]
-    flat = torch.cat(dets).cpu().numpy() if dets else np.zeros((0, 6), np.float32)
-    flat[:, 2:] *= np.repeat(np.tile(np.asarray(sizes).reshape(-1, 2), 2), counts, axis=0)
-    ends = np.cumsum(counts).tolist()
-    return [flat[start:end] for start, end in zip([0] + ends[:-1], ends)]
-
-
-def ground_truth_table(dataset, class_names) -> dict:
-    """All ground-truth boxes of ``dataset`` in the evaluator's table form (absolute pixels)."""
-    images, classes, boxes, difficult = [], [], [], []
-    for i in range(len(dataset)):
-        ann = dataset.annotation(i)
-        k = len(ann["labels"])
-        images += [i] * k
-        classes += [class_names[int(c)] for c in ann["labels"]]
-        boxes.append(np.asarray(ann["boxes"], dtype=np.float64).reshape(k, 4))
-        difficult.append(np.asarray(ann.get("difficult", np.zeros(k)), dtype=bool).reshape(k))
-    return {"image": np.asarray(images, dtype=np.int64), "cls": np.asarray(classes, dtype=object),
-            "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4)),
-            "difficult": np.concatenate(difficult) if difficult else np.zeros(0, bool)}
-
-
-def detection_table(dets: dict, class_names, min_score: float = 0.0) -> dict:
-    """Detections from :func:`predict_dataset` in the evaluator's table form."""
-    images = sorted(dets)
-    if not images:
-        return {"image": np.zeros(0, np.int64), "cls": np.zeros(0, object),
-                "score": np.zeros(0), "boxes": np.zeros((0, 4))}
-    arr = np.concatenate([dets[i] for i in images])
-    image = np.repeat(np.asarray(images, np.int64), [len(dets[i]) for i in images])
-    keep = arr[:, 1] >= min_score
-    arr, image = arr[keep], image[keep]
-    names = np.asarray(class_names, dtype=object)
-    return {"image": image, "cls": names[arr[:, 0].astype(int)], "score": arr[:, 1], "boxes": arr[:, 2:6]}
-
-
-def detection_evaluator(dataset, args, dist: Dist):
-    """``evaluate_fn`` for :func:`fit`: VOC mAP (all-point, IoU 0.5) on ``dataset`` every
-    ``args.eval_every`` epochs and after the last one."""
-    gt = ground_truth_table(dataset, dataset.class_names)
-
-    def evaluate_fn(model, epoch):
-        if (epoch + 1) % max(1, args.eval_every) and epoch + 1 != args.epochs:
-            return None
-        dets = predict_dataset(model, dataset, max(1, args.batch_size // dist.world_size), dist,
-                               args.conf_threshold, args.nms_iou, amp_dtype(args, dist.device))
-        result = evaluate_detections(gt, detection_table(dets, dataset.class_names))
-        return {"mAP": result["mAP"]}
-    return evaluate_fn

@@ -17,7 +17,9 @@ import argparse
 import math
 from pathlib import Path
 
-import engine
+import distributed
+import predict
+import runs
 from dataset import build_voc_dataset
 from evaluate import format_report, match_detections, summarize_matches
 from model import load_detector
@@ -46,17 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_checkpoint(args) -> dict:
-    dist = engine.Dist(device=engine.resolve_device(args.device))
+    dist = distributed.Dist(device=distributed.resolve_device(args.device))
     model, names = load_detector(args.checkpoint, dist.device)
     dataset = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, names,
                                 S=model.S, img_size=model.input_size)
-    dets = engine.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
-    gt = engine.ground_truth_table(dataset, names)
+    dets = predict.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
+    gt = predict.ground_truth_table(dataset, names)
     interp, difficult = ("11", "ignore") if args.voc07 else ("all", "ignore")
     # One ranking and matching serves both numbers: the fixed-threshold one counts only the
     # detections scoring >= 0.4, which rank first in each class (min_score). It needs its
     # own matching only when --iou is not its 0.5.
-    table = engine.detection_table(dets, names)
+    table = predict.detection_table(dets, names)
     matches = match_detections(gt, table, args.iou, difficult)
     real = summarize_matches(matches, interp)
     fixed = summarize_matches(matches if args.iou == 0.5 else match_detections(gt, table, 0.5, difficult),
@@ -81,7 +83,7 @@ def main(argv=None):
                    "AP": results["voc"]["AP"], "fixed_threshold_mAP": finite(results["fixed"]["mAP"]),
                    "interp": results["voc"]["interp"], "iou": args.iou}
         try:
-            engine.write_json(Path(args.json), summary)
+            runs.write_json(Path(args.json), summary)
         except OSError as err:
             raise UserError(f"--json {args.json}: cannot write it ({err.strerror})") from None
 

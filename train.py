@@ -18,7 +18,10 @@ import sys
 
 import torch
 
+import distributed
 import engine
+import predict
+import runs
 from dataset import build_voc_dataset, to_float_images
 from loss import YoloLoss
 from model import build_model, load_backbone
@@ -96,7 +99,7 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def make_model(args, num_classes: int, dist: engine.Dist):
+def make_model(args, num_classes: int, dist: distributed.Dist):
     model = build_model(args.model, S=args.S, B=args.B, C=num_classes, hidden=args.hidden,
                         batch_norm=not args.no_batch_norm, width=args.width, dropout=args.dropout)
     if args.backbone:
@@ -137,7 +140,7 @@ def tensorboard_callback(logger, val_set, args):
         logger.log_scalars(row, row["epoch"])
         if images is None:
             return
-        bare = engine.unwrap(model)
+        bare = distributed.unwrap(model)
         was_training = bare.training
         out = bare.eval()(images.to(next(bare.parameters()).device))
         bare.train(was_training)
@@ -150,13 +153,13 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.tensorboard:  # before the run folder exists: a missing package leaves nothing behind
         require("tensorboard", "tensorboard", "--tensorboard")
-    dist = engine.setup_distributed(args.device)
+    dist = distributed.setup_distributed(args.device)
     if args.recipe == "demo" and dist.is_main:
         print("Quick demonstration: a quarter-width Fast YOLO (S=2, 128x128 input) trained for 20 "
               "epochs on the bundled data/shapes/ sample (best.pt on its val.csv), a few minutes on "
               "a CPU. The full YOLOv1 trains at about 0.25 images/s on a 2-core CPU; see README.md "
               "for the paper's run.", flush=True)
-    engine.seed_everything(args.seed)
+    runs.seed_everything(args.seed)
     train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
                                   S=args.S, img_size=64 * args.S, train=not args.no_augment, uint8=True)
     val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
@@ -168,7 +171,7 @@ def main(argv=None):
         model, train_set, args, dist, ckpt, "yolo")
     loss_fn = YoloLoss(args.S, args.B, len(train_set.class_names), args.lambda_coord,
                        args.lambda_noobj, rescore=not args.no_rescore)
-    evaluate_fn = engine.detection_evaluator(val_set, args, dist) if val_set else None
+    evaluate_fn = predict.detection_evaluator(val_set, args, dist) if val_set else None
     # purge_step: on resume TensorBoard drops the events of epochs the checkpoint lacks.
     start = ckpt["epoch"] if ckpt else 0
     logger = TensorBoardLogger(run_dir, purge_step=start + 1) if args.tensorboard and dist.is_main else None
@@ -180,7 +183,7 @@ def main(argv=None):
         logger.close()
     if dist.is_main:
         print(f"done: best validation mAP {best:.4f}; checkpoints in {run_dir}")
-    engine.cleanup_distributed()
+    distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -93,14 +93,16 @@ import io, os, runpy, signal, sys
 
 import torch
 
+import distributed
 import engine
+import runs
 
 env = {k: os.environ.get(k, "") for k in ("REL_STOP_AFTER_STEPS", "REL_STOP_SIGNAL", "REL_KILL_IN_SAVE",
                                           "REL_KILL_AFTER_SAVE", "REL_KILL_AFTER_EPOCH", "REL_NAN_AT_BATCH",
                                           "REL_NAN_RANK", "REL_SAVE_INITIAL", "REL_SAVE_FINAL")}
 number = lambda key: int(env[key] or 0)
 counts = {"steps": 0, "saves": 0, "batches": 0}
-real_step, real_save, real_fit, real_torch_save = (engine.optimizer_step, engine.save_checkpoint,
+real_step, real_save, real_fit, real_torch_save = (engine.optimizer_step, runs.save_checkpoint,
                                                    engine.fit, torch.save)
 
 
@@ -134,7 +136,7 @@ def save_checkpoint(obj, path):
 
 def fit(model, loader, step_fn, *args, **kwargs):
     if env["REL_SAVE_INITIAL"]:
-        torch.save(engine.unwrap(model).state_dict(), env["REL_SAVE_INITIAL"])
+        torch.save(distributed.unwrap(model).state_dict(), env["REL_SAVE_INITIAL"])
 
     def step(model, batch, device):
         counts["batches"] += 1
@@ -144,11 +146,11 @@ def fit(model, loader, step_fn, *args, **kwargs):
         return step_fn(model, batch, device)
     result = real_fit(model, loader, step, *args, **kwargs)
     if env["REL_SAVE_FINAL"]:  # every rank's own weights, to compare them
-        torch.save(engine.unwrap(model).state_dict(), f"{env['REL_SAVE_FINAL']}.rank{os.environ.get('RANK', 0)}")
+        torch.save(distributed.unwrap(model).state_dict(), f"{env['REL_SAVE_FINAL']}.rank{os.environ.get('RANK', 0)}")
     return result
 
 
-engine.optimizer_step, engine.save_checkpoint, engine.fit = optimizer_step, save_checkpoint, fit
+engine.optimizer_step, runs.save_checkpoint, engine.fit = optimizer_step, save_checkpoint, fit
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")

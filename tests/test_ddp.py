@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
 import utils
 from darknet_model import Darknet
+from runs import seed_everything
 from synthetic import write_imagenet_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ LAUNCHER = '''
 import os, sys
 from pathlib import Path
 import torch
-import engine, utils
+import distributed, engine, utils
 import darknet_train_multigpu_distr as script
 
 OUT = Path(os.environ["TEST_OUT"])
@@ -46,7 +46,7 @@ real_fit, real_train_one_epoch = engine.fit, engine.train_one_epoch
 
 def fit(model, *args, **kwargs):
     best = real_fit(model, *args, **kwargs)
-    torch.save(engine.unwrap(model).state_dict(), OUT / f"rank{os.environ['RANK']}.pt")
+    torch.save(distributed.unwrap(model).state_dict(), OUT / f"rank{os.environ['RANK']}.pt")
     return best
 
 
@@ -156,7 +156,7 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(tree, tmp_pat
     assert_same(ddp, rank0)
     reference = utils.load_checkpoint(runs / "single" / "last.pt")["model"]
     assert_same(ddp, reference, atol=1e-5)
-    engine.seed_everything(0)  # the initial weights, as build_model makes them
+    seed_everything(0)  # the initial weights, as build_model makes them
     initial = Darknet(4, batch_norm=False, width=0.0625).state_dict()
     assert min((reference[k] - v).abs().max() for k, v in initial.items()) > 5e-5
 
