@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -127,21 +126,20 @@ def classification_step(label_smoothing: float, channels_last: bool):
     return step
 
 
-def train(args, dist: distributed.Dist, model, train_set, val_set, run_dir, ckpt) -> float:
-    """Optimiser, schedule, exact resume and the epoch loop: the same for all three scripts.
+def train(args, dist: distributed.Dist, model, train_set, val_set) -> float:
+    """Open the run, then the optimiser, schedule, exact resume and the epoch loop: the
+    same for all three scripts.
 
     ``model`` may be wrapped (DataParallel, DDP); ``dist`` says whether this is one of
     several processes, in which case each reads its own shard (distributed.make_loader).
     """
-    loader, optimizer, scheduler, scaler, dtype = engine.prepare_training(
-        model, train_set, args, dist, ckpt, KIND)
+    state = engine.start_training(model, train_set, args, dist, KIND)
     step = classification_step(args.label_smoothing, args.channels_last)
-    evaluate = make_evaluator(val_set, args, dist, dtype)
-    best = engine.fit(model, loader, step, evaluate, optimizer, scheduler, scaler, dist, args,
-                      run_dir, KIND, "top1", ckpt, dtype)
+    evaluate = make_evaluator(val_set, args, dist, state.dtype)
+    best = engine.fit(state, step, evaluate, "top1")
     if dist.is_main:
-        print(f"done: best validation top-1 {best:.2f}%; checkpoints in {run_dir}\n"
-              f"YOLOv1 from this backbone: python train.py --backbone {run_dir / 'best.pt'} ...", flush=True)
+        print(f"done: best validation top-1 {best:.2f}%; checkpoints in {state.run_dir}\n"
+              f"YOLOv1 from this backbone: python train.py --backbone {state.run_dir / 'best.pt'} ...", flush=True)
     return best
 
 
@@ -168,7 +166,7 @@ def make_evaluator(val_set, args, dist: distributed.Dist, dtype):
     def evaluate(model, epoch):
         # The bare model under DDP: the ranks' shards differ in length, and a DDP forward
         # may communicate. DataParallel keeps its wrapper, to spread the batch over GPUs.
-        sync_buffers(distributed.unwrap(model), dist)
+        distributed.sync_buffers(distributed.unwrap(model), dist)
         net = distributed.unwrap(model) if dist.distributed else model
         totals = distributed.reduce_sums(score(net, loader, dist, dtype, memory_format), dist)
         n = max(1.0, totals["n"])
@@ -195,28 +193,14 @@ def score(net: nn.Module, loader, dist: distributed.Dist, dtype, memory_format) 
     return sums
 
 
-def sync_buffers(model: nn.Module, dist: distributed.Dist) -> None:
-    """Give every rank rank 0's batch-norm statistics.
-
-    DDP keeps the weights equal (it averages the gradients), but it broadcasts the
-    buffers only at the start of each forward pass, so after the last step each rank's
-    running mean and variance follow its own last batch. Rank 0's are the ones saved;
-    with them every rank validates, and goes on training, the model in the checkpoint.
-    """
-    if dist.distributed:
-        for buffer in model.buffers():
-            torch_dist.broadcast(buffer, src=0)
-
-
 # --------------------------------------------------------------------------- one device
 def main(argv=None):
     args = parse_args(argv)
     dist = distributed.Dist(device=distributed.resolve_device(args.device))  # one process, one device
     train_set, val_set = build_datasets(args)
-    run_dir, ckpt = engine.start_run(args, dist, KIND)
     model = build_model(args, len(train_set.classes), dist.device)
     # No wrapping: the model and the data loader stay as they are.
-    train(args, dist, model, train_set, val_set, run_dir, ckpt)
+    train(args, dist, model, train_set, val_set)
 
 
 if __name__ == "__main__":

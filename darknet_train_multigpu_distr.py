@@ -33,8 +33,7 @@ import os
 from torch.nn.parallel import DistributedDataParallel
 
 import distributed
-import engine
-from darknet_train import KIND, build_datasets, build_model, parse_args, train
+from darknet_train import build_datasets, build_model, parse_args, train
 from utils import run_cli
 
 
@@ -43,7 +42,6 @@ def main(argv=None):
     dist = distributed.setup_distributed(args.device)  # one process per device: RANK, WORLD_SIZE from torchrun
     try:
         train_set, val_set = build_datasets(args)
-        run_dir, ckpt = engine.start_run(args, dist, KIND)
         model = build_model(args, len(train_set.classes), dist.device)
         if dist.distributed:
             # DDP copies rank 0's weights to every rank, then all-reduces gradient buckets during
@@ -53,7 +51,7 @@ def main(argv=None):
         else:
             why = "WORLD_SIZE is 1" if "WORLD_SIZE" in os.environ else "not started by torchrun"
             print(f"note: {why}, so this trains in one process, as darknet_train.py does", flush=True)
-        train(args, dist, model, train_set, val_set, run_dir, ckpt)
+        train(args, dist, model, train_set, val_set)
     finally:
         distributed.cleanup_distributed()
 

@@ -84,17 +84,6 @@ def cleanup_distributed() -> None:
         torch_dist.destroy_process_group()
 
 
-def reduce_sums(values: dict[str, float], dist: Dist) -> dict[str, float]:
-    """Sum each value over all processes, so every rank sees the same totals."""
-    if not dist.distributed or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=dist.device if dist.device.type == "cuda" else "cpu")
-    torch_dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DataParallel / DistributedDataParallel."""
     return model.module if hasattr(model, "module") else model
@@ -183,6 +172,52 @@ def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
     loader.dataset.epoch = epoch
 
 
+# --------------------------------------------------------------------------- collectives
+def reduce_sums(values: dict[str, float], dist: Dist) -> dict[str, float]:
+    """Sum each value over all processes, so every rank sees the same totals."""
+    if not dist.distributed or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=dist.device if dist.device.type == "cuda" else "cpu")
+    torch_dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_ranks(flag: bool, dist: Dist) -> bool:
+    """True on every rank if ``flag`` is true on every rank."""
+    t = torch.tensor([float(flag)], device=dist.device if dist.device.type == "cuda" else "cpu")
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    if not dist.distributed:
+        return flag
+    t = torch.tensor([flag], dtype=torch.float32, device=dist.device if dist.device.type == "cuda" else "cpu")
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj, dist: Dist) -> list:
+    """Every rank's ``obj`` (any picklable value), in rank order, on every rank."""
+    if not dist.distributed:
+        return [obj]
+    gathered = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj, dist: Dist):
+    """Rank 0's ``obj`` (any picklable value), on every rank."""
+    if not dist.distributed:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def average_gradients(model) -> None:
     """Average the accumulated gradients over the ranks by hand. DDP does it in the backward
     pass of a step's last micro-batch; when --skip-nonfinite skipped that one (on every rank
@@ -196,8 +231,14 @@ def average_gradients(model) -> None:
             grad.div_(world)
 
 
-def all_ranks(flag: bool, dist: Dist) -> bool:
-    """True on every rank if ``flag`` is true on every rank."""
-    t = torch.tensor([float(flag)], device=dist.device if dist.device.type == "cuda" else "cpu")
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
-    return bool(t.item())
+def sync_buffers(model: torch.nn.Module, dist: Dist) -> None:
+    """Give every rank rank 0's batch-norm statistics.
+
+    DDP keeps the weights equal (it averages the gradients), but it broadcasts the
+    buffers only at the start of each forward pass, so after the last step each rank's
+    running mean and variance follow its own last batch. Rank 0's are the ones saved;
+    with them every rank validates, and goes on training, the model in the checkpoint.
+    """
+    if dist.distributed:
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer, src=0)

@@ -14,17 +14,19 @@ import math
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from distributed import Dist, all_ranks, amp_dtype, average_gradients, make_loader, reduce_sums, set_epoch
+from distributed import (Dist, all_ranks, amp_dtype, any_rank, average_gradients, broadcast_object,
+                         make_loader, reduce_sums, set_epoch, unwrap)
 from runs import (MetricsLog, RunInterrupted, check_same_checkpoint, load_resume, make_run_dir,
-                  refresh_plots, remove_stale_temporaries, restore_training_state, save_epoch_checkpoints,
-                  save_with_previous, training_state, write_config)
-from utils import UserError
+                  refresh_plots, remove_stale_temporaries, rng_state, save_epoch_checkpoints,
+                  save_with_previous, set_rng_state, write_config)
+from utils import UserError, load_state_checked
 
 
 # --------------------------------------------------------------------------- arguments
@@ -141,17 +143,106 @@ def build_scheduler(optimizer, args, steps_per_epoch: int):
         optimizer, lambda step: lr_factor(step / steps_per_epoch, args))
 
 
-def prepare_training(model, dataset, args, dist: Dist, ckpt: dict | None, kind: str, collate_fn=None):
-    """The training loader, optimiser, per-step schedule, gradient scaler and AMP dtype,
-    restored from ``ckpt`` when resuming: the same for every training script."""
-    loader = make_loader(dataset, args.batch_size, True, args.workers, dist, args.seed, collate_fn)
+# --------------------------------------------------------------------------- the run and its state
+def start_run(args, dist: Dist, kind: str):
+    """Open the run folder (new, or the resumed run's) and record the resolved configuration.
+
+    Returns ``(run_dir, checkpoint or None)``. Only rank 0 creates and writes files; the
+    other ranks learn the folder name but never write to it.
+    """
+    check_training_args(args)
+    ckpt, run_dir = load_resume(args)
+    if ckpt is not None and ckpt.get("kind") != kind:
+        raise UserError(f"{args.resume}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
+    if dist.distributed:
+        check_same_checkpoint(ckpt, dist)
+    if run_dir is None:
+        exist_ok = getattr(args, "auto_resume", False)
+        run_dir = (make_run_dir(args.project, args.name, exist_ok) if dist.is_main
+                   else Path(args.project) / args.name)
+        run_dir = Path(broadcast_object(str(run_dir), dist))  # the other ranks learn its name
+    if dist.is_main:
+        remove_stale_temporaries(run_dir)
+        if ckpt is None:  # a resumed run records its configuration in fit(), once its state fits
+            write_config(run_dir / "config.json", args, dist)
+    return run_dir, ckpt
+
+
+@dataclass
+class TrainState:
+    """What the loop works on, in one object rather than long argument lists.
+
+    The model, optimiser, schedule and gradient scaler are what a checkpoint saves
+    (:meth:`checkpoint`) and a resumed run restores (:meth:`restore`); the rest says
+    where and how the run goes.
+    """
+    model: torch.nn.Module                # bare, or wrapped in DataParallel / DDP
+    loader: DataLoader                    # distributed.make_loader: batches from (seed, epoch) alone
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped once per optimiser step
+    scaler: torch.amp.GradScaler
+    dist: Dist
+    args: argparse.Namespace
+    run_dir: Path
+    kind: str                             # "yolo" or "darknet": resuming another kind is refused
+    dtype: torch.dtype | None = None      # autocast dtype (distributed.amp_dtype); None: float32
+    resume: dict | None = None            # the interrupted run's checkpoint, already restored
+    extra: dict = field(default_factory=dict)  # in every checkpoint too (a detector's class names)
+
+    def checkpoint(self, epoch: int, best: float) -> dict:
+        """Everything a resumed run needs; only tensors and plain Python types (weights_only).
+
+        ``extra`` carries what a script adds, such as the class names of a detector.
+        """
+        bare = unwrap(self.model)
+        return self.extra | {
+            "kind": self.kind, "epoch": epoch, "step": self.scheduler.last_epoch, "best": best,
+            "model": bare.state_dict(), "model_config": dict(bare.config),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "args": {k: v for k, v in vars(self.args).items()},
+            "rng": rng_state(),
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from ``ckpt`` (a :meth:`checkpoint`): weights, optimiser, schedule,
+        scaler and the random-number state. A model built with other arguments than the
+        checkpoint's is named in one line, with the arguments that differ."""
+        source, kind = self.args.resume, self.kind
+        if ckpt.get("kind") != kind:
+            raise UserError(f"{source}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
+        source = ckpt.get("source", source)
+        try:
+            load_state_checked(unwrap(self.model), ckpt["model"], source)
+        except UserError as err:
+            saved, built = dict(ckpt.get("model_config") or {}), dict(getattr(unwrap(self.model), "config", {}))
+            differ = [k for k in built if saved and saved.get(k) != built[k]]
+            if not differ:
+                raise
+            was, now = (", ".join(f"{k}={config.get(k)!r}" for k in differ) for config in (saved, built))
+            raise UserError(f"{source}: the checkpoint's model has {was}, this command builds {now}: resume "
+                            f"with the run's own model arguments (its config.json); "
+                            f"{str(err).removeprefix(f'{source}: ')}") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+
+
+def start_training(model, dataset, args, dist: Dist, kind: str, extra: dict | None = None) -> TrainState:
+    """Open the run (:func:`start_run`), then build the training loader, optimiser,
+    per-step schedule, gradient scaler and AMP dtype, restored from the run's checkpoint
+    when resuming: the same for every training script."""
+    run_dir, ckpt = start_run(args, dist, kind)
+    loader = make_loader(dataset, args.batch_size, True, args.workers, dist, args.seed)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, -(-len(loader) // args.accum_steps))
     dtype = amp_dtype(args, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
+    state = TrainState(model, loader, optimizer, scheduler, scaler, dist, args, run_dir, kind, dtype,
+                       resume=ckpt, extra=dict(extra or {}))
     if ckpt is not None:
-        restore_training_state(ckpt, args.resume, model, optimizer, scheduler, scaler, kind)
-    return loader, optimizer, scheduler, scaler, dtype
+        state.restore(ckpt)
+    return state
 
 
 # --------------------------------------------------------------------------- the loop
@@ -159,10 +250,9 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite: stop rather than train on garbage."""
 
 
-def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: Dist, args,
-                    epoch: int, dtype=None, start_batch: int = 0, partial: dict | None = None,
-                    stopper=None) -> dict:
-    """One pass over ``loader`` (from ``start_batch`` on); returns per-image means of the logs.
+def train_one_epoch(state: TrainState, step_fn, epoch: int, start_batch: int = 0,
+                    partial: dict | None = None, stopper=None) -> dict:
+    """One pass over ``state.loader`` (from ``start_batch`` on); returns per-image means of the logs.
 
     ``step_fn(model, batch, device) -> (loss, logs, n)``: the mean loss of the batch, a
     dict of detached per-batch means to log, and the batch size. Gradients are
@@ -171,45 +261,55 @@ def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist: 
     reports a signal, the epoch ends after the next optimiser step and the result has
     ``"interrupted"``: the batches done and the running sums, to save and resume from.
     """
+    model, dist, args = state.model, state.dist, state.args
     model.train()
     acc = dict(partial or {"sums": {}, "seen": 0, "skipped": 0, "time": 0.0})
     acc["sums"], start = dict(acc["sums"]), time.perf_counter() - acc["time"]
-    total, micro = start_batch + len(loader), max(1, args.accum_steps)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main,
+    total, micro = start_batch + len(state.loader), max(1, args.accum_steps)
+    bar = tqdm(state.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main,
                dynamic_ncols=True, leave=False, initial=start_batch, total=total)
     for i, batch in enumerate(bar, start=start_batch):
         last_micro = (i + 1) % micro == 0 or i + 1 == total
-        sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            # The forward pass of a batch that --skip-nonfinite skips has already moved batch
-            # norm's running statistics (to NaN, for NaN activations): they are put back.
-            skip = getattr(args, "skip_nonfinite", False)
-            buffers = [b.detach().clone() for b in model.buffers()] if skip else None
-            with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
-                loss, logs, n = step_fn(model, batch, dist.device)
-            finite = check_finite(loss, logs, epoch, scheduler.last_epoch, args)
-            if skip and dist.distributed:  # DDP's backward is collective: skip on every rank or none
-                finite = all_ranks(finite, dist)
-            if finite:
-                scaler.scale(loss / micro).backward()
-                accumulate(acc, logs, n)
-            if last_micro:  # DDP averages the gradients in this backward pass, if it runs
-                synced = finite
-            if not finite:
-                acc["skipped"] += 1
-                with torch.no_grad():
-                    for buffer, saved in zip(model.buffers(), buffers):
-                        buffer.copy_(saved)
+        loss, synced = forward_backward(state, step_fn, batch, epoch, last_micro, acc)
         if last_micro:
+            # DDP averaged the gradients in the backward pass of this micro-batch, if it ran
             if dist.distributed and not synced:
                 average_gradients(model)
-            optimizer_step(model, optimizer, scaler, args.grad_clip)
-            scheduler.step()
+            optimizer_step(model, state.optimizer, state.scaler, args.grad_clip)
+            state.scheduler.step()
             if stopper is not None and stopper.agreed(dist):
                 acc["time"] = time.perf_counter() - start
                 return {"interrupted": {"batch": i + 1, "partial": acc}}
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{acc['seen'] / (time.perf_counter() - start):.1f}")
     return epoch_means(acc, dist, time.perf_counter() - start)
+
+
+def forward_backward(state: TrainState, step_fn, batch, epoch: int, last_micro: bool, acc: dict):
+    """One micro-batch: the forward pass, the loss check and, for a finite loss, the
+    backward pass adding this batch's share to the step's gradients. Returns
+    ``(loss, finite)``; a skipped batch (--skip-nonfinite) is counted in ``acc``."""
+    model, dist, args = state.model, state.dist, state.args
+    micro = max(1, args.accum_steps)
+    sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+    with sync:
+        # The forward pass of a batch that --skip-nonfinite skips has already moved batch
+        # norm's running statistics (to NaN, for NaN activations): they are put back.
+        skip = getattr(args, "skip_nonfinite", False)
+        buffers = [b.detach().clone() for b in model.buffers()] if skip else None
+        with torch.autocast(dist.device.type, dtype=state.dtype, enabled=state.dtype is not None):
+            loss, logs, n = step_fn(model, batch, dist.device)
+        finite = check_finite(loss, logs, epoch, state.scheduler.last_epoch, args)
+        if skip and dist.distributed:  # DDP's backward is collective: skip on every rank or none
+            finite = all_ranks(finite, dist)
+        if finite:
+            state.scaler.scale(loss / micro).backward()
+            accumulate(acc, logs, n)
+        else:
+            acc["skipped"] += 1
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)
+    return loss, finite
 
 
 def accumulate(acc: dict, logs: dict, n: int) -> None:
@@ -244,13 +344,9 @@ class GracefulStop:
         self.signal = signal.Signals(signum).name
 
     def agreed(self, dist: Dist) -> bool:
-        if not dist.distributed:
-            return self.signal is not None
-        flag = torch.tensor([self.signal is not None], dtype=torch.float32,
-                            device=dist.device if dist.device.type == "cuda" else "cpu")
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        self.signal = self.signal or ("SIGTERM" if flag.item() else None)
-        return bool(flag.item())
+        stop = any_rank(self.signal is not None, dist)
+        self.signal = self.signal or ("SIGTERM" if stop else None)
+        return stop
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
@@ -280,49 +376,21 @@ def optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def start_run(args, dist: Dist, kind: str):
-    """Open the run folder (new, or the resumed run's) and record the resolved configuration.
-
-    Returns ``(run_dir, checkpoint or None)``. Only rank 0 creates and writes files; the
-    other ranks learn the folder name but never write to it.
-    """
-    check_training_args(args)
-    ckpt, run_dir = load_resume(args)
-    if ckpt is not None and ckpt.get("kind") != kind:
-        raise UserError(f"{args.resume}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
-    if dist.distributed:
-        check_same_checkpoint(ckpt, dist)
-    if run_dir is None:
-        exist_ok = getattr(args, "auto_resume", False)
-        run_dir = (make_run_dir(args.project, args.name, exist_ok) if dist.is_main
-                   else Path(args.project) / args.name)
-        if dist.distributed:
-            names = [str(run_dir)]
-            torch_dist.broadcast_object_list(names, src=0)
-            run_dir = Path(names[0])
-    if dist.is_main:
-        remove_stale_temporaries(run_dir)
-        if ckpt is None:  # a resumed run records its configuration in fit(), once its state fits
-            write_config(run_dir / "config.json", args, dist)
-    return run_dir, ckpt
-
-
-def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist: Dist, args,
-        run_dir: Path, kind: str, metric: str, resume: dict | None = None,
-        dtype=None, extra: dict | None = None, on_epoch_end=None) -> float:
+def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None) -> float:
     """The epoch loop: train, evaluate, log one line, save ``last.pt`` and ``best.pt``,
     redraw the run's plots. Returns the best ``metric``.
 
     ``evaluate_fn(model, epoch) -> dict`` (or None to skip) runs on every rank, so
     metrics can be reduced across ranks; ``metric`` (higher is better) picks best.pt.
-    ``resume`` is the checkpoint of an interrupted run (its state already restored):
-    the loop continues at its epoch and batch. ``on_epoch_end(row, model)`` runs on
-    rank 0 only, after the checkpoints are saved (train.py's TensorBoard logging).
-    SIGTERM or Ctrl-C saves the state after the current step and raises RunInterrupted.
+    A resumed run (``state.resume``, its state already restored) continues at the
+    checkpoint's epoch and batch. ``on_epoch_end(row, model)`` runs on rank 0 only,
+    after the checkpoints are saved (train.py's TensorBoard logging). SIGTERM or Ctrl-C
+    saves the state after the current step and raises RunInterrupted.
     """
-    if resume and dist.is_main:
+    dist, args, run_dir = state.dist, state.args, state.run_dir
+    if state.resume and dist.is_main:
         write_config(run_dir / "config_resumed.json", args, dist)
-    resume = resume or {}
+    resume = state.resume or {}
     start, best = resume.get("epoch", 0), resume.get("best", -math.inf)
     batch, partial = resume.get("batch", 0), resume.get("partial")
     epoch_lr = resume.get("epoch_lr") if batch else None  # the rate at the start of that epoch
@@ -330,41 +398,37 @@ def fit(model, loader, step_fn, evaluate_fn, optimizer, scheduler, scaler, dist:
     stopper = GracefulStop()
     try:
         for epoch in range(start, args.epochs):
-            set_epoch(loader, epoch, batch)
-            lr = optimizer.param_groups[0]["lr"] if epoch_lr is None else epoch_lr
+            set_epoch(state.loader, epoch, batch)  # this epoch's shuffle (DistributedSampler.set_epoch)
+            lr = state.optimizer.param_groups[0]["lr"] if epoch_lr is None else epoch_lr
             row = {"epoch": epoch + 1, "lr": lr}
-            row |= train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args,
-                                   epoch, dtype, batch, partial, stopper)
+            row |= train_one_epoch(state, step_fn, epoch, batch, partial, stopper)
             if "interrupted" in row:
                 stop = row["interrupted"] | {"epoch": epoch, "epoch_lr": row["lr"]}
                 if dist.is_main:
-                    state = training_state(model, optimizer, scheduler, scaler, epoch, best, args, kind, extra)
-                    save_with_previous(state | stop, run_dir / "last.pt")
+                    save_with_previous(state.checkpoint(epoch, best) | stop, run_dir / "last.pt")
                 raise RunInterrupted(f"{stopper.signal}: stopped in epoch {epoch + 1} after batch "
                                      f"{stop['batch']}; state saved in {run_dir / 'last.pt'}; "
                                      f"continue with --resume {run_dir}")
             batch, partial, epoch_lr = 0, None, None
-            row |= (evaluate_fn(model, epoch) or {}) if evaluate_fn else {}
+            row |= (evaluate_fn(state.model, epoch) or {}) if evaluate_fn else {}
             improved = metric in row and row[metric] > best
             best = row[metric] if improved else best
-            if dist.is_main:
-                end_of_epoch(row, model, optimizer, scheduler, scaler, best, improved, args, kind,
-                             extra, run_dir, log, on_epoch_end)
+            if dist.is_main:  # rank 0 alone logs and saves
+                end_of_epoch(state, row, best, improved, log, on_epoch_end)
     finally:
         stopper.restore()
     return best
 
 
-def end_of_epoch(row, model, optimizer, scheduler, scaler, best, improved, args, kind, extra,
-                 run_dir: Path, log: MetricsLog, on_epoch_end) -> None:
+def end_of_epoch(state: TrainState, row: dict, best: float, improved: bool, log: MetricsLog,
+                 on_epoch_end) -> None:
     """Rank 0: log the row, save best.pt and last.pt (keeping the previous one), plots."""
     log.append(row)
     print(format_row(row), flush=True)
-    state = training_state(model, optimizer, scheduler, scaler, row["epoch"], best, args, kind, extra)
-    save_epoch_checkpoints(state, run_dir, improved)
-    refresh_plots(run_dir)
+    save_epoch_checkpoints(state.checkpoint(row["epoch"], best), state.run_dir, improved)
+    refresh_plots(state.run_dir)
     if on_epoch_end is not None:
-        on_epoch_end(row, model)
+        on_epoch_end(row, state.model)
 
 
 def format_row(row: dict) -> str:

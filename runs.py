@@ -13,11 +13,10 @@ import random
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 
 import plots  # stdlib only at import time: matplotlib loads when a plot is drawn
-from distributed import Dist, unwrap
-from utils import Interrupted, UserError, load_checkpoint, load_state_checked, save_checkpoint
+from distributed import Dist, gather_objects
+from utils import Interrupted, UserError, load_checkpoint, save_checkpoint
 
 
 # --------------------------------------------------------------------------- run folder
@@ -84,22 +83,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def training_state(model, optimizer, scheduler, scaler, epoch: int, best: float, args, kind: str,
-                   extra: dict | None = None) -> dict:
-    """Everything a resumed run needs; only tensors and plain Python types (weights_only).
-
-    ``extra`` carries what a script adds, such as the class names of a detector.
-    """
-    bare = unwrap(model)
-    return (extra or {}) | {
-        "kind": kind, "epoch": epoch, "step": scheduler.last_epoch, "best": best,
-        "model": bare.state_dict(), "model_config": dict(bare.config),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "args": {k: v for k, v in vars(args).items()},
-        "rng": rng_state(),
-    }
-
-
 def find_resume_checkpoint(resume: str) -> Path:
     """``--resume`` takes a run folder (its last.pt) or a checkpoint file."""
     path = Path(resume)
@@ -108,27 +91,6 @@ def find_resume_checkpoint(resume: str) -> Path:
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint to resume from")
     return path
-
-
-def restore_training_state(ckpt: dict, source: str, model, optimizer, scheduler, scaler, kind: str) -> None:
-    if ckpt.get("kind") != kind:
-        raise UserError(f"{source}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
-    source = ckpt.get("source", source)
-    try:
-        load_state_checked(unwrap(model), ckpt["model"], source)
-    except UserError as err:
-        saved, built = dict(ckpt.get("model_config") or {}), dict(getattr(unwrap(model), "config", {}))
-        differ = [k for k in built if saved and saved.get(k) != built[k]]
-        if not differ:
-            raise
-        was, now = (", ".join(f"{k}={config.get(k)!r}" for k in differ) for config in (saved, built))
-        raise UserError(f"{source}: the checkpoint's model has {was}, this command builds {now}: resume "
-                        f"with the run's own model arguments (its config.json); "
-                        f"{str(err).removeprefix(f'{source}: ')}") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
 
 
 def load_resume(args) -> tuple[dict | None, Path | None]:
@@ -179,8 +141,7 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 def check_same_checkpoint(ckpt: dict | None, dist: Dist) -> None:
     """Every rank must start from the same checkpoint (or none): a node that cannot see
     the run folder would otherwise start afresh beside the others' resumed run."""
-    steps = [None] * dist.world_size
-    torch_dist.all_gather_object(steps, None if ckpt is None else ckpt["step"])
+    steps = gather_objects(None if ckpt is None else ckpt["step"], dist)
     if len(set(steps)) > 1:
         raise UserError(f"the processes found different checkpoints to resume (steps {steps} by rank): "
                         "the run folder must be on storage that every node sees")

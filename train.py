@@ -47,6 +47,12 @@ RECIPES = {
 }
 
 
+DEMO_NOTE = ("Quick demonstration: a quarter-width Fast YOLO (S=2, 128x128 input) trained for 20 "
+             "epochs on the bundled data/shapes/ sample (best.pt on its val.csv), a few minutes on "
+             "a CPU. The full YOLOv1 trains at about 0.25 images/s on a 2-core CPU; see README.md "
+             "for the paper's run.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
@@ -149,40 +155,50 @@ def tensorboard_callback(logger, val_set, args):
     return on_epoch_end
 
 
+def build_datasets(args):
+    """``(training set, validation set or None)`` at the network's input side."""
+    # 64 * S is the model's input_size (model.GridDetector); the model itself is built
+    # once the data has named the classes.
+    size = 64 * args.S
+    train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
+                                  S=args.S, img_size=size, train=not args.no_augment, uint8=True)
+    val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
+                                 S=args.S, img_size=size) if args.val_data else None)
+    return train_set, val_set
+
+
+def tensorboard_logger(state: engine.TrainState, val_set):
+    """``(logger, on_epoch_end)`` with --tensorboard on rank 0, else ``(None, None)``."""
+    if not (state.args.tensorboard and state.dist.is_main):
+        return None, None
+    # purge_step: on resume TensorBoard drops the events of epochs the checkpoint lacks.
+    start = state.resume["epoch"] if state.resume else 0
+    logger = TensorBoardLogger(state.run_dir, purge_step=start + 1)
+    return logger, tensorboard_callback(logger, val_set, state.args)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.tensorboard:  # before the run folder exists: a missing package leaves nothing behind
         require("tensorboard", "tensorboard", "--tensorboard")
     dist = distributed.setup_distributed(args.device)
     if args.recipe == "demo" and dist.is_main:
-        print("Quick demonstration: a quarter-width Fast YOLO (S=2, 128x128 input) trained for 20 "
-              "epochs on the bundled data/shapes/ sample (best.pt on its val.csv), a few minutes on "
-              "a CPU. The full YOLOv1 trains at about 0.25 images/s on a 2-core CPU; see README.md "
-              "for the paper's run.", flush=True)
+        print(DEMO_NOTE, flush=True)
     runs.seed_everything(args.seed)
-    train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
-                                  S=args.S, img_size=64 * args.S, train=not args.no_augment, uint8=True)
-    val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
-                                 S=args.S, img_size=64 * args.S) if args.val_data else None)
+    train_set, val_set = build_datasets(args)
+    names = list(train_set.class_names)
     # The model (and --backbone) before the run folder: a bad backbone writes nothing.
-    model = make_model(args, len(train_set.class_names), dist)
-    run_dir, ckpt = engine.start_run(args, dist, kind="yolo")
-    loader, optimizer, scheduler, scaler, dtype = engine.prepare_training(
-        model, train_set, args, dist, ckpt, "yolo")
-    loss_fn = YoloLoss(args.S, args.B, len(train_set.class_names), args.lambda_coord,
-                       args.lambda_noobj, rescore=not args.no_rescore)
+    model = make_model(args, len(names), dist)
+    state = engine.start_training(model, train_set, args, dist, "yolo", extra={"class_names": names})
+    loss_fn = YoloLoss(args.S, args.B, len(names), args.lambda_coord, args.lambda_noobj,
+                       rescore=not args.no_rescore)
     evaluate_fn = predict.detection_evaluator(val_set, args, dist) if val_set else None
-    # purge_step: on resume TensorBoard drops the events of epochs the checkpoint lacks.
-    start = ckpt["epoch"] if ckpt else 0
-    logger = TensorBoardLogger(run_dir, purge_step=start + 1) if args.tensorboard and dist.is_main else None
-    best = engine.fit(model, loader, yolo_step(loss_fn, args.channels_last), evaluate_fn, optimizer,
-                      scheduler, scaler, dist, args, run_dir, "yolo", "mAP", ckpt, dtype,
-                      extra={"class_names": list(train_set.class_names)},
-                      on_epoch_end=tensorboard_callback(logger, val_set, args) if logger else None)
+    logger, on_epoch_end = tensorboard_logger(state, val_set)
+    best = engine.fit(state, yolo_step(loss_fn, args.channels_last), evaluate_fn, "mAP", on_epoch_end)
     if logger is not None:
         logger.close()
     if dist.is_main:
-        print(f"done: best validation mAP {best:.4f}; checkpoints in {run_dir}")
+        print(f"done: best validation mAP {best:.4f}; checkpoints in {state.run_dir}")
     distributed.cleanup_distributed()
 
 

@@ -134,9 +134,9 @@ def save_checkpoint(obj, path):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit(model, loader, step_fn, *args, **kwargs):
+def fit(state, step_fn, *args, **kwargs):
     if env["REL_SAVE_INITIAL"]:
-        torch.save(distributed.unwrap(model).state_dict(), env["REL_SAVE_INITIAL"])
+        torch.save(distributed.unwrap(state.model).state_dict(), env["REL_SAVE_INITIAL"])
 
     def step(model, batch, device):
         counts["batches"] += 1
@@ -144,9 +144,9 @@ def fit(model, loader, step_fn, *args, **kwargs):
         if counts["batches"] == number("REL_NAN_AT_BATCH") and on_this_rank:
             batch = [batch[0] * float("nan"), *batch[1:]]
         return step_fn(model, batch, device)
-    result = real_fit(model, loader, step, *args, **kwargs)
+    result = real_fit(state, step, *args, **kwargs)
     if env["REL_SAVE_FINAL"]:  # every rank's own weights, to compare them
-        torch.save(distributed.unwrap(model).state_dict(), f"{env['REL_SAVE_FINAL']}.rank{os.environ.get('RANK', 0)}")
+        torch.save(distributed.unwrap(state.model).state_dict(), f"{env['REL_SAVE_FINAL']}.rank{os.environ.get('RANK', 0)}")
     return result
 
 

@@ -140,11 +140,10 @@ def test_auto_resume_after_a_crash_continues_exactly(tree, tmp_path, monkeypatch
     class Preempted(Exception):
         pass
 
-    def crash_at_second_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args, epoch, *rest):
+    def crash_at_second_epoch(state, step_fn, epoch, *rest):
         if epoch == 1:
             raise Preempted
-        return real_train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args,
-                                    epoch, *rest)
+        return real_train_one_epoch(state, step_fn, epoch, *rest)
     monkeypatch.setattr(engine, "train_one_epoch", crash_at_second_epoch)
     with pytest.raises(Preempted):
         darknet_train.main([*argv, "--name", "crashed"])

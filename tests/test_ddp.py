@@ -44,21 +44,20 @@ CRASH_AT_EPOCH = int(os.environ.get("TEST_CRASH_AT_EPOCH", "0"))
 real_fit, real_train_one_epoch = engine.fit, engine.train_one_epoch
 
 
-def fit(model, *args, **kwargs):
-    best = real_fit(model, *args, **kwargs)
-    torch.save(distributed.unwrap(model).state_dict(), OUT / f"rank{os.environ['RANK']}.pt")
+def fit(state, *args, **kwargs):
+    best = real_fit(state, *args, **kwargs)
+    torch.save(distributed.unwrap(state.model).state_dict(), OUT / f"rank{os.environ['RANK']}.pt")
     return best
 
 
-def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args, epoch, *rest):
+def train_one_epoch(state, step_fn, epoch, *rest):
     marker = OUT / "crashed"
     if epoch + 1 == CRASH_AT_EPOCH and not marker.exists():
         torch.distributed.barrier()  # rank 0 has saved the previous epoch's last.pt
-        if dist.rank == 1:
+        if state.dist.rank == 1:
             marker.touch()
             os._exit(1)
-    return real_train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args,
-                                epoch, *rest)
+    return real_train_one_epoch(state, step_fn, epoch, *rest)
 
 
 engine.fit, engine.train_one_epoch = fit, train_one_epoch
