@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import distributed
-from darknet_train import build_datasets, build_model, parse_args, train
+from classification import build_datasets, build_model, parse_args, train
 from utils import UserError, run_cli
 
 

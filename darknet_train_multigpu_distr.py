@@ -33,7 +33,7 @@ import os
 from torch.nn.parallel import DistributedDataParallel
 
 import distributed
-from darknet_train import build_datasets, build_model, parse_args, train
+from classification import build_datasets, build_model, parse_args, train
 from utils import run_cli
 
 
