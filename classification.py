@@ -1,11 +1,29 @@
-"""Pretrain the Darknet backbone on ImageNet: one GPU, or the CPU.
+"""ImageNet classification of the Darknet backbone: what the three pretraining scripts
+share. darknet_train.py (one device), darknet_train_multigpu.py (nn.DataParallel) and
+darknet_train_multigpu_distr.py (DistributedDataParallel under torchrun) take these
+arguments, data, model, per-batch step, validation and ``train``; each script is only
+its main(), which sets up its device(s) and wraps the model. RECIPE, at the end of each
+script's --help, says what the network and its defaults are.
+"""
+from __future__ import annotations
 
-    python darknet_train.py --width 0.125 --img-size 96 --batch-size 16 --epochs 10
-                                   # a one-minute CPU run on the bundled sample (data/imagenet)
-    python darknet_train.py --train-dir /data/imagenet/train --val-dir /data/imagenet/val \\
-        --val-labels /data/imagenet/LOC_val_solution.csv --workers 8
-    python train.py --backbone runs/darknet/exp/best.pt ...   # then YOLOv1 on VOC
+import argparse
 
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import distributed
+import engine
+import runs
+from darknet_model import Darknet
+from dataset import build_imagenet, imagenet_transform, to_float_images
+from utils import UserError
+
+KIND = "darknet"  # checkpoint kind: resuming another kind of checkpoint is refused
+
+RECIPE = """\
 The network is the paper's first 20 convolutions (Figure 3), average pooling and a
 fully connected layer to the classes, trained at 224 x 224 (Section 2.2); YOLOv1 then
 loads the convolutions (model.load_backbone). Top-1 and top-5 accuracy on the
@@ -22,35 +40,14 @@ Run folders: runs/darknet/exp, exp2, ... hold config.json, metrics.jsonl, last.p
 best.pt. --resume RUN continues a run exactly; --auto-resume continues --name's run if
 it has a last.pt, so the same command can simply be started again after a crash or a
 preemption.
-
-darknet_train_multigpu.py (nn.DataParallel) and darknet_train_multigpu_distr.py
-(DistributedDataParallel under torchrun) train the same network with the same
-arguments and checkpoints. This file holds everything the three scripts share, so
-their main() functions differ only in how they wrap the model and the data.
 """
-from __future__ import annotations
-
-import argparse
-
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
-
-import distributed
-import engine
-import runs
-from darknet_model import Darknet
-from dataset import build_imagenet, imagenet_transform, to_float_images
-from utils import UserError, run_cli
-
-KIND = "darknet"  # checkpoint kind: resuming another kind of checkpoint is refused
 
 
 # --------------------------------------------------------------------------- arguments
-def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The one parser of the three scripts; each passes its own docstring for --help."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description, epilog=RECIPE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data (ImageNet 2012 layout)")
     d.add_argument("--train-dir", default="data/imagenet/train",
                    help="class folders <wnid>/*.JPEG, or the ImageNet root holding train/ (default "
@@ -76,7 +73,7 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv, description: str = __doc__) -> argparse.Namespace:
+def parse_args(argv, description: str | None = None) -> argparse.Namespace:
     args = build_parser(description).parse_args(argv)
     if args.width <= 0:
         raise UserError(f"--width must be positive, got {args.width}")
@@ -191,17 +188,3 @@ def score(net: nn.Module, loader, dist: distributed.Dist, dtype, memory_format) 
         sums["top5"] += top5
         sums["n"] += len(labels)
     return sums
-
-
-# --------------------------------------------------------------------------- one device
-def main(argv=None):
-    args = parse_args(argv)
-    dist = distributed.Dist(device=distributed.resolve_device(args.device))  # one process, one device
-    train_set, val_set = build_datasets(args)
-    model = build_model(args, len(train_set.classes), dist.device)
-    # No wrapping: the model and the data loader stay as they are.
-    train(args, dist, model, train_set, val_set)
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -16,9 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PRELOAD = ("torch", "torchvision", "torchvision.transforms.v2", "numpy", "PIL.Image", "matplotlib",
-           "matplotlib.figure", "matplotlib.backends.backend_agg", "tqdm", "engine", "utils", "dataset",
-           "model", "loss", "plots", "evaluate", "darknet_model", "darknet_train", "train", "test",
-           "detect", "detect_txt", "export", "voc_convert")
+           "matplotlib.figure", "matplotlib.backends.backend_agg", "tqdm", "distributed", "runs", "engine",
+           "predict", "utils", "dataset", "model", "loss", "plots", "evaluate", "darknet_model",
+           "classification", "darknet_train", "train", "test", "detect", "detect_txt", "export", "voc_convert")
 
 SERVER = r'''
 """Fork server: import once, then run each script in a forked process (see scripts_server.py)."""
