@@ -214,7 +214,8 @@ class TrainState:
         try:
             load_state_checked(unwrap(self.model), ckpt["model"], source)
         except UserError as err:
-            saved, built = dict(ckpt.get("model_config") or {}), dict(getattr(unwrap(self.model), "config", {}))
+            saved = dict(ckpt.get("model_config") or {})
+            built = dict(getattr(unwrap(self.model), "config", {}))
             differ = [k for k in built if saved and saved.get(k) != built[k]]
             if not differ:
                 raise

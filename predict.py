@@ -1,19 +1,63 @@
-"""Detection over a dataset: the model's boxes for every image in pixels of the
-original image, and the ground truth and detections as the evaluator's tables.
+"""Running a trained detector: the arguments every inference script takes, the model's
+boxes for a batch of images or a whole dataset in pixels of the original images, and
+the ground truth and detections as the evaluator's tables.
 
 train.py's validation (detection_evaluator), test.py, detect_txt.py and detect.py all
 predict through here, so they score the same boxes.
 """
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as F
 
-from distributed import Dist, amp_dtype, unwrap
+from distributed import Dist, amp_dtype, gather_objects, resolve_device, unwrap
 from evaluate import evaluate_detections
-from utils import decode_predictions
+from model import load_detector
+from utils import UserError, decode_predictions
+
+
+# --------------------------------------------------------------------------- the scripts' arguments
+def add_inference_args(parser: argparse.ArgumentParser, *, conf_threshold: float, conf_help: str,
+                       batch_size: int) -> None:
+    """The arguments of every script that runs a trained detector (test.py, detect_txt.py,
+    detect.py); each passes its own default score threshold and batch size."""
+    parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
+    parser.add_argument("--conf-threshold", type=float, default=conf_threshold,
+                        help=f"{conf_help} (default %(default)s)")
+    parser.add_argument("--nms-iou", type=float, default=0.5,
+                        help="per-class non-maximum suppression IoU (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="images per forward pass (default %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """The labelled data that test.py and detect_txt.py run the detector on."""
+    parser.add_argument("--data", default="data/test.csv", help=data_help)
+    parser.add_argument("--img-dir", help="images folder of the csv layout (default: images/ beside it)")
+    parser.add_argument("--label-dir", help="labels folder of the csv layout (default: labels/ beside it)")
+    parser.add_argument("--split", default="2007/test", help="VOCdevkit year/split (default %(default)s)")
+
+
+def check_inference_args(args) -> None:
+    """Thresholds in [0, 1], counts (--batch-size, and --max-det where there is one) at least 1."""
+    for name in ("conf_threshold", "nms_iou"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("max_det", "batch_size"):
+        if getattr(args, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def open_detector(args):
+    """``(model, class names, dist)``: --checkpoint's detector on --device, one process."""
+    dist = Dist(device=resolve_device(args.device))
+    model, names = load_detector(args.checkpoint, dist.device)
+    return model, names, dist
 
 
 # --------------------------------------------------------------------------- detection evaluation
@@ -43,9 +87,29 @@ def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold:
         position += len(dets)
     bare.train(was_training)
     if dist.distributed:
-        gathered = [None] * dist.world_size
-        torch_dist.all_gather_object(gathered, results)
-        results = {k: v for part in gathered for k, v in part.items()}
+        results = {k: v for part in gather_objects(results, dist) for k, v in part.items()}
+    return results
+
+
+@torch.no_grad()
+def predict_images(model, images: list[torch.Tensor], args) -> list[torch.Tensor]:
+    """Detections ``(M, 6)``: ``class, score, x1, y1, x2, y2`` in pixels of each uint8 image
+    (detect.py; ``args``: its --conf-threshold, --nms-iou and --max-det).
+
+    Images are squashed to the network's square input the way dataset.py feeds it in
+    training and evaluation: an antialiased resize of the uint8 pixels, then [0, 1] floats.
+    """
+    size = [model.input_size, model.input_size]
+    batch = torch.stack([F.resize(image, size, antialias=True) for image in images])
+    batch = F.to_dtype(batch, torch.float32, scale=True).to(next(model.parameters()).device)
+    out = model(batch)
+    dets = decode_predictions(out, model.S, model.B, model.C, args.conf_threshold, args.nms_iou,
+                              args.max_det)
+    results = []
+    for image, d in zip(images, dets):
+        d = d.cpu()
+        d[:, 2:] *= torch.tensor([image.shape[2], image.shape[1]] * 2, dtype=d.dtype)
+        results.append(d)
     return results
 
 

@@ -24,7 +24,7 @@ import predict
 import runs
 from dataset import build_voc_dataset, to_float_images
 from loss import YoloLoss
-from model import build_model, load_backbone
+from model import MODEL_NAMES, build_model, load_backbone
 from plots import TensorBoardLogger, require
 from utils import decode_predictions, load_checkpoint, run_cli
 
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--names", help="class names file, one per line (default: the 20 VOC classes)")
     d.add_argument("--no-augment", action="store_true", help="turn off the paper's augmentation")
     m = p.add_argument_group("model")
-    m.add_argument("--model", choices=("yolov1", "fast"), default="yolov1", help="YOLOv1 or Fast YOLO")
+    m.add_argument("--model", choices=tuple(MODEL_NAMES), default="yolov1",
+                   help="the network (default %(default)s)")
     m.add_argument("--S", type=int, default=7, help="grid size; the input is 64*S pixels (paper: 7)")
     m.add_argument("--B", type=int, default=2, help="boxes per cell (paper: 2)")
     m.add_argument("--hidden", type=int, default=4096, help="hidden fully connected units (paper: 4096)")
