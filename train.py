@@ -49,7 +49,7 @@ RECIPES = {
 
 DEMO_NOTE = ("Quick demonstration: a quarter-width Fast YOLO (S=2, 128x128 input) trained for 20 "
              "epochs on the bundled data/shapes/ sample (best.pt on its val.csv), a few minutes on "
-             "a CPU. The full YOLOv1 trains at about 0.25 images/s on a 2-core CPU; see README.md "
+             "a CPU. The full YOLOv1 trains at about 0.25 images/s on a 2-core CPU; see docs/training.md "
              "for the paper's run.")
 
 
