@@ -322,7 +322,7 @@ def accumulate(acc: dict, logs: dict, n: int) -> None:
 def epoch_means(acc: dict, dist: Dist, seconds: float) -> dict:
     """Per-image means over all processes, the image count, skipped steps and time."""
     totals = reduce_sums({**acc["sums"], "_n": acc["seen"], "_skipped": acc["skipped"]}, dist)
-    # every rank skips together (all_ranks in train_one_epoch), so each counted every skip
+    # every rank skips together (all_ranks in forward_backward), so each counted every skip
     n, skipped = max(1.0, totals.pop("_n")), int(totals.pop("_skipped")) // dist.world_size
     row = {k: v / n for k, v in totals.items()} | {"images": int(n), "time_s": round(seconds, 2)}
     return row | ({"skipped_steps": skipped} if skipped else {})

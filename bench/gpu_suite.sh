@@ -67,7 +67,7 @@ timeout 60 torchrun --standalone --nproc-per-node 1 darknet_train_multigpu_distr
     --project "$WORK/runs" --name ddp 2>&1 | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -3
 if [ "$DEVICE" = cuda ]; then timeout 60 python - <<'NCCL'
 # One GPU cannot hold two NCCL ranks, and torchrun with one process trains without DDP:
-# this checks the NCCL collectives the engine uses, and a DDP step, in a world of one.
+# this checks the NCCL collectives distributed.py uses, and a DDP step, in a world of one.
 import os, sys
 import torch, torch.distributed as td
 sys.path.insert(0, ".")
