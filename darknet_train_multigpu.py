@@ -19,16 +19,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import engine
-from darknet_train import KIND, build_datasets, build_model, parse_args, train
+import distributed
+from classification import build_datasets, build_model, parse_args, train
 from utils import UserError, run_cli
 
 
 def main(argv=None):
     args = parse_args(argv, __doc__)
-    dist = engine.Dist(device=engine.resolve_device(args.device))  # one process, every GPU
+    dist = distributed.Dist(device=distributed.resolve_device(args.device))  # one process, every GPU
     train_set, val_set = build_datasets(args)
-    run_dir, ckpt = engine.start_run(args, dist, KIND)
     model = build_model(args, len(train_set.classes), dist.device)
     gpus = torch.cuda.device_count() if dist.device.type == "cuda" else 0
     if gpus >= 2:
@@ -39,7 +38,7 @@ def main(argv=None):
     else:
         print(f"note: DataParallel needs two or more GPUs; {gpus} visible, so this trains on "
               f"{dist.device} alone, as darknet_train.py does", flush=True)
-    train(args, dist, model, train_set, val_set, run_dir, ckpt)
+    train(args, dist, model, train_set, val_set)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-import engine
+import predict
+import runs
 from dataset import load_image
-from model import load_detector
 from plots import draw_detections, require
-from utils import UserError, decode_predictions, run_cli
+from utils import UserError, run_cli
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv")
 # Formats Pillow writes RGB in; a drawn copy of anything else is saved as PNG.
@@ -46,30 +46,16 @@ RGB_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
+    predict.add_inference_args(p, conf_threshold=0.2, batch_size=8,
+                               conf_help="keep boxes scoring above this (for display)")
     p.add_argument("source", help="an image, a folder of images and videos, or a video file")
-    p.add_argument("--conf-threshold", type=float, default=0.2,
-                   help="keep boxes scoring above this (default %(default)s, for display)")
-    p.add_argument("--nms-iou", type=float, default=0.5,
-                   help="per-class non-maximum suppression IoU (default %(default)s)")
     p.add_argument("--max-det", type=int, default=100, help="at most this many boxes per image")
     p.add_argument("--save-txt", action="store_true", help="write labels/<image>.txt per image")
     p.add_argument("--save-json", action="store_true", help="write detections.json")
     p.add_argument("--line-width", type=int, help="box line width in pixels (default: from the image size)")
-    p.add_argument("--batch-size", type=int, default=8, help="images or frames per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--project", default="runs/detect", help="parent of the output folder")
     p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")
     return p
-
-
-def check_args(args) -> None:
-    for name in ("conf_threshold", "nms_iou"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ("max_det", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
 def list_sources(source: str) -> tuple[list[Path], list[Path]]:
@@ -88,28 +74,7 @@ def list_sources(source: str) -> tuple[list[Path], list[Path]]:
     return images, videos
 
 
-# --------------------------------------------------------------------------- prediction
-@torch.no_grad()
-def predict(model, images: list[torch.Tensor], args) -> list[torch.Tensor]:
-    """Detections ``(M, 6)``: ``class, score, x1, y1, x2, y2`` in pixels of each uint8 image.
-
-    Images are squashed to the network's square input the way dataset.py feeds it in
-    training and evaluation: an antialiased resize of the uint8 pixels, then [0, 1] floats.
-    """
-    size = [model.input_size, model.input_size]
-    batch = torch.stack([F.resize(image, size, antialias=True) for image in images])
-    batch = F.to_dtype(batch, torch.float32, scale=True).to(next(model.parameters()).device)
-    out = model(batch)
-    dets = decode_predictions(out, model.S, model.B, model.C, args.conf_threshold, args.nms_iou,
-                              args.max_det)
-    results = []
-    for image, d in zip(images, dets):
-        d = d.cpu()
-        d[:, 2:] *= torch.tensor([image.shape[2], image.shape[1]] * 2, dtype=d.dtype)
-        results.append(d)
-    return results
-
-
+# --------------------------------------------------------------------------- outputs
 def batches(items, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -141,7 +106,7 @@ class Outputs:
 
     def finish(self, checkpoint: str) -> None:
         if self.args.save_json:
-            engine.write_json(self.dir / "detections.json", {
+            runs.write_json(self.dir / "detections.json", {
                 "checkpoint": str(checkpoint), "class_names": list(self.names),
                 "conf_threshold": self.args.conf_threshold, "nms_iou": self.args.nms_iou,
                 "box_format": "x1 y1 x2 y2, pixels of the original image", "images": self.records})
@@ -177,7 +142,7 @@ def detect_images(model, paths: list[Path], outputs: Outputs, args) -> list[str]
                 errors.append(str(err))
                 if len(paths) > 1:
                     tqdm.write(f"warning: {err}", file=sys.stderr)
-        for path, image, dets in zip(kept, images, predict(model, images, args) if images else []):
+        for path, image, dets in zip(kept, images, predict.predict_images(model, images, args) if images else []):
             outputs.add(dets, path, (image.shape[2], image.shape[1]))
             save_image(outputs.draw(image, dets), outputs.dir / output_name(path, RGB_SUFFIXES, ".png"))
         bar.update(len(chunk))
@@ -274,7 +239,7 @@ def detect_video(model, path: Path, outputs: Outputs, args) -> int:
 
 
 def detect_frames(model, frames, first: int, path: Path, outputs: Outputs, writer: VideoWriter, bar) -> int:
-    for k, (image, dets) in enumerate(zip(frames, predict(model, frames, outputs.args))):
+    for k, (image, dets) in enumerate(zip(frames, predict.predict_images(model, frames, outputs.args))):
         outputs.add(dets, path, (image.shape[2], image.shape[1]), frame=first + k)
         writer.write(outputs.draw(image, dets))
     bar.update(len(frames))
@@ -284,12 +249,12 @@ def detect_frames(model, frames, first: int, path: Path, outputs: Outputs, write
 # --------------------------------------------------------------------------- main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_args(args)
+    predict.check_inference_args(args)
     images, videos = list_sources(args.source)
     if videos:
         require("av", "av", "reading videos")
-    model, names = load_detector(args.checkpoint, engine.resolve_device(args.device))
-    outputs = Outputs(engine.make_run_dir(args.project, args.name), names, args)
+    model, names, _ = predict.open_detector(args)
+    outputs = Outputs(runs.make_run_dir(args.project, args.name), names, args)
     errors = detect_images(model, images, outputs, args) if images else []
     if errors and len(errors) == len(images) and not videos:
         shutil.rmtree(outputs.dir)  # made by this run, with nothing in it: leave no trace

@@ -19,24 +19,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import engine
+import predict
+import runs
 from dataset import build_image_dataset, build_voc_dataset
-from model import load_detector
-from utils import UserError, run_cli
+from utils import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a train.py checkpoint")
-    p.add_argument("--data", default="data/test.csv",
-                   help="a csv of image,label pairs, a VOCdevkit folder, or a folder of images (no labels)")
-    p.add_argument("--img-dir", help="images folder of the csv layout (default: images/ beside the csv)")
-    p.add_argument("--label-dir", help="labels folder of the csv layout (default: labels/ beside the csv)")
-    p.add_argument("--split", default="2007/test", help="VOCdevkit year/split (default %(default)s)")
-    p.add_argument("--conf-threshold", type=float, default=0.005, help="default %(default)s")
-    p.add_argument("--nms-iou", type=float, default=0.5, help="per-class NMS IoU (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    predict.add_inference_args(p, conf_threshold=0.005, batch_size=16,
+                               conf_help="keep boxes scoring above this (the mAP needs almost all)")
+    predict.add_dataset_args(p, "a csv of image,label pairs, a VOCdevkit folder, or a folder of images "
+                                "(no labels)")
     p.add_argument("--project", default="runs/detect_txt", help="parent of the output folder")
     p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")
     return p
@@ -65,13 +59,11 @@ def load_data(args, names, model):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    dist = engine.Dist(device=engine.resolve_device(args.device))
-    model, names = load_detector(args.checkpoint, dist.device)
+    predict.check_inference_args(args)
+    model, names, dist = predict.open_detector(args)
     dataset, labelled = load_data(args, names, model)
-    dets = engine.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
-    out = engine.make_run_dir(args.project, args.name)
+    dets = predict.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
+    out = runs.make_run_dir(args.project, args.name)
     (out / "detections").mkdir()
     if labelled:
         (out / "groundtruths").mkdir()

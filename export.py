@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import engine
+import runs
 from model import load_detector
 from plots import require
 from utils import UserError, cell_to_image_boxes, run_cli, split_predictions
@@ -220,7 +220,7 @@ def main(argv=None):
         require("onnx", "onnx", "ONNX export")
         require("onnxscript", "onnxscript", "ONNX export (torch.onnx's exporter)")
     model, names = load_detector(args.checkpoint, "cpu")
-    out_dir = engine.make_run_dir(args.project, args.name)
+    out_dir = runs.make_run_dir(args.project, args.name)
     export(model, names, out_dir, formats, args.raw, args.opset, check=not args.no_check)
     print(f"input: images (N, 3, {model.input_size}, {model.input_size}) RGB in [0, 1]; "
           + ("output: (N, S*S*(C+5B)) raw" if args.raw else

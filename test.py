@@ -17,10 +17,10 @@ import argparse
 import math
 from pathlib import Path
 
-import engine
+import predict
+import runs
 from dataset import build_voc_dataset
 from evaluate import format_report, match_detections, summarize_matches
-from model import load_detector
 from utils import UserError, run_cli
 
 ORIGINAL_SCORE_THRESHOLD = 0.4
@@ -28,35 +28,27 @@ ORIGINAL_SCORE_THRESHOLD = 0.4
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
-    p.add_argument("--data", default="data/test.csv", help="csv of image,label pairs or a VOCdevkit folder")
-    p.add_argument("--img-dir", help="images folder of the csv layout (default: images/ beside the csv)")
-    p.add_argument("--label-dir", help="labels folder of the csv layout (default: labels/ beside the csv)")
-    p.add_argument("--split", default="2007/test", help="VOCdevkit year/split (default %(default)s)")
-    p.add_argument("--conf-threshold", type=float, default=0.005,
-                   help="keep boxes scoring above this for the VOC mAP (default %(default)s)")
-    p.add_argument("--nms-iou", type=float, default=0.5, help="per-class NMS IoU (default %(default)s)")
+    predict.add_inference_args(p, conf_threshold=0.005, batch_size=16,
+                               conf_help="keep boxes scoring above this for the VOC mAP")
+    predict.add_dataset_args(p, "csv of image,label pairs or a VOCdevkit folder")
     p.add_argument("--iou", type=float, default=0.5, help="IoU for a true positive (default %(default)s)")
     p.add_argument("--voc07", action="store_true",
                    help="official VOC2007 protocol: 11-point AP, difficult objects ignored")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--json", help="write both metrics and the per-class APs to this file")
     return p
 
 
 def evaluate_checkpoint(args) -> dict:
-    dist = engine.Dist(device=engine.resolve_device(args.device))
-    model, names = load_detector(args.checkpoint, dist.device)
+    model, names, dist = predict.open_detector(args)
     dataset = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, names,
                                 S=model.S, img_size=model.input_size)
-    dets = engine.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
-    gt = engine.ground_truth_table(dataset, names)
+    dets = predict.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
+    gt = predict.ground_truth_table(dataset, names)
     interp, difficult = ("11", "ignore") if args.voc07 else ("all", "ignore")
     # One ranking and matching serves both numbers: the fixed-threshold one counts only the
     # detections scoring >= 0.4, which rank first in each class (min_score). It needs its
     # own matching only when --iou is not its 0.5.
-    table = engine.detection_table(dets, names)
+    table = predict.detection_table(dets, names)
     matches = match_detections(gt, table, args.iou, difficult)
     real = summarize_matches(matches, interp)
     fixed = summarize_matches(matches if args.iou == 0.5 else match_detections(gt, table, 0.5, difficult),
@@ -66,8 +58,7 @@ def evaluate_checkpoint(args) -> dict:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    predict.check_inference_args(args)
     if args.json and not Path(args.json).parent.is_dir():  # before the evaluation, not after it
         raise UserError(f"--json {args.json}: {Path(args.json).parent} is not a folder")
     results = evaluate_checkpoint(args)
@@ -81,7 +72,7 @@ def main(argv=None):
                    "AP": results["voc"]["AP"], "fixed_threshold_mAP": finite(results["fixed"]["mAP"]),
                    "interp": results["voc"]["interp"], "iou": args.iou}
         try:
-            engine.write_json(Path(args.json), summary)
+            runs.write_json(Path(args.json), summary)
         except OSError as err:
             raise UserError(f"--json {args.json}: cannot write it ({err.strerror})") from None
 

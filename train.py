@@ -18,10 +18,13 @@ import sys
 
 import torch
 
+import distributed
 import engine
+import predict
+import runs
 from dataset import build_voc_dataset, to_float_images
 from loss import YoloLoss
-from model import build_model, load_backbone
+from model import MODEL_NAMES, build_model, load_backbone
 from plots import TensorBoardLogger, require
 from utils import decode_predictions, load_checkpoint, run_cli
 
@@ -44,6 +47,12 @@ RECIPES = {
 }
 
 
+DEMO_NOTE = ("Quick demonstration: a quarter-width Fast YOLO (S=2, 128x128 input) trained for 20 "
+             "epochs on the bundled data/shapes/ sample (best.pt on its val.csv), a few minutes on "
+             "a CPU. The full YOLOv1 trains at about 0.25 images/s on a 2-core CPU; see docs/training.md "
+             "for the paper's run.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
@@ -62,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--names", help="class names file, one per line (default: the 20 VOC classes)")
     d.add_argument("--no-augment", action="store_true", help="turn off the paper's augmentation")
     m = p.add_argument_group("model")
-    m.add_argument("--model", choices=("yolov1", "fast"), default="yolov1", help="YOLOv1 or Fast YOLO")
+    m.add_argument("--model", choices=tuple(MODEL_NAMES), default="yolov1",
+                   help="the network (default %(default)s)")
     m.add_argument("--S", type=int, default=7, help="grid size; the input is 64*S pixels (paper: 7)")
     m.add_argument("--B", type=int, default=2, help="boxes per cell (paper: 2)")
     m.add_argument("--hidden", type=int, default=4096, help="hidden fully connected units (paper: 4096)")
@@ -96,7 +106,7 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def make_model(args, num_classes: int, dist: engine.Dist):
+def make_model(args, num_classes: int, dist: distributed.Dist):
     model = build_model(args.model, S=args.S, B=args.B, C=num_classes, hidden=args.hidden,
                         batch_norm=not args.no_batch_norm, width=args.width, dropout=args.dropout)
     if args.backbone:
@@ -137,7 +147,7 @@ def tensorboard_callback(logger, val_set, args):
         logger.log_scalars(row, row["epoch"])
         if images is None:
             return
-        bare = engine.unwrap(model)
+        bare = distributed.unwrap(model)
         was_training = bare.training
         out = bare.eval()(images.to(next(bare.parameters()).device))
         bare.train(was_training)
@@ -146,41 +156,51 @@ def tensorboard_callback(logger, val_set, args):
     return on_epoch_end
 
 
+def build_datasets(args):
+    """``(training set, validation set or None)`` at the network's input side."""
+    # 64 * S is the model's input_size (model.GridDetector); the model itself is built
+    # once the data has named the classes.
+    size = 64 * args.S
+    train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
+                                  S=args.S, img_size=size, train=not args.no_augment, uint8=True)
+    val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
+                                 S=args.S, img_size=size) if args.val_data else None)
+    return train_set, val_set
+
+
+def tensorboard_logger(state: engine.TrainState, val_set):
+    """``(logger, on_epoch_end)`` with --tensorboard on rank 0, else ``(None, None)``."""
+    if not (state.args.tensorboard and state.dist.is_main):
+        return None, None
+    # purge_step: on resume TensorBoard drops the events of epochs the checkpoint lacks.
+    start = state.resume["epoch"] if state.resume else 0
+    logger = TensorBoardLogger(state.run_dir, purge_step=start + 1)
+    return logger, tensorboard_callback(logger, val_set, state.args)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.tensorboard:  # before the run folder exists: a missing package leaves nothing behind
         require("tensorboard", "tensorboard", "--tensorboard")
-    dist = engine.setup_distributed(args.device)
+    dist = distributed.setup_distributed(args.device)
     if args.recipe == "demo" and dist.is_main:
-        print("Quick demonstration: a quarter-width Fast YOLO (S=2, 128x128 input) trained for 20 "
-              "epochs on the bundled data/shapes/ sample (best.pt on its val.csv), a few minutes on "
-              "a CPU. The full YOLOv1 trains at about 0.25 images/s on a 2-core CPU; see README.md "
-              "for the paper's run.", flush=True)
-    engine.seed_everything(args.seed)
-    train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
-                                  S=args.S, img_size=64 * args.S, train=not args.no_augment, uint8=True)
-    val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
-                                 S=args.S, img_size=64 * args.S) if args.val_data else None)
+        print(DEMO_NOTE, flush=True)
+    runs.seed_everything(args.seed)
+    train_set, val_set = build_datasets(args)
+    names = list(train_set.class_names)
     # The model (and --backbone) before the run folder: a bad backbone writes nothing.
-    model = make_model(args, len(train_set.class_names), dist)
-    run_dir, ckpt = engine.start_run(args, dist, kind="yolo")
-    loader, optimizer, scheduler, scaler, dtype = engine.prepare_training(
-        model, train_set, args, dist, ckpt, "yolo")
-    loss_fn = YoloLoss(args.S, args.B, len(train_set.class_names), args.lambda_coord,
-                       args.lambda_noobj, rescore=not args.no_rescore)
-    evaluate_fn = engine.detection_evaluator(val_set, args, dist) if val_set else None
-    # purge_step: on resume TensorBoard drops the events of epochs the checkpoint lacks.
-    start = ckpt["epoch"] if ckpt else 0
-    logger = TensorBoardLogger(run_dir, purge_step=start + 1) if args.tensorboard and dist.is_main else None
-    best = engine.fit(model, loader, yolo_step(loss_fn, args.channels_last), evaluate_fn, optimizer,
-                      scheduler, scaler, dist, args, run_dir, "yolo", "mAP", ckpt, dtype,
-                      extra={"class_names": list(train_set.class_names)},
-                      on_epoch_end=tensorboard_callback(logger, val_set, args) if logger else None)
+    model = make_model(args, len(names), dist)
+    state = engine.start_training(model, train_set, args, dist, "yolo", extra={"class_names": names})
+    loss_fn = YoloLoss(args.S, args.B, len(names), args.lambda_coord, args.lambda_noobj,
+                       rescore=not args.no_rescore)
+    evaluate_fn = predict.detection_evaluator(val_set, args, dist) if val_set else None
+    logger, on_epoch_end = tensorboard_logger(state, val_set)
+    best = engine.fit(state, yolo_step(loss_fn, args.channels_last), evaluate_fn, "mAP", on_epoch_end)
     if logger is not None:
         logger.close()
     if dist.is_main:
-        print(f"done: best validation mAP {best:.4f}; checkpoints in {run_dir}")
-    engine.cleanup_distributed()
+        print(f"done: best validation mAP {best:.4f}; checkpoints in {state.run_dir}")
+    distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

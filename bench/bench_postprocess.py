@@ -12,10 +12,10 @@ noise, so the APs are not trivial. Then times (median of ``--reps``, fewer once 
 has used ``--budget`` seconds) the production code, at full scale:
 
 * ``utils.decode_predictions`` (conf > ``--conf`` = 0.005, NMS IoU 0.5) on the whole
-  batch, and in ``--chunk``-image batches as ``engine.predict_dataset`` calls it;
+  batch, and in ``--chunk``-image batches as ``predict.predict_dataset`` calls it;
 * the previous ``decode_predictions`` (kept here: torchvision's ``batched_nms`` image by
   image, in ``--chunk``-image batches), for a same-run ratio;
-* ``engine.scale_to_pixels`` + ``engine.detection_table`` (what ``predict_dataset`` and
+* ``predict.scale_to_pixels`` + ``predict.detection_table`` (what ``predict_dataset`` and
   ``test.py`` do with the detections);
 * the evaluation at both interpolations ("all" and "11") from one ranking and matching
   (``evaluate.match_detections`` + ``summarize_matches``), and, for comparison,
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 import evaluate  # noqa: E402
 from machine import load_average, machine  # noqa: E402
-from engine import detection_table, scale_to_pixels  # noqa: E402
+from predict import detection_table, scale_to_pixels  # noqa: E402
 from torchvision.ops import batched_nms  # noqa: E402
 from utils import VOC_CLASSES, cell_to_image_boxes, decode_predictions, split_predictions  # noqa: E402
 
@@ -106,7 +106,7 @@ def fast_decode(pred: torch.Tensor, conf: float, nms_iou: float, chunk: int | No
 
 
 def to_table(dets: list, sizes: np.ndarray) -> dict:
-    """What ``engine.predict_dataset`` (to pixels) and ``test.py`` (the table) do."""
+    """What ``predict.predict_dataset`` (to pixels) and ``test.py`` (the table) do."""
     return detection_table(dict(enumerate(scale_to_pixels(dets, sizes))), VOC_CLASSES)
 
 
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
         return result
 
     # Full scale: the production decode (whole batch, and in --chunk batches as
-    # engine.predict_dataset calls it), the previous decode, the table, the evaluation.
+    # predict.predict_dataset calls it), the previous decode, the table, the evaluation.
     dets = timed("decode_batch", lambda: fast_decode(pred, conf, iou))
     dets_chunked = timed("decode_chunked", lambda: fast_decode(pred, conf, iou, args.chunk))
     dets_previous = timed("decode_previous", lambda: previous_decode(pred, conf, iou, args.chunk))

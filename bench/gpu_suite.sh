@@ -67,11 +67,11 @@ timeout 60 torchrun --standalone --nproc-per-node 1 darknet_train_multigpu_distr
     --project "$WORK/runs" --name ddp 2>&1 | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -3
 if [ "$DEVICE" = cuda ]; then timeout 60 python - <<'NCCL'
 # One GPU cannot hold two NCCL ranks, and torchrun with one process trains without DDP:
-# this checks the NCCL collectives the engine uses, and a DDP step, in a world of one.
+# this checks the NCCL collectives distributed.py uses, and a DDP step, in a world of one.
 import os, sys
 import torch, torch.distributed as td
 sys.path.insert(0, ".")
-import engine
+import distributed
 from darknet_model import Darknet
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1")
 td.init_process_group("nccl")
@@ -81,8 +81,8 @@ with torch.autocast("cuda", dtype=torch.bfloat16):
     loss = torch.nn.functional.cross_entropy(model(torch.rand(8, 3, 96, 96, device=dev)).float(),
                                              torch.randint(0, 10, (8,), device=dev))
 loss.backward()
-fake = engine.Dist(0, 2, 0, dev)  # world_size 2 makes reduce_sums/all_ranks use the collectives
-print("NCCL ok:", engine.reduce_sums({"a": 2.0, "b": 3.0}, fake), engine.all_ranks(True, fake),
+fake = distributed.Dist(0, 2, 0, dev)  # world_size 2 makes reduce_sums/all_ranks use the collectives
+print("NCCL ok:", distributed.reduce_sums({"a": 2.0, "b": 3.0}, fake), distributed.all_ranks(True, fake),
       "grad finite:", all(torch.isfinite(p.grad).all().item() for p in model.parameters()))
 td.destroy_process_group()
 NCCL

@@ -16,9 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PRELOAD = ("torch", "torchvision", "torchvision.transforms.v2", "numpy", "PIL.Image", "matplotlib",
-           "matplotlib.figure", "matplotlib.backends.backend_agg", "tqdm", "engine", "utils", "dataset",
-           "model", "loss", "plots", "evaluate", "darknet_model", "darknet_train", "train", "test",
-           "detect", "detect_txt", "export", "voc_convert")
+           "matplotlib.figure", "matplotlib.backends.backend_agg", "tqdm", "distributed", "runs", "engine",
+           "predict", "utils", "dataset", "model", "loss", "plots", "evaluate", "darknet_model",
+           "classification", "darknet_train", "train", "test", "detect", "detect_txt", "export", "voc_convert")
 
 SERVER = r'''
 """Fork server: import once, then run each script in a forked process (see scripts_server.py)."""
@@ -93,14 +93,16 @@ import io, os, runpy, signal, sys
 
 import torch
 
+import distributed
 import engine
+import runs
 
 env = {k: os.environ.get(k, "") for k in ("REL_STOP_AFTER_STEPS", "REL_STOP_SIGNAL", "REL_KILL_IN_SAVE",
                                           "REL_KILL_AFTER_SAVE", "REL_KILL_AFTER_EPOCH", "REL_NAN_AT_BATCH",
                                           "REL_NAN_RANK", "REL_SAVE_INITIAL", "REL_SAVE_FINAL")}
 number = lambda key: int(env[key] or 0)
 counts = {"steps": 0, "saves": 0, "batches": 0}
-real_step, real_save, real_fit, real_torch_save = (engine.optimizer_step, engine.save_checkpoint,
+real_step, real_save, real_fit, real_torch_save = (engine.optimizer_step, runs.save_checkpoint,
                                                    engine.fit, torch.save)
 
 
@@ -132,9 +134,9 @@ def save_checkpoint(obj, path):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit(model, loader, step_fn, *args, **kwargs):
+def fit(state, step_fn, *args, **kwargs):
     if env["REL_SAVE_INITIAL"]:
-        torch.save(engine.unwrap(model).state_dict(), env["REL_SAVE_INITIAL"])
+        torch.save(distributed.unwrap(state.model).state_dict(), env["REL_SAVE_INITIAL"])
 
     def step(model, batch, device):
         counts["batches"] += 1
@@ -142,13 +144,13 @@ def fit(model, loader, step_fn, *args, **kwargs):
         if counts["batches"] == number("REL_NAN_AT_BATCH") and on_this_rank:
             batch = [batch[0] * float("nan"), *batch[1:]]
         return step_fn(model, batch, device)
-    result = real_fit(model, loader, step, *args, **kwargs)
+    result = real_fit(state, step, *args, **kwargs)
     if env["REL_SAVE_FINAL"]:  # every rank's own weights, to compare them
-        torch.save(engine.unwrap(model).state_dict(), f"{env['REL_SAVE_FINAL']}.rank{os.environ.get('RANK', 0)}")
+        torch.save(distributed.unwrap(state.model).state_dict(), f"{env['REL_SAVE_FINAL']}.rank{os.environ.get('RANK', 0)}")
     return result
 
 
-engine.optimizer_step, engine.save_checkpoint, engine.fit = optimizer_step, save_checkpoint, fit
+engine.optimizer_step, runs.save_checkpoint, engine.fit = optimizer_step, save_checkpoint, fit
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import classification
 import darknet_train
 import engine
 import utils
@@ -126,8 +127,8 @@ def test_topk_correct_by_hand():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 2, 0])
     # sample 0: top-1 hit; sample 1: label 2 ties label 1 for second place; sample 2: label 0 last
-    assert darknet_train.topk_correct(logits, labels, ks=(1, 2)) == [1, 1]
-    assert darknet_train.topk_correct(logits, labels, ks=(1, 5)) == [1, 3]  # k capped at 3 classes
+    assert classification.topk_correct(logits, labels, ks=(1, 2)) == [1, 1]
+    assert classification.topk_correct(logits, labels, ks=(1, 5)) == [1, 3]  # k capped at 3 classes
 
 
 def test_auto_resume_after_a_crash_continues_exactly(tree, tmp_path, monkeypatch, one_thread):
@@ -140,11 +141,10 @@ def test_auto_resume_after_a_crash_continues_exactly(tree, tmp_path, monkeypatch
     class Preempted(Exception):
         pass
 
-    def crash_at_second_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args, epoch, *rest):
+    def crash_at_second_epoch(state, step_fn, epoch, *rest):
         if epoch == 1:
             raise Preempted
-        return real_train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args,
-                                    epoch, *rest)
+        return real_train_one_epoch(state, step_fn, epoch, *rest)
     monkeypatch.setattr(engine, "train_one_epoch", crash_at_second_epoch)
     with pytest.raises(Preempted):
         darknet_train.main([*argv, "--name", "crashed"])

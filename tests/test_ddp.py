@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
 import utils
 from darknet_model import Darknet
+from runs import seed_everything
 from synthetic import write_imagenet_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ LAUNCHER = '''
 import os, sys
 from pathlib import Path
 import torch
-import engine, utils
+import distributed, engine, utils
 import darknet_train_multigpu_distr as script
 
 OUT = Path(os.environ["TEST_OUT"])
@@ -44,21 +44,20 @@ CRASH_AT_EPOCH = int(os.environ.get("TEST_CRASH_AT_EPOCH", "0"))
 real_fit, real_train_one_epoch = engine.fit, engine.train_one_epoch
 
 
-def fit(model, *args, **kwargs):
-    best = real_fit(model, *args, **kwargs)
-    torch.save(engine.unwrap(model).state_dict(), OUT / f"rank{os.environ['RANK']}.pt")
+def fit(state, *args, **kwargs):
+    best = real_fit(state, *args, **kwargs)
+    torch.save(distributed.unwrap(state.model).state_dict(), OUT / f"rank{os.environ['RANK']}.pt")
     return best
 
 
-def train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args, epoch, *rest):
+def train_one_epoch(state, step_fn, epoch, *rest):
     marker = OUT / "crashed"
     if epoch + 1 == CRASH_AT_EPOCH and not marker.exists():
         torch.distributed.barrier()  # rank 0 has saved the previous epoch's last.pt
-        if dist.rank == 1:
+        if state.dist.rank == 1:
             marker.touch()
             os._exit(1)
-    return real_train_one_epoch(model, loader, step_fn, optimizer, scheduler, scaler, dist, args,
-                                epoch, *rest)
+    return real_train_one_epoch(state, step_fn, epoch, *rest)
 
 
 engine.fit, engine.train_one_epoch = fit, train_one_epoch
@@ -156,7 +155,7 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(tree, tmp_pat
     assert_same(ddp, rank0)
     reference = utils.load_checkpoint(runs / "single" / "last.pt")["model"]
     assert_same(ddp, reference, atol=1e-5)
-    engine.seed_everything(0)  # the initial weights, as build_model makes them
+    seed_everything(0)  # the initial weights, as build_model makes them
     initial = Darknet(4, batch_norm=False, width=0.0625).state_dict()
     assert min((reference[k] - v).abs().max() for k, v in initial.items()) > 5e-5
 

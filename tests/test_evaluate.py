@@ -414,7 +414,7 @@ def test_matches_naive_implementation_on_random_inputs(seed):
 
 
 def as_object_tables(gts, dets):
-    """The records as tables with class names in object arrays (as engine.detection_table
+    """The records as tables with class names in object arrays (as predict.detection_table
     makes them: another factorisation path than numpy string arrays)."""
     g, d = list(zip(*gts)) or [()] * 7, list(zip(*dets)) or [()] * 7
     return ({"image": np.array(g[0], int), "cls": np.array(g[1], object),

@@ -283,19 +283,19 @@ def test_decode_on_cuda_equals_cpu():
 
 
 def test_scale_to_pixels_and_detection_table():
-    """engine.scale_to_pixels (one multiply per batch) gives each image's detections in its
+    """predict.scale_to_pixels (one multiply per batch) gives each image's detections in its
     own pixels, and detection_table lists them image by image, with min_score."""
-    import engine
+    import predict
     dets = [torch.tensor([[1, 0.9, 0.1, 0.2, 0.5, 0.6]]), torch.zeros(0, 6),
             torch.tensor([[0, 0.3, 0.0, 0.0, 1.0, 1.0], [1, 0.5, 0.5, 0.5, 0.75, 1.0]])]
-    pixels = engine.scale_to_pixels(dets, [(100, 50), (7, 7), (20, 40)])
+    pixels = predict.scale_to_pixels(dets, [(100, 50), (7, 7), (20, 40)])
     assert [p.shape for p in pixels] == [(1, 6), (0, 6), (2, 6)]
     np.testing.assert_allclose(pixels[0], [[1, 0.9, 10, 10, 50, 30]], rtol=1e-6)
     np.testing.assert_allclose(pixels[2], [[0, 0.3, 0, 0, 20, 40], [1, 0.5, 10, 20, 15, 40]], rtol=1e-6)
-    table = engine.detection_table(dict(zip([5, 3, 9], pixels)), ["a", "b"], min_score=0.4)
+    table = predict.detection_table(dict(zip([5, 3, 9], pixels)), ["a", "b"], min_score=0.4)
     assert table["image"].tolist() == [5, 9] and table["cls"].tolist() == ["b", "b"]
     np.testing.assert_allclose(table["score"], [0.9, 0.5], rtol=1e-6)
-    assert engine.detection_table({}, ["a"])["boxes"].shape == (0, 4)
+    assert predict.detection_table({}, ["a"])["boxes"].shape == (0, 4)
 
 
 # --------------------------------------------------------------------------- IoU

@@ -1,0 +1,170 @@
+"""Running a trained detector: the arguments every inference script takes, the model's
+boxes for a batch of images or a whole dataset in pixels of the original images, and
+the ground truth and detections as the evaluator's tables.
+
+train.py's validation (detection_evaluator), test.py, detect_txt.py and detect.py all
+predict through here, so they score the same boxes.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as F
+
+from distributed import Dist, amp_dtype, gather_objects, resolve_device, unwrap
+from evaluate import evaluate_detections
+from model import load_detector
+from utils import UserError, decode_predictions
+
+
+# --------------------------------------------------------------------------- the scripts' arguments
+def add_inference_args(parser: argparse.ArgumentParser, *, conf_threshold: float, conf_help: str,
+                       batch_size: int) -> None:
+    """The arguments of every script that runs a trained detector (test.py, detect_txt.py,
+    detect.py); each passes its own default score threshold and batch size."""
+    parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
+    parser.add_argument("--conf-threshold", type=float, default=conf_threshold,
+                        help=f"{conf_help} (default %(default)s)")
+    parser.add_argument("--nms-iou", type=float, default=0.5,
+                        help="per-class non-maximum suppression IoU (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="images per forward pass (default %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """The labelled data that test.py and detect_txt.py run the detector on."""
+    parser.add_argument("--data", default="data/test.csv", help=data_help)
+    parser.add_argument("--img-dir", help="images folder of the csv layout (default: images/ beside it)")
+    parser.add_argument("--label-dir", help="labels folder of the csv layout (default: labels/ beside it)")
+    parser.add_argument("--split", default="2007/test", help="VOCdevkit year/split (default %(default)s)")
+
+
+def check_inference_args(args) -> None:
+    """Thresholds in [0, 1], counts (--batch-size, and --max-det where there is one) at least 1."""
+    for name in ("conf_threshold", "nms_iou"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("max_det", "batch_size"):
+        if getattr(args, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def open_detector(args):
+    """``(model, class names, dist)``: --checkpoint's detector on --device, one process."""
+    dist = Dist(device=resolve_device(args.device))
+    model, names = load_detector(args.checkpoint, dist.device)
+    return model, names, dist
+
+
+# --------------------------------------------------------------------------- detection evaluation
+@torch.no_grad()
+def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold: float,
+                    nms_iou: float, dtype=None, workers: int = 0) -> dict[int, "np.ndarray"]:
+    """Detections for every image of ``dataset``: index -> ``(M, 6)`` array of
+    ``class, score, x1, y1, x2, y2`` in absolute pixels of the original image.
+
+    Under DDP each rank predicts every world_size-th image and the results are gathered,
+    so every rank returns the whole dictionary (and computes the same metrics).
+    """
+    bare = unwrap(model)
+    was_training = bare.training
+    bare.eval()
+    indices = list(range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                        num_workers=workers, pin_memory=dist.device.type == "cuda")
+    results, position = {}, 0
+    for images, _ in loader:
+        with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
+            out = bare(images.to(dist.device, non_blocking=True))
+        dets = decode_predictions(out, bare.S, bare.B, bare.C, conf_threshold, nms_iou)
+        batch = indices[position:position + len(dets)]
+        sizes = [(ann["width"], ann["height"]) for ann in map(dataset.annotation, batch)]
+        results.update(zip(batch, scale_to_pixels(dets, sizes)))
+        position += len(dets)
+    bare.train(was_training)
+    if dist.distributed:
+        results = {k: v for part in gather_objects(results, dist) for k, v in part.items()}
+    return results
+
+
+@torch.no_grad()
+def predict_images(model, images: list[torch.Tensor], args) -> list[torch.Tensor]:
+    """Detections ``(M, 6)``: ``class, score, x1, y1, x2, y2`` in pixels of each uint8 image
+    (detect.py; ``args``: its --conf-threshold, --nms-iou and --max-det).
+
+    Images are squashed to the network's square input the way dataset.py feeds it in
+    training and evaluation: an antialiased resize of the uint8 pixels, then [0, 1] floats.
+    """
+    size = [model.input_size, model.input_size]
+    batch = torch.stack([F.resize(image, size, antialias=True) for image in images])
+    batch = F.to_dtype(batch, torch.float32, scale=True).to(next(model.parameters()).device)
+    out = model(batch)
+    dets = decode_predictions(out, model.S, model.B, model.C, args.conf_threshold, args.nms_iou,
+                              args.max_det)
+    results = []
+    for image, d in zip(images, dets):
+        d = d.cpu()
+        d[:, 2:] *= torch.tensor([image.shape[2], image.shape[1]] * 2, dtype=d.dtype)
+        results.append(d)
+    return results
+
+
+def scale_to_pixels(dets: list[torch.Tensor], sizes) -> list["np.ndarray"]:
+    """Image-relative detections (``decode_predictions``) -> arrays in pixels of each image.
+
+    ``sizes``: ``(width, height)`` per image. One copy to the host and one multiply for the
+    whole batch, rather than one of each per image.
+    """
+    counts = [len(d) for d in dets]
+    flat = torch.cat(dets).cpu().numpy() if dets else np.zeros((0, 6), np.float32)
+    flat[:, 2:] *= np.repeat(np.tile(np.asarray(sizes).reshape(-1, 2), 2), counts, axis=0)
+    ends = np.cumsum(counts).tolist()
+    return [flat[start:end] for start, end in zip([0] + ends[:-1], ends)]
+
+
+def ground_truth_table(dataset, class_names) -> dict:
+    """All ground-truth boxes of ``dataset`` in the evaluator's table form (absolute pixels)."""
+    images, classes, boxes, difficult = [], [], [], []
+    for i in range(len(dataset)):
+        ann = dataset.annotation(i)
+        k = len(ann["labels"])
+        images += [i] * k
+        classes += [class_names[int(c)] for c in ann["labels"]]
+        boxes.append(np.asarray(ann["boxes"], dtype=np.float64).reshape(k, 4))
+        difficult.append(np.asarray(ann.get("difficult", np.zeros(k)), dtype=bool).reshape(k))
+    return {"image": np.asarray(images, dtype=np.int64), "cls": np.asarray(classes, dtype=object),
+            "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+            "difficult": np.concatenate(difficult) if difficult else np.zeros(0, bool)}
+
+
+def detection_table(dets: dict, class_names, min_score: float = 0.0) -> dict:
+    """Detections from :func:`predict_dataset` in the evaluator's table form."""
+    images = sorted(dets)
+    if not images:
+        return {"image": np.zeros(0, np.int64), "cls": np.zeros(0, object),
+                "score": np.zeros(0), "boxes": np.zeros((0, 4))}
+    arr = np.concatenate([dets[i] for i in images])
+    image = np.repeat(np.asarray(images, np.int64), [len(dets[i]) for i in images])
+    keep = arr[:, 1] >= min_score
+    arr, image = arr[keep], image[keep]
+    names = np.asarray(class_names, dtype=object)
+    return {"image": image, "cls": names[arr[:, 0].astype(int)], "score": arr[:, 1], "boxes": arr[:, 2:6]}
+
+
+def detection_evaluator(dataset, args, dist: Dist):
+    """``evaluate_fn`` for ``engine.fit``: VOC mAP (all-point, IoU 0.5) on ``dataset`` every
+    ``args.eval_every`` epochs and after the last one."""
+    gt = ground_truth_table(dataset, dataset.class_names)
+
+    def evaluate_fn(model, epoch):
+        if (epoch + 1) % max(1, args.eval_every) and epoch + 1 != args.epochs:
+            return None
+        dets = predict_dataset(model, dataset, max(1, args.batch_size // dist.world_size), dist,
+                               args.conf_threshold, args.nms_iou, amp_dtype(args, dist.device))
+        result = evaluate_detections(gt, detection_table(dets, dataset.class_names))
+        return {"mAP": result["mAP"]}
+    return evaluate_fn

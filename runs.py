@@ -1,0 +1,200 @@
+"""A training run on disk: its folder, configuration and metrics log, seeding and the
+random-number state, checkpoints (saved atomically, keeping the previous one) and
+exact resume from them.
+
+Only rank 0 writes; what the other ranks need (the folder name, the same checkpoint)
+comes through distributed.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+import plots  # stdlib only at import time: matplotlib loads when a plot is drawn
+from distributed import Dist, gather_objects
+from utils import Interrupted, UserError, load_checkpoint, save_checkpoint
+
+
+# --------------------------------------------------------------------------- run folder
+def make_run_dir(project: str, name: str, exist_ok: bool = False) -> Path:
+    """``project/name``, or ``name2``, ``name3``... if it is taken (as YOLOv5 does);
+    with ``exist_ok``, ``project/name`` whether or not it exists."""
+    root = Path(project)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root}: exists and is not a folder")
+    candidate, k = root / name, 2
+    while candidate.exists() and not exist_ok:
+        candidate, k = root / f"{name}{k}", k + 1
+    try:
+        candidate.mkdir(parents=True, exist_ok=exist_ok)
+    except OSError as err:
+        raise UserError(f"{candidate}: cannot create the run folder: {err.strerror}") from None
+    return candidate
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """One JSON line per epoch in ``metrics.jsonl``. On resume, lines of epochs that the
+    checkpoint does not include (written just before a kill) are dropped."""
+
+    def __init__(self, run_dir: Path, keep_below_epoch: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if keep_below_epoch is not None and self.path.exists():
+            rows = self.rows()  # without the half line a crash in the middle of a write leaves
+            kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) < keep_below_epoch)
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text(kept)
+            os.replace(tmp, self.path)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        return plots.read_metrics(self.path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_resume_checkpoint(resume: str) -> Path:
+    """``--resume`` takes a run folder (its last.pt) or a checkpoint file."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint to resume from")
+    return path
+
+
+def load_resume(args) -> tuple[dict | None, Path | None]:
+    """The checkpoint to resume and its run folder, or (None, None) for a new run.
+
+    ``--auto-resume`` becomes ``--resume project/name/last.pt`` when that file exists. A
+    damaged or missing last.pt falls back to last_prev.pt, saying so.
+    """
+    last = Path(args.project) / args.name / "last.pt"
+    if not args.resume and getattr(args, "auto_resume", False) and (
+            last.is_file() or previous_path(last).is_file()):
+        args.resume = str(last)
+    if not args.resume:
+        return None, None
+    path = Path(args.resume)
+    path = path / "last.pt" if path.is_dir() else path
+    try:
+        path = find_resume_checkpoint(str(path))
+        return load_training_state(path), path.parent
+    except UserError as err:
+        if not previous_path(path).is_file():
+            raise
+        print(f"warning: {err}; resuming from the previous checkpoint {previous_path(path)}", flush=True)
+        return load_training_state(previous_path(path)), path.parent
+
+
+def load_training_state(path: Path) -> dict:
+    """A checkpoint to resume, with ``source``: the file it came from (for messages)."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path}: not a training checkpoint (no 'model' state in it)")
+    return ckpt | {"source": str(path)}
+
+
+def write_config(path: Path, args, dist: Dist) -> None:
+    write_json(path, {k: v for k, v in vars(args).items()} | {"world_size": dist.world_size,
+                                                             "torch": torch.__version__})
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the ``.<name>.tmp`` files that a run killed while saving left in its folder
+    (half-written checkpoints can be as large as the real ones)."""
+    for stale in run_dir.glob(".*.tmp"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
+def check_same_checkpoint(ckpt: dict | None, dist: Dist) -> None:
+    """Every rank must start from the same checkpoint (or none): a node that cannot see
+    the run folder would otherwise start afresh beside the others' resumed run."""
+    steps = gather_objects(None if ckpt is None else ckpt["step"], dist)
+    if len(set(steps)) > 1:
+        raise UserError(f"the processes found different checkpoints to resume (steps {steps} by rank): "
+                        "the run folder must be on storage that every node sees")
+
+
+class RunInterrupted(Interrupted):
+    """A signal stopped the run after its state was saved; the script exits cleanly."""
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}_prev{path.suffix}")
+
+
+def save_with_previous(state: dict, path: Path) -> None:
+    """Save ``path`` atomically, keeping the checkpoint it replaces as ``<stem>_prev.pt``.
+
+    The old file is hard-linked (or copied) to the previous name first, so ``path``
+    itself never disappears, and a resume can fall back if ``path`` is ever damaged.
+    """
+    if path.is_file():
+        tmp = path.with_name(f".{path.stem}_prev.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            import shutil
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, previous_path(path))
+        # A run killed after the line above and before the save below leaves last_prev.pt and
+        # last.pt as two links to one file; renaming a link onto its twin does nothing.
+        tmp.unlink(missing_ok=True)
+    save_checkpoint(state, path)
+
+
+def save_epoch_checkpoints(state: dict, run_dir: Path, improved: bool) -> None:
+    """The end of an epoch: best.pt if the metric improved, then last.pt (keeping the previous).
+
+    best.pt goes first: a run killed between the two saves resumes from the previous
+    last.pt and redoes this epoch, so best.pt is written again. The other way round,
+    last.pt would already hold the new best score and best.pt would never be written.
+    """
+    if improved:
+        save_checkpoint(state, run_dir / "best.pt")
+    save_with_previous(state, run_dir / "last.pt")
+
+
+def refresh_plots(run_dir: Path) -> None:
+    """Redraw loss.png, lr.png and metrics.png from metrics.jsonl (plots.plot_run).
+
+    The pictures are a convenience: whatever goes wrong drawing them (a broken matplotlib,
+    a full disk) is reported and the training run goes on.
+    """
+    try:
+        plots.plot_run(run_dir)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        print(f"warning: plots not updated: {' '.join(str(err).split())}", flush=True)
