@@ -33,7 +33,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from utils import VOC_CLASSES, UserError, encode_target
+from utils import VOC_CLASSES, UserError, encode_target, one_line
 
 EXIF_ORIENTATION = 0x0112
 LABEL_FIELDS = ("class_id", "x_center", "y_center", "width", "height")
@@ -95,7 +95,7 @@ def load_image(path, draft_size: tuple[int, int] | None = None) -> Image.Image:
                 image.draft("RGB", draft_size)
             return _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: unreadable image ({_one_line(err)})") from None
+        raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
 
 
 def image_size(path) -> tuple[int, int]:
@@ -107,12 +107,7 @@ def image_size(path) -> tuple[int, int]:
                 width, height = height, width
             return width, height
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: unreadable image ({_one_line(err)})") from None
-
-
-def _one_line(err: Exception) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
+        raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -310,7 +305,7 @@ def read_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarra
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read label file ({_one_line(err)})") from None
+        raise UserError(f"{path}: cannot read label file ({one_line(err)})") from None
     rows = [_parse_label_line(line.split(), num_classes, f"{path}:{n}")
             for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     values = np.array(rows, dtype=np.float64).reshape(-1, 5)
@@ -332,7 +327,7 @@ def read_csv_pairs(csv_path: Path, img_dir: Path, label_dir: Path) -> list[tuple
         with open(csv_path, newline="", encoding="utf-8") as f:
             rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(f), 1) if any(row)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"{csv_path}: cannot read csv file ({_one_line(err)})") from None
+        raise UserError(f"{csv_path}: cannot read csv file ({one_line(err)})") from None
     if rows and len(rows[0][1]) == 2 and "." not in rows[0][1][1]:
         rows = rows[1:]
     listed = {folder: set(os.listdir(folder)) for folder in (img_dir, label_dir)}
@@ -461,7 +456,7 @@ def read_voc_xml(path: Path, class_names) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: annotation file not found") from None
     except (ET.ParseError, OSError) as err:
-        raise UserError(f"{path}: not a readable XML file ({_one_line(err)})") from None
+        raise UserError(f"{path}: not a readable XML file ({one_line(err)})") from None
     if root.find("size") is None:
         raise UserError(f"{path}: no <size> element (image width and height are needed)")
     width, height = (_xml_number(root, f"size/{tag}", str(path)) for tag in ("width", "height"))
@@ -600,7 +595,7 @@ class ImageNetFolder(ImageFolder):
         try:
             super().__init__(str(root), transform=transform, loader=load_image, allow_empty=True)
         except FileNotFoundError as err:
-            raise UserError(f"{root}: {_one_line(err)}") from None
+            raise UserError(f"{root}: {one_line(err)}") from None
         if class_to_idx is None:
             found = {target for _, target in self.samples}
             empty = [name for name, i in self.class_to_idx.items() if i not in found]
@@ -626,7 +621,7 @@ def read_imagenet_val_labels(path: Path) -> dict[str, tuple[str, int]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read validation label file ({_one_line(err)})") from None
+        raise UserError(f"{path}: cannot read validation label file ({one_line(err)})") from None
     kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith("imageid,")
     truth = {}
     for n, line in enumerate(lines, 1):
@@ -701,7 +696,7 @@ def build_imagenet(root_or_train_dir, val_dir=None, val_labels=None, train: bool
     try:
         _, class_to_idx = find_classes(str(train_dir))
     except FileNotFoundError as err:
-        raise UserError(f"{train_dir}: {_one_line(err)}") from None
+        raise UserError(f"{train_dir}: {one_line(err)}") from None
     transform = imagenet_transform(False, img_size)
     if any(entry.is_dir() for entry in os.scandir(val_dir)):
         return ImageNetFolder(val_dir, transform, class_to_idx)

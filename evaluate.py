@@ -48,6 +48,8 @@ import sys
 
 import numpy as np
 
+from errors import UserError, one_line
+
 INTERPOLATIONS = ("all", "11")
 DIFFICULT_MODES = ("ignore", "count", "drop")
 ELEVEN_RECALL_POINTS = np.linspace(0, 1, 11)
@@ -57,10 +59,6 @@ DET_LINE = "class confidence left top right bottom"
 DIFFICULT_WORDS = (b"0", b"1", b"difficult")
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
-
-
-class InputError(ValueError):
-    """Bad input.  The message is one line: ``path:line: what is wrong``."""
 
 
 # --------------------------------------------------------------------------
@@ -463,7 +461,7 @@ def _list_files(directory, *extensions):
     """Sorted names of the ``*extension`` files in ``directory`` (like Padilla's glob + sort),
     one list per extension, from one scan of the folder."""
     if not os.path.isdir(directory):
-        raise InputError(f"{directory}: no such directory")
+        raise UserError(f"{directory}: no such directory")
     with os.scandir(directory) as entries:
         names = sorted(e.name for e in entries
                        if e.name.endswith(extensions) and not e.name.startswith(".") and e.is_file())
@@ -484,7 +482,7 @@ def _read_files(directory, names):
     try:
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError as exc:
-        raise InputError(f"{directory}: cannot read ({exc.strerror})") from None
+        raise UserError(f"{directory}: cannot read ({exc.strerror})") from None
     try:
         return [_read_file(name, dir_fd, directory) for name in names]
     finally:
@@ -496,7 +494,7 @@ def _read_file(path, dir_fd=None, directory=""):
     try:
         fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
-        raise InputError(f"{os.path.join(directory, path)}: cannot read ({exc.strerror})") from None
+        raise UserError(f"{os.path.join(directory, path)}: cannot read ({exc.strerror})") from None
     try:
         blocks = []
         while block := os.read(fd, 1 << 20):
@@ -639,41 +637,41 @@ def _parse_number(token, field, where):
     try:
         value = float(token)
     except ValueError:
-        raise InputError(f"{where}: {field} is not a number: {token.decode(errors='replace')!r}")
+        raise UserError(f"{where}: {field} is not a number: {token.decode(errors='replace')!r}")
     if not np.isfinite(value):
-        raise InputError(f"{where}: {field} must be a finite number, got {value}")
+        raise UserError(f"{where}: {field} must be a finite number, got {value}")
     return value
 
 
 def _parse_line(tokens, is_gt, where):
-    """One non-empty line -> (cls, score or difficult, x1, y1, x2, y2); InputError if bad."""
+    """One non-empty line -> (cls, score or difficult, x1, y1, x2, y2); UserError if bad."""
     if is_gt and len(tokens) not in (5, 6):
-        raise InputError(f"{where}: expected 5 values '{GT_LINE}' (and optionally a 6th, "
+        raise UserError(f"{where}: expected 5 values '{GT_LINE}' (and optionally a 6th, "
                          f"difficult: 0, 1 or 'difficult'), got {len(tokens)}")
     if not is_gt and len(tokens) != 6:
-        raise InputError(f"{where}: expected 6 values '{DET_LINE}', got {len(tokens)}")
+        raise UserError(f"{where}: expected 6 values '{DET_LINE}', got {len(tokens)}")
     try:
         label = tokens[0].decode("utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{where}: class name is not valid UTF-8")
+        raise UserError(f"{where}: class name is not valid UTF-8")
     fields = DET_LINE.split()[1:] if not is_gt else GT_LINE.split()[1:]
     values = [_parse_number(t, f, where) for t, f in zip(tokens[1:], fields)]
     x1, y1, x2, y2 = values[-4:]
     if x2 < x1:
-        raise InputError(f"{where}: right ({x2:g}) is smaller than left ({x1:g})")
+        raise UserError(f"{where}: right ({x2:g}) is smaller than left ({x1:g})")
     if y2 < y1:
-        raise InputError(f"{where}: bottom ({y2:g}) is smaller than top ({y1:g})")
+        raise UserError(f"{where}: bottom ({y2:g}) is smaller than top ({y1:g})")
     if not is_gt:
         return label, values[0], x1, y1, x2, y2
     flag = tokens[5].lower() if len(tokens) == 6 else b"0"
     if flag not in DIFFICULT_WORDS:
-        raise InputError(f"{where}: 6th value (difficult) must be 0, 1 or 'difficult', "
+        raise UserError(f"{where}: 6th value (difficult) must be 0, 1 or 'difficult', "
                          f"got {flag.decode(errors='replace')!r}")
     return label, flag != b"0", x1, y1, x2, y2
 
 
 def _parse_slow(paths, chunks, is_gt):
-    """Line-by-line parser (the reference for ``_parse_fast``); InputError on the first bad line."""
+    """Line-by-line parser (the reference for ``_parse_fast``); UserError on the first bad line."""
     rows, files = [], []
     for index, (path, data) in enumerate(zip(paths, chunks)):
         for lineno, line in enumerate(data.split(b"\n"), start=1):
@@ -702,7 +700,7 @@ def _read_txt_dir(directory, names, is_gt):
 def _xml_text(element, tag, where):
     child = element.find(tag)
     if child is None or child.text is None or not child.text.strip():
-        raise InputError(f"{where}: missing <{tag}>")
+        raise UserError(f"{where}: missing <{tag}>")
     return child.text.strip()
 
 
@@ -711,15 +709,15 @@ def _read_xml_object(obj, where):
     label = _xml_text(obj, "name", where)
     box = obj.find("bndbox")
     if box is None:
-        raise InputError(f"{where}: missing <bndbox>")
+        raise UserError(f"{where}: missing <bndbox>")
     coords = [_parse_number(_xml_text(box, tag, where).encode(), tag, where)
               for tag in ("xmin", "ymin", "xmax", "ymax")]
     if coords[2] < coords[0] or coords[3] < coords[1]:
-        raise InputError(f"{where}: xmax < xmin or ymax < ymin in {coords}")
+        raise UserError(f"{where}: xmax < xmin or ymax < ymin in {coords}")
     flag = obj.find("difficult")
     flag = "0" if flag is None or flag.text is None else flag.text.strip()
     if flag not in ("0", "1"):
-        raise InputError(f"{where}: <difficult> must be 0 or 1, got {flag!r}")
+        raise UserError(f"{where}: <difficult> must be 0 or 1, got {flag!r}")
     return (label, flag == "1", *coords)
 
 
@@ -733,7 +731,7 @@ def _read_xml_dir(directory, names):
         try:
             root = ElementTree.parse(path).getroot()
         except ElementTree.ParseError as exc:
-            raise InputError(f"{path}:{exc.position[0]}: invalid XML ({exc})")
+            raise UserError(f"{path}:{exc.position[0]}: invalid XML ({exc})")
         for k, obj in enumerate(root.findall("object"), start=1):
             rows.append(_read_xml_object(obj, f"{path}: <object> #{k}"))
             images.append(name[:-len(".xml")])
@@ -751,11 +749,11 @@ def read_gt_dir(directory):
     0, 1 or the word ``difficult``.  XML (VOCdevkit ``Annotations``): used when
     the folder holds ``.xml`` files.  Returns a GT table for
     ``evaluate_detections`` with ``"image"`` = file name without extension,
-    rows in sorted file-name order then line order.  Raises InputError.
+    rows in sorted file-name order then line order.  Raises UserError.
     """
     xml_names, txt_names = _list_files(directory, ".xml", ".txt")
     if xml_names and txt_names:
-        raise InputError(f"{directory}: holds both .txt and .xml files; keep one kind")
+        raise UserError(f"{directory}: holds both .txt and .xml files; keep one kind")
     if xml_names:
         return _read_xml_dir(directory, xml_names)
     return _read_txt_dir(directory, txt_names, is_gt=True)
@@ -769,7 +767,7 @@ def read_det_dir(directory):
     for an image without GT is read too (its detections are all FPs, as in
     Padilla's toolkit).  Returns a detection table for
     ``evaluate_detections``, rows in sorted file-name order then line order
-    (this order breaks score ties).  Raises InputError.
+    (this order breaks score ties).  Raises UserError.
     """
     return _read_txt_dir(directory, _list_files(directory, ".txt"), is_gt=False)
 
@@ -859,11 +857,11 @@ def main(argv=None):
         gts = read_gt_dir(args.gt)
         dets = read_det_dir(args.det)
         if len(gts["cls"]) == 0:
-            raise InputError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
+            raise UserError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
         result = evaluate_detections(gts, dets, args.iou, args.interp, args.difficult,
                                      return_curves=bool(args.plots))
-    except InputError as exc:
-        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)
+    except UserError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(format_report(result))
     if args.json:

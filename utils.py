@@ -15,7 +15,6 @@ Conventions used across the project (paper Section 2, Darknet's detection layer)
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,49 +22,14 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_convert
 
+# Re-exported: the rest of the project imports the error class and its helpers from here.
+from errors import Interrupted, UserError, one_line, run_cli  # noqa: F401
+
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
     "sheep", "sofa", "train", "tvmonitor",
 )
-
-
-class UserError(Exception):
-    """A mistake in the user's input (file, argument): reported as one line, exit 2."""
-
-
-class Interrupted(Exception):
-    """A run stopped on a signal after saving its state: reported as one line, exit 0."""
-
-
-def run_cli(main, argv=None):
-    """Run ``main(argv)``: a UserError becomes a one-line message and exit code 2, an
-    Interrupted run (state saved) a one-line note and exit code 0."""
-    try:
-        return main(argv)
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as note:
-        print(f"interrupted: {note}", file=sys.stderr)
-        sys.exit(0)
-    except KeyboardInterrupt:  # Ctrl-C before training started (or a second Ctrl-C): no state to save
-        print("interrupted: Ctrl-C", file=sys.stderr)
-        sys.exit(130)
-
-
-def one_line(err: Exception) -> str:
-    """The message of ``err`` on one line.
-
-    An error raised in a DataLoader worker comes back with the worker's traceback folded
-    into its message ("Caught UserError in DataLoader worker process 0 ..."); its last line
-    holds the original ``module.UserError: message``.
-    """
-    text = str(err).strip()
-    if "Traceback" in text:
-        text = text.splitlines()[-1]
-        text = text.split(": ", 1)[1] if text.split(": ", 1)[0].endswith(type(err).__name__) else text
-    return " ".join(text.split())
 
 
 # --------------------------------------------------------------------------- geometry
@@ -348,8 +312,7 @@ def check_archive(path: Path) -> None:
                     while f.read(1 << 24):
                         pass
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        detail = " ".join(str(err).split()) or type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {detail}") from None
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {one_line(err)}") from None
 
 
 def load_state_checked(module: torch.nn.Module, state: dict, source: str) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import evaluate as ev
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -640,8 +641,8 @@ def test_cli_reads_voc_xml_ground_truth(tmp_path):
 def test_bad_xml_is_reported(tmp_path):
     gt = write_files(tmp_path / "gt", {"a.xml": voc_xml("a", ("dog", 0, 0, 0, 9, 9))
                                        .replace("<xmax>9</xmax>", "")})
-    with pytest.raises(ev.InputError, match=r"a\.xml: <object> #1: missing <xmax>"):
+    with pytest.raises(UserError, match=r"a\.xml: <object> #1: missing <xmax>"):
         ev.read_gt_dir(gt)
     (gt / "a.xml").write_text("<annotation><object>")
-    with pytest.raises(ev.InputError, match=r"a\.xml:1: invalid XML"):
+    with pytest.raises(UserError, match=r"a\.xml:1: invalid XML"):
         ev.read_gt_dir(gt)

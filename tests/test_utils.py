@@ -447,3 +447,12 @@ def test_run_cli_turns_ctrl_c_outside_training_into_one_line_and_exit_130(capsys
         utils.run_cli(main)
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "interrupted: Ctrl-C\n"
+
+
+def test_one_line_folds_whitespace_and_names_an_empty_error():
+    """The one one-line helper (errors.one_line, used by run_cli, dataset.py and evaluate.py):
+    a multi-line message becomes one line, and an error without a message (``OSError()``)
+    is named by its type instead of leaving an empty ``()`` in the report."""
+    assert utils.one_line(ValueError("bad\n  value\tthere ")) == "bad value there"
+    assert utils.one_line(OSError()) == "OSError"
+    assert utils.UserError is __import__("errors").UserError  # one class, re-exported
