@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 import engine
 from darknet_model import Darknet
-from dataset import build_imagenet, imagenet_transform, to_float_images
+from imagenet import build_imagenet, imagenet_transform
+from transforms import to_float_images
 from utils import UserError, run_cli
 
 KIND = "darknet"  # checkpoint kind: resuming another kind of checkpoint is refused

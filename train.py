@@ -19,10 +19,11 @@ import sys
 import torch
 
 import engine
-from dataset import build_voc_dataset, to_float_images
+from dataset import build_voc_dataset
 from loss import YoloLoss
 from model import build_model, load_backbone
 from plots import TensorBoardLogger, require
+from transforms import to_float_images
 from utils import decode_predictions, load_checkpoint, run_cli
 
 RECIPES = {
