@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import os
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from torchvision.transforms.v2 import functional as F
 
 from transforms import YoloAugment, photometric_factors, to_float_images
 from utils import VOC_CLASSES, UserError, encode_target, one_line
+from voc_xml import object_place, read_annotation, to_continuous
 
 EXIF_ORIENTATION = 0x0112
 LABEL_FIELDS = ("class_id", "x_center", "y_center", "width", "height")
@@ -331,52 +331,23 @@ def read_split_ids(year_dir: Path, image_set: str) -> list[str]:
     return ids
 
 
-def _xml_number(node: ET.Element, tag: str, where: str) -> float:
-    text = node.findtext(tag)
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: <{tag}> missing or not a number ({text!r})") from None
-
-
 def read_voc_xml(path: Path, class_names) -> dict:
-    """A VOC annotation -> ``width``, ``height`` and ``boxes`` (K, 4) absolute xyxy, ``labels``,
-    ``difficult``.
+    """A VOC annotation -> ``width``, ``height`` and ``boxes`` (K, 4) absolute xyxy in 0-based
+    continuous pixels, ``labels``, ``difficult``.
 
-    VOC's ``bndbox`` holds the first and last pixel of the object, 1-based and inclusive,
-    so the box's extent in 0-based continuous coordinates is ``(xmin - 1, ymin - 1, xmax,
-    ymax)`` (a box over a whole 500-wide image spans 0..500). Darknet's voc_label.py takes
-    ``xmax - 1`` instead, 1 pixel narrower. A 0 from tools that count from 0 is accepted
-    and stays 0. An unknown class name is an error.
+    Read by :func:`voc_xml.read_annotation` (the project's one XML reader, which also checks
+    that every box lies inside the image) and converted from the devkit's 1-based inclusive
+    pixel indices by :func:`voc_xml.to_continuous`. An unknown class name is an error.
     """
-    try:
-        root = ET.parse(path).getroot()
-    except FileNotFoundError:
-        raise UserError(f"{path}: annotation file not found") from None
-    except (ET.ParseError, OSError) as err:
-        raise UserError(f"{path}: not a readable XML file ({one_line(err)})") from None
-    if root.find("size") is None:
-        raise UserError(f"{path}: no <size> element (image width and height are needed)")
-    width, height = (_xml_number(root, f"size/{tag}", str(path)) for tag in ("width", "height"))
-    if width <= 0 or height <= 0:
-        raise UserError(f"{path}: <size> must give a positive width and height, got {width:g} x {height:g}")
+    ann = read_annotation(path, with_size=True)
     index = {name: i for i, name in enumerate(class_names)}
-    boxes, labels, difficult = [], [], []
-    for k, obj in enumerate(root.iter("object"), 1):
-        name = (obj.findtext("name") or "").strip()
-        where = f"{path}: object {k} ({name or 'no name'})"
+    for k, name in enumerate(ann.names, 1):
         if name not in index:
-            raise UserError(f"{where}: unknown class {name!r} (not among the {len(index)} class names)")
-        x1, y1, x2, y2 = (_xml_number(obj, f"bndbox/{t}", where) for t in ("xmin", "ymin", "xmax", "ymax"))
-        if not (0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height):
-            raise UserError(f"{where}: box xmin {x1:g} ymin {y1:g} xmax {x2:g} ymax {y2:g} is inverted "
-                            f"or outside the {width:g} x {height:g} image")
-        boxes.append([max(x1 - 1, 0), max(y1 - 1, 0), x2, y2])
-        labels.append(index[name])
-        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
-    return {"width": int(width), "height": int(height),
-            "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
-            "labels": np.array(labels, dtype=np.int64), "difficult": np.array(difficult, dtype=bool)}
+            raise UserError(f"{object_place(path, k, name)}: unknown class {name!r} "
+                            f"(not among the {len(index)} class names)")
+    width, height = ann.size
+    return {"width": int(width), "height": int(height), "boxes": to_continuous(ann.boxes).astype(np.float32),
+            "labels": np.array([index[name] for name in ann.names], dtype=np.int64), "difficult": ann.difficult}
 
 
 def read_devkit_split(root: Path, year: str, image_set: str, class_names) -> list[tuple[str, Path, dict]]:
