@@ -71,7 +71,7 @@ def to_continuous(boxes: np.ndarray) -> np.ndarray:
     """Devkit pixel indices (1-based, inclusive) -> the box's extent in 0-based continuous
     coordinates: ``(xmin - 1, ymin - 1, xmax, ymax)``, so an object over a whole 500-wide
     image spans 0..500. A 0 (tools that count from 0) stays 0. Darknet's ``voc_label.py``
-    takes ``xmax - 1`` as well, 1 pixel narrower than this."""
+    takes ``xmax - 1`` instead, 1 pixel narrower."""
     out = np.array(boxes, dtype=np.float64).reshape(-1, 4)
     out[:, :2] = np.maximum(out[:, :2] - 1, 0)
     return out
