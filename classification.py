@@ -18,7 +18,8 @@ import distributed
 import engine
 import runs
 from darknet_model import Darknet
-from dataset import build_imagenet, imagenet_transform, to_float_images
+from imagenet import build_imagenet, imagenet_transform
+from transforms import to_float_images
 from utils import UserError
 
 KIND = "darknet"  # checkpoint kind: resuming another kind of checkpoint is refused

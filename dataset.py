@@ -1,4 +1,6 @@
-"""Datasets: Pascal VOC (YOLO txt layout and VOCdevkit), the paper's augmentation, ImageNet.
+"""Pascal VOC for detection (YOLO txt layout and VOCdevkit), class names and image reading.
+
+The paper's augmentation is in transforms.py, ImageNet (Darknet pretraining) in imagenet.py.
 
 Detection samples are ``(image, target)``: a float32 ``(3, img_size, img_size)`` tensor in
 [0, 1] (no mean/std normalisation: Darknet feeds [0, 1]) and the ``(S, S, C + 5)`` target of
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import os
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +27,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.ops import box_convert
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from utils import VOC_CLASSES, UserError, encode_target
+from transforms import YoloAugment, photometric_factors, to_float_images
+from utils import VOC_CLASSES, UserError, encode_target, one_line
+from voc_xml import object_place, read_annotation, to_continuous
 
 EXIF_ORIENTATION = 0x0112
 LABEL_FIELDS = ("class_id", "x_center", "y_center", "width", "height")
@@ -95,7 +95,7 @@ def load_image(path, draft_size: tuple[int, int] | None = None) -> Image.Image:
                 image.draft("RGB", draft_size)
             return _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: unreadable image ({_one_line(err)})") from None
+        raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
 
 
 def image_size(path) -> tuple[int, int]:
@@ -107,114 +107,7 @@ def image_size(path) -> tuple[int, int]:
                 width, height = height, width
             return width, height
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: unreadable image ({_one_line(err)})") from None
-
-
-def _one_line(err: Exception) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
-# --------------------------------------------------------------------------- augmentation
-def scale_exposure_saturation(image: torch.Tensor, exposure: float, saturation: float) -> torch.Tensor:
-    """Scale V and S in HSV space, as Darknet's ``random_distort_image`` (without its hue
-    shift), on one float ``(3, H, W)`` image in [0, 1], in place: see :func:`to_float_images`."""
-    return to_float_images(image[None], photometric_factors(exposure, saturation)[None])[0]
-
-
-def photometric_factors(exposure: float = 1.0, saturation: float = 1.0) -> torch.Tensor:
-    """The two multipliers of :func:`scale_exposure_saturation`, computed in double precision
-    as it does, for :func:`to_float_images`."""
-    return torch.tensor([exposure * saturation, exposure * (1.0 - saturation)], dtype=torch.float64)
-
-
-def to_float_images(images: torch.Tensor, factors: torch.Tensor | None = None, device=None,
-                    memory_format=torch.preserve_format) -> torch.Tensor:
-    """A uint8 ``(N, 3, H, W)`` batch -> float32 in [0, 1] on ``device``, with each image's
-    exposure and saturation scaled (``factors``: ``(N, 2)`` from :func:`photometric_factors`).
-
-    Darknet's ``random_distort_image`` scales V and S in HSV space. For a fixed hue and
-    value V = max(R, G, B), every channel is ``V - S * V * k`` with k set by the hue alone,
-    so scaling S by s moves each channel to ``V - s * (V - c)``, and scaling V by e scales
-    all three: ``c' = e * s * c + e * (1 - s) * V``, clamped to [0, 1] as Darknet does. The
-    same operations in the same order on any device, so the CPU and GPU give the same
-    pixels. A float batch is converted in place (a fresh 448 x 448 float tensor per image
-    costs more than the arithmetic)."""
-    images = images.to(device, non_blocking=True)
-    if memory_format != torch.preserve_format:
-        images = images.contiguous(memory_format=memory_format)
-    if images.dtype == torch.uint8:
-        images = F.to_dtype(images, torch.float32, scale=True)
-    if factors is None:
-        return images
-    scale, shift = factors.to(images.device, torch.float32, non_blocking=True)[:, :, None, None, None].unbind(1)
-    value = torch.maximum(torch.maximum(images[:, 0:1], images[:, 1:2]), images[:, 2:3]).mul_(shift)
-    return images.mul_(scale).add_(value).clamp_(0.0, 1.0)
-
-
-def _rand_scale(limit: float) -> float:
-    """Darknet's ``rand_scale``: uniform in [1, limit], inverted half of the time."""
-    scale = 1.0 + (limit - 1.0) * torch.rand(()).item()
-    return scale if torch.rand(()).item() < 0.5 else 1.0 / scale
-
-
-class YoloAugment:
-    """The paper's training augmentation (Section 2.2), box-aware.
-
-    * Random scaling by a factor in ``[1 - jitter, 1 + jitter]`` about the centre and a
-      translation of up to ``jitter`` of the image size in x and y: the same mapping as
-      ``v2.RandomAffine(translate=(0.2, 0.2), scale=(0.8, 1.2))``, done as one crop and
-      resize of the original image (Darknet's ``crop_image`` + ``resize_image``), which also
-      does the resize to ``img_size`` on uint8 and costs a third of resize + affine.
-      Uncovered area is black.
-    * Horizontal flip with probability ``flip``.
-    * Exposure and saturation scaled by up to ``exposure`` / ``saturation`` (1.5) in HSV.
-
-    Drop rule: boxes are clipped to the image; a box is dropped when less than
-    ``min_visible`` (25 %) of its area stays inside, or when its clipped width or height is
-    under ``min_side`` (1 %) of the image (Darknet's ``fill_truth_region`` drops boxes under
-    1 % of the image).
-    """
-
-    def __init__(self, img_size: int = 448, jitter: float = 0.2, exposure: float = 1.5,
-                 saturation: float = 1.5, flip: float = 0.5, min_visible: float = 0.25,
-                 min_side: float = 0.01):
-        self.img_size, self.jitter, self.flip = img_size, jitter, flip
-        self.exposure, self.saturation = exposure, saturation
-        self.min_visible, self.min_side = min_visible, min_side
-
-    def sample(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
-        """uint8 ``(3, H, W)`` image, relative xyxy boxes, labels -> the geometric part done
-        on uint8 (``img_size`` square), the boxes (relative xyxy) and labels kept, and the
-        photometric factors still to apply: ``(uint8 image, boxes, labels, factors)``;
-        :func:`to_float_images` applies them
-        (on the GPU for training: a uint8 batch is a quarter of the bytes to collate,
-        pin and copy, and the per-pixel arithmetic leaves the loader's workers)."""
-        height, width = image.shape[-2:]
-        scale = 1.0 + self.jitter * (2.0 * torch.rand(()).item() - 1.0)
-        shift_x, shift_y = (self.jitter * (2.0 * torch.rand(2) - 1.0)).tolist()
-        crop_w, crop_h = width / scale, height / scale
-        left = round(width / 2 - (width / 2 + shift_x * width) / scale)
-        top = round(height / 2 - (height / 2 + shift_y * height) / scale)
-        size = [self.img_size, self.img_size]
-        boxes = tv_tensors.BoundingBoxes(boxes * torch.tensor([width, height, width, height]),
-                                         format="XYXY", canvas_size=(height, width), clamping_mode=None)
-        image = F.resized_crop(image, top, left, round(crop_h), round(crop_w), size, antialias=True)
-        boxes = F.resized_crop(boxes, top, left, round(crop_h), round(crop_w), size)
-        if torch.rand(()).item() < self.flip:
-            image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
-        factors = photometric_factors(_rand_scale(self.exposure), _rand_scale(self.saturation))
-        boxes, labels = self.drop_hidden(boxes.as_subclass(torch.Tensor) / self.img_size, labels)
-        return image, boxes, labels, factors
-
-    def drop_hidden(self, boxes: torch.Tensor, labels: torch.Tensor):
-        """Clip relative xyxy boxes to the image and apply the drop rule."""
-        clipped = boxes.clamp(0.0, 1.0)
-        sides = clipped[:, 2:] - clipped[:, :2]
-        area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
-        visible = sides.prod(dim=1) / area.clamp(min=1e-12)
-        keep = (visible >= self.min_visible) & (sides >= self.min_side).all(dim=1)
-        return clipped[keep], labels[keep]
+        raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
 
 
 # --------------------------------------------------------------------------- detection base
@@ -310,7 +203,7 @@ def read_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarra
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read label file ({_one_line(err)})") from None
+        raise UserError(f"{path}: cannot read label file ({one_line(err)})") from None
     rows = [_parse_label_line(line.split(), num_classes, f"{path}:{n}")
             for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     values = np.array(rows, dtype=np.float64).reshape(-1, 5)
@@ -332,7 +225,7 @@ def read_csv_pairs(csv_path: Path, img_dir: Path, label_dir: Path) -> list[tuple
         with open(csv_path, newline="", encoding="utf-8") as f:
             rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(f), 1) if any(row)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"{csv_path}: cannot read csv file ({_one_line(err)})") from None
+        raise UserError(f"{csv_path}: cannot read csv file ({one_line(err)})") from None
     if rows and len(rows[0][1]) == 2 and "." not in rows[0][1][1]:
         rows = rows[1:]
     listed = {folder: set(os.listdir(folder)) for folder in (img_dir, label_dir)}
@@ -438,52 +331,23 @@ def read_split_ids(year_dir: Path, image_set: str) -> list[str]:
     return ids
 
 
-def _xml_number(node: ET.Element, tag: str, where: str) -> float:
-    text = node.findtext(tag)
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: <{tag}> missing or not a number ({text!r})") from None
-
-
 def read_voc_xml(path: Path, class_names) -> dict:
-    """A VOC annotation -> ``width``, ``height`` and ``boxes`` (K, 4) absolute xyxy, ``labels``,
-    ``difficult``.
+    """A VOC annotation -> ``width``, ``height`` and ``boxes`` (K, 4) absolute xyxy in 0-based
+    continuous pixels, ``labels``, ``difficult``.
 
-    VOC's ``bndbox`` holds the first and last pixel of the object, 1-based and inclusive,
-    so the box's extent in 0-based continuous coordinates is ``(xmin - 1, ymin - 1, xmax,
-    ymax)`` (a box over a whole 500-wide image spans 0..500). Darknet's voc_label.py takes
-    ``xmax - 1`` instead, 1 pixel narrower. A 0 from tools that count from 0 is accepted
-    and stays 0. An unknown class name is an error.
+    Read by :func:`voc_xml.read_annotation` (the project's one XML reader, which also checks
+    that every box lies inside the image) and converted from the devkit's 1-based inclusive
+    pixel indices by :func:`voc_xml.to_continuous`. An unknown class name is an error.
     """
-    try:
-        root = ET.parse(path).getroot()
-    except FileNotFoundError:
-        raise UserError(f"{path}: annotation file not found") from None
-    except (ET.ParseError, OSError) as err:
-        raise UserError(f"{path}: not a readable XML file ({_one_line(err)})") from None
-    if root.find("size") is None:
-        raise UserError(f"{path}: no <size> element (image width and height are needed)")
-    width, height = (_xml_number(root, f"size/{tag}", str(path)) for tag in ("width", "height"))
-    if width <= 0 or height <= 0:
-        raise UserError(f"{path}: <size> must give a positive width and height, got {width:g} x {height:g}")
+    ann = read_annotation(path, with_size=True)
     index = {name: i for i, name in enumerate(class_names)}
-    boxes, labels, difficult = [], [], []
-    for k, obj in enumerate(root.iter("object"), 1):
-        name = (obj.findtext("name") or "").strip()
-        where = f"{path}: object {k} ({name or 'no name'})"
+    for k, name in enumerate(ann.names, 1):
         if name not in index:
-            raise UserError(f"{where}: unknown class {name!r} (not among the {len(index)} class names)")
-        x1, y1, x2, y2 = (_xml_number(obj, f"bndbox/{t}", where) for t in ("xmin", "ymin", "xmax", "ymax"))
-        if not (0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height):
-            raise UserError(f"{where}: box xmin {x1:g} ymin {y1:g} xmax {x2:g} ymax {y2:g} is inverted "
-                            f"or outside the {width:g} x {height:g} image")
-        boxes.append([max(x1 - 1, 0), max(y1 - 1, 0), x2, y2])
-        labels.append(index[name])
-        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
-    return {"width": int(width), "height": int(height),
-            "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
-            "labels": np.array(labels, dtype=np.int64), "difficult": np.array(difficult, dtype=bool)}
+            raise UserError(f"{object_place(path, k, name)}: unknown class {name!r} "
+                            f"(not among the {len(index)} class names)")
+    width, height = ann.size
+    return {"width": int(width), "height": int(height), "boxes": to_continuous(ann.boxes).astype(np.float32),
+            "labels": np.array([index[name] for name in ann.names], dtype=np.int64), "difficult": ann.difficult}
 
 
 def read_devkit_split(root: Path, year: str, image_set: str, class_names) -> list[tuple[str, Path, dict]]:
@@ -571,144 +435,3 @@ def build_image_dataset(folder, img_size: int = 448, S: int = 7, names=None) -> 
     records = [ImageRecord(p, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
                for p in paths]
     return DetectionDataset(records, load_class_names(names), S, img_size)
-
-
-# --------------------------------------------------------------------------- ImageNet
-def imagenet_transform(train: bool, img_size: int = 224, uint8: bool = False) -> v2.Compose:
-    """Standard ImageNet transforms at any size: RandomResizedCrop + flip for training,
-    Resize(img_size * 256 / 224) + CenterCrop for validation. Output in [0, 1] without
-    mean/std normalisation, like the detection input the backbone is moved to; ``uint8``
-    leaves the conversion to :func:`to_float_images` on the training device."""
-    if train:
-        steps = [v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip()]
-    else:
-        steps = [v2.Resize(round(img_size * 256 / 224), antialias=True), v2.CenterCrop(img_size)]
-    steps.append(v2.PILToTensor())
-    return v2.Compose(steps if uint8 else [*steps, v2.ToDtype(torch.float32, scale=True)])
-
-
-class ImageNetFolder(ImageFolder):
-    """``ImageFolder`` with :func:`load_image` and one-line errors.
-
-    With ``class_to_idx`` (validation in class folders) the indices follow that mapping,
-    the training set's, instead of the folders present; an unknown folder is an error.
-    Without it (training), an empty class folder is an error.
-    """
-
-    def __init__(self, root, transform=None, class_to_idx: dict[str, int] | None = None):
-        self.fixed_classes = class_to_idx
-        try:
-            super().__init__(str(root), transform=transform, loader=load_image, allow_empty=True)
-        except FileNotFoundError as err:
-            raise UserError(f"{root}: {_one_line(err)}") from None
-        if class_to_idx is None:
-            found = {target for _, target in self.samples}
-            empty = [name for name, i in self.class_to_idx.items() if i not in found]
-            if empty:
-                raise UserError(f"{Path(root) / empty[0]}: empty class folder (no {'/'.join(IMG_EXTENSIONS)} "
-                                f"images){f'; {len(empty) - 1} more' if len(empty) > 1 else ''}")
-
-    def find_classes(self, directory):
-        if self.fixed_classes is None:
-            return super().find_classes(directory)
-        for entry in os.scandir(directory):
-            if entry.is_dir() and entry.name not in self.fixed_classes:
-                raise UserError(f"{entry.path}: class folder {entry.name!r} is not a training class")
-        return sorted(self.fixed_classes, key=self.fixed_classes.get), dict(self.fixed_classes)
-
-
-def read_imagenet_val_labels(path: Path) -> dict[str, tuple[str, int]]:
-    """Ground truth of flat validation images: image stem -> (wnid, line number).
-
-    Kaggle's ``LOC_val_solution.csv`` (header ``ImageId,PredictionString``, the prediction
-    string starts with the wnid) or plain lines ``image wnid`` (devkit-style lists).
-    """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read validation label file ({_one_line(err)})") from None
-    kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith("imageid,")
-    truth = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip() or (kaggle and n == 1):
-            continue
-        fields = line.split(",", 1) if kaggle else line.split()
-        wnid = fields[1].split()[0] if len(fields) == 2 and fields[1].split() else None
-        if wnid is None:
-            layout = "'ImageId,PredictionString'" if kaggle else "'image wnid'"
-            raise UserError(f"{path}:{n}: expected {layout}, got {line.strip()!r}")
-        truth[Path(fields[0].strip()).stem] = (wnid, n)
-    return truth
-
-
-class ImageNetFlatVal(Dataset):
-    """A flat folder of validation images (``ILSVRC2012_val_*.JPEG``) with a label file;
-    class indices follow ``class_to_idx`` (the training set's sorted wnids)."""
-
-    def __init__(self, val_dir, labels_file, class_to_idx: dict[str, int], transform=None):
-        val_dir, labels_file = Path(val_dir), Path(labels_file)
-        self.class_to_idx, self.transform = dict(class_to_idx), transform
-        self.classes = sorted(class_to_idx, key=class_to_idx.get)
-        truth = read_imagenet_val_labels(labels_file)
-        files = sorted(p for p in val_dir.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
-        if not files:
-            raise UserError(f"{val_dir}: no validation images")
-        self.samples = []
-        for path in files:
-            if path.stem not in truth:
-                raise UserError(f"{path}: not in the validation label file {labels_file}")
-            wnid, line = truth[path.stem]
-            if wnid not in class_to_idx:
-                raise UserError(f"{labels_file}:{line}: class {wnid} is not a training class folder")
-            self.samples.append((str(path), class_to_idx[wnid]))
-        self.targets = [target for _, target in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        image = load_image(path)
-        return (self.transform(image) if self.transform else image), target
-
-
-def _imagenet_dirs(root: Path) -> tuple[Path, Path]:
-    """(train dir, default val dir) for an ImageNet root, a Kaggle root or a train dir."""
-    for base in (root, root / "ILSVRC" / "Data" / "CLS-LOC"):
-        if (base / "train").is_dir():
-            return base / "train", base / "val"
-    if not root.is_dir():
-        raise UserError(f"{root}: ImageNet folder not found")
-    return root, root.parent / "val"
-
-
-def build_imagenet(root_or_train_dir, val_dir=None, val_labels=None, train: bool = True,
-                   img_size: int = 224, uint8: bool = False) -> Dataset:
-    """ImageNet for Darknet pretraining: the training set, or (``train=False``) validation.
-    ``uint8``: training images stay uint8 (see :func:`imagenet_transform`).
-
-    Validation images are in class folders, or flat with ``val_labels`` (found by default
-    as ``LOC_val_solution.csv`` in the val folder, beside it or in the root). Class indices
-    always follow the sorted wnids of the training folders.
-    """
-    root = Path(root_or_train_dir)
-    train_dir, default_val = _imagenet_dirs(root)
-    if train:
-        return ImageNetFolder(train_dir, imagenet_transform(True, img_size, uint8))
-    val_dir = Path(val_dir) if val_dir is not None else default_val
-    if not val_dir.is_dir():
-        raise UserError(f"{val_dir}: validation folder not found")
-    try:
-        _, class_to_idx = find_classes(str(train_dir))
-    except FileNotFoundError as err:
-        raise UserError(f"{train_dir}: {_one_line(err)}") from None
-    transform = imagenet_transform(False, img_size)
-    if any(entry.is_dir() for entry in os.scandir(val_dir)):
-        return ImageNetFolder(val_dir, transform, class_to_idx)
-    if val_labels is None:
-        candidates = [d / "LOC_val_solution.csv" for d in (val_dir, val_dir.parent, root)]
-        val_labels = next((c for c in candidates if c.is_file()), None)
-        if val_labels is None:
-            raise UserError(f"{val_dir}: flat validation folder needs a label file "
-                            "(LOC_val_solution.csv or an 'image wnid' list)")
-    return ImageNetFlatVal(val_dir, val_labels, class_to_idx, transform)

@@ -39,28 +39,21 @@ Padilla's IoU and ``>=`` test, which can differ from the VOC devkit only for
 boxes on those edges (in the devkit boxes less than a pixel apart still
 overlap, and py-faster-rcnn's ``voc_eval.py`` uses ``>``).
 
-Command line: ``python evaluate.py --gt GT_DIR --det DET_DIR`` (see --help).
-This module imports only numpy and the standard library, so it starts fast.
+Command line: ``python evaluate.py --gt GT_DIR --det DET_DIR`` (see --help);
+box_files.py reads the folders and writes the report.  This module imports
+only numpy and the standard library, so it starts fast.
 """
 
-import os
 import sys
 
 import numpy as np
 
+from box_files import DET_LINE, GT_LINE, format_report, read_det_dir, read_gt_dir, write_json
+from errors import UserError, one_line
+
 INTERPOLATIONS = ("all", "11")
 DIFFICULT_MODES = ("ignore", "count", "drop")
 ELEVEN_RECALL_POINTS = np.linspace(0, 1, 11)
-
-GT_LINE = "class left top right bottom"
-DET_LINE = "class confidence left top right bottom"
-DIFFICULT_WORDS = (b"0", b"1", b"difficult")
-
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
-
-
-class InputError(ValueError):
-    """Bad input.  The message is one line: ``path:line: what is wrong``."""
 
 
 # --------------------------------------------------------------------------
@@ -456,325 +449,6 @@ def _add_class_results(result, labels, ranked_class, tp, scores, return_curves):
 
 
 # --------------------------------------------------------------------------
-# Reading folders of files
-# --------------------------------------------------------------------------
-
-def _list_files(directory, *extensions):
-    """Sorted names of the ``*extension`` files in ``directory`` (like Padilla's glob + sort),
-    one list per extension, from one scan of the folder."""
-    if not os.path.isdir(directory):
-        raise InputError(f"{directory}: no such directory")
-    with os.scandir(directory) as entries:
-        names = sorted(e.name for e in entries
-                       if e.name.endswith(extensions) and not e.name.startswith(".") and e.is_file())
-    if len(extensions) == 1:
-        return names
-    return [[n for n in names if n.endswith(extension)] for extension in extensions]
-
-
-def _read_files(directory, names):
-    """The bytes of each file ``directory/name``.
-
-    Where the OS allows it, the files are opened relative to the folder's
-    descriptor (``dir_fd``): no full path to build and resolve for each file,
-    which makes reading 10,000 small files ~30% faster.
-    """
-    if os.open not in os.supports_dir_fd:
-        return [_read_file(os.path.join(directory, name)) for name in names]
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError as exc:
-        raise InputError(f"{directory}: cannot read ({exc.strerror})") from None
-    try:
-        return [_read_file(name, dir_fd, directory) for name in names]
-    finally:
-        os.close(dir_fd)
-
-
-def _read_file(path, dir_fd=None, directory=""):
-    """The bytes of a file (os.read: about half the cost of open().read() per small file)."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
-    except OSError as exc:
-        raise InputError(f"{os.path.join(directory, path)}: cannot read ({exc.strerror})") from None
-    try:
-        blocks = []
-        while block := os.read(fd, 1 << 20):
-            blocks.append(block)
-        return b"".join(blocks)
-    finally:
-        os.close(fd)
-
-
-def _tokenize(chunks):
-    """Split the concatenated files into whitespace-separated tokens, vectorised.
-
-    Works on the raw bytes with numpy: tokens start where a non-space byte
-    follows a space byte and end at the next space byte, so starts and ends
-    alternate; the tokens of line i are those between newlines i-1 and i.
-    Returns a dict with the byte buffer, token ``start``/``end`` offsets and,
-    for every non-empty line, ``first`` (index of its first token), ``count``
-    (number of tokens) and ``file`` (index into ``chunks``).
-    """
-    chunks = [c if c.endswith(b"\n") or not c else c + b"\n" for c in chunks]
-    lines_per_file = np.array([c.count(b"\n") for c in chunks], dtype=np.int64)
-    file_first_line = np.cumsum(lines_per_file) - lines_per_file
-    buf = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-    space = np.empty(len(buf) + 1, dtype=bool)
-    space[0] = True  # a virtual space before byte 0
-    # bytes.split()'s whitespace: 9-13 (\t \n \v \f \r) and 32 (two comparisons are
-    # several times faster than looking each byte up in a table)
-    space[1:] = (buf == 32) | (buf - np.uint8(9) < 5)
-    edges = np.flatnonzero(space[1:] != space[:-1])  # where space <-> non-space
-    start, end = edges[0::2], edges[1::2]
-    tokens_up_to_line = np.searchsorted(start, np.flatnonzero(buf == ord("\n")))
-    first = np.concatenate(([0], tokens_up_to_line[:-1]))
-    count = tokens_up_to_line - first
-    line = np.flatnonzero(count)
-    return {"buf": buf, "start": start, "end": end, "first": first[line], "count": count[line],
-            "file": np.searchsorted(file_first_line, line, side="right") - 1}
-
-
-def _token_chars(tokens, index):
-    """The tokens at ``index`` (1-D) as a (width, n) uint8 matrix: token j in column j,
-    NUL-padded.  Built one character position (row) at a time: few, long vector ops."""
-    start = tokens["start"][index]
-    length = tokens["end"][index] - start
-    width = max(int(length.max(initial=0)), 1)
-    padded = np.concatenate((tokens["buf"], np.zeros(width, dtype=np.uint8)))
-    chars = np.empty((width, len(start)), dtype=np.uint8)
-    for k in range(width):
-        chars[k] = np.where(length > k, padded[start + k], 0)
-    return chars
-
-
-def _token_strings(tokens, index):
-    """The tokens at ``index`` (1-D) as a fixed-width numpy bytes array (dtype ``S<width>``)."""
-    chars = np.ascontiguousarray(_token_chars(tokens, index).T)
-    return chars.view(f"S{chars.shape[1]}")[:, 0]
-
-
-_POWERS_OF_TEN = 10.0 ** np.arange(16)
-
-
-def _parse_decimals(chars):
-    """Vectorised ``float()`` for plain decimals such as ``-12.375``; returns ``(values, ok)``.
-
-    ``chars`` is (width, n): token j in column j, NUL-padded (``_token_chars``).  ``ok`` is False
-    for tokens not of the form ``[-]digits[.digits]`` with 1 to 15 digits;
-    those need ``float()``.  The result is exactly ``float(token)``: the digits
-    form an integer m < 10**15 < 2**53 and 10**f (f <= 15) is a float, both
-    exact, so m / 10**f is one correctly rounded division, as in the fast path
-    of every correctly rounded decimal parser (Clinger, 1990).
-    """
-    digit = chars - np.uint8(ord("0"))
-    is_digit = digit < 10
-    is_dot = chars == ord(".")
-    negative = chars[0] == ord("-")
-    allowed = is_digit | is_dot | (chars == 0)
-    allowed[0] |= negative
-    n_digits = is_digit.sum(0)
-    ok = allowed.all(0) & (is_dot.sum(0) <= 1) & (n_digits >= 1) & (n_digits <= 15)
-    mantissa = np.zeros(chars.shape[1], dtype=np.int64)
-    fraction_digits = np.zeros(chars.shape[1], dtype=np.int64)
-    seen_dot = np.zeros(chars.shape[1], dtype=bool)
-    for k in range(len(chars)):  # Horner's rule, one character position at a time
-        mantissa = np.where(is_digit[k], mantissa * 10 + digit[k], mantissa)
-        seen_dot |= is_dot[k]
-        fraction_digits += is_digit[k] & seen_dot
-    values = mantissa / _POWERS_OF_TEN[np.minimum(fraction_digits, 15)]
-    return np.where(negative, -values, values), ok
-
-
-def _token_floats(tokens, index):
-    """The tokens at ``index`` (any shape) parsed as floats; ValueError if one is not a number."""
-    chars = _token_chars(tokens, np.ravel(index))
-    values, ok = _parse_decimals(chars)
-    for i in np.flatnonzero(~ok):  # rare forms such as 1e-05 or nan: ask float()
-        values[i] = float(chars[:, i].tobytes().rstrip(b"\0"))
-    return values.reshape(np.shape(index))
-
-
-def _decode_labels(raw):
-    """Decode a bytes array of class names as UTF-8 (decoding each distinct name once)."""
-    names, codes = np.unique(raw, return_inverse=True)
-    return np.array([n.decode("utf-8") for n in names.tolist()], dtype=str)[codes]
-
-
-def _parse_fast(chunks, is_gt):
-    """Parse GT or detection files in bulk; None if anything looks wrong.
-
-    On None the caller re-parses line by line with ``_parse_slow``, which
-    is the reference and reports the first bad line.  Both accept the same
-    input and give the same table (numbers are parsed exactly like ``float()``).
-    """
-    tokens = _tokenize(chunks)
-    first, count = tokens["first"], tokens["count"]
-    if not np.isin(count, (5, 6) if is_gt else 6).all() or not tokens["buf"].all():
-        return None  # a line with a wrong number of values, or a NUL byte
-    n_numbers = 4 if is_gt else 5
-    try:
-        numbers = _token_floats(tokens, first[:, None] + np.arange(1, n_numbers + 1))
-        labels = _decode_labels(_token_strings(tokens, first))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    boxes = numbers[:, -4:]
-    if not np.isfinite(numbers).all() or (boxes[:, 2] < boxes[:, 0]).any() \
-            or (boxes[:, 3] < boxes[:, 1]).any():
-        return None
-    table = {"file": tokens["file"], "cls": labels, "boxes": boxes}
-    if not is_gt:
-        table["score"] = numbers[:, 0]
-        return table
-    flagged = np.flatnonzero(count == 6)
-    flags = np.char.lower(_token_strings(tokens, first[flagged] + 5))
-    if not np.isin(flags, DIFFICULT_WORDS).all():
-        return None
-    table["difficult"] = np.zeros(len(first), dtype=bool)
-    table["difficult"][flagged] = flags != b"0"
-    return table
-
-
-def _parse_number(token, field, where):
-    try:
-        value = float(token)
-    except ValueError:
-        raise InputError(f"{where}: {field} is not a number: {token.decode(errors='replace')!r}")
-    if not np.isfinite(value):
-        raise InputError(f"{where}: {field} must be a finite number, got {value}")
-    return value
-
-
-def _parse_line(tokens, is_gt, where):
-    """One non-empty line -> (cls, score or difficult, x1, y1, x2, y2); InputError if bad."""
-    if is_gt and len(tokens) not in (5, 6):
-        raise InputError(f"{where}: expected 5 values '{GT_LINE}' (and optionally a 6th, "
-                         f"difficult: 0, 1 or 'difficult'), got {len(tokens)}")
-    if not is_gt and len(tokens) != 6:
-        raise InputError(f"{where}: expected 6 values '{DET_LINE}', got {len(tokens)}")
-    try:
-        label = tokens[0].decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{where}: class name is not valid UTF-8")
-    fields = DET_LINE.split()[1:] if not is_gt else GT_LINE.split()[1:]
-    values = [_parse_number(t, f, where) for t, f in zip(tokens[1:], fields)]
-    x1, y1, x2, y2 = values[-4:]
-    if x2 < x1:
-        raise InputError(f"{where}: right ({x2:g}) is smaller than left ({x1:g})")
-    if y2 < y1:
-        raise InputError(f"{where}: bottom ({y2:g}) is smaller than top ({y1:g})")
-    if not is_gt:
-        return label, values[0], x1, y1, x2, y2
-    flag = tokens[5].lower() if len(tokens) == 6 else b"0"
-    if flag not in DIFFICULT_WORDS:
-        raise InputError(f"{where}: 6th value (difficult) must be 0, 1 or 'difficult', "
-                         f"got {flag.decode(errors='replace')!r}")
-    return label, flag != b"0", x1, y1, x2, y2
-
-
-def _parse_slow(paths, chunks, is_gt):
-    """Line-by-line parser (the reference for ``_parse_fast``); InputError on the first bad line."""
-    rows, files = [], []
-    for index, (path, data) in enumerate(zip(paths, chunks)):
-        for lineno, line in enumerate(data.split(b"\n"), start=1):
-            tokens = line.split()
-            if tokens:
-                rows.append(_parse_line(tokens, is_gt, f"{path}:{lineno}"))
-                files.append(index)
-    columns = list(zip(*rows)) or [()] * 6
-    table = {"file": np.array(files, dtype=np.int64), "cls": np.array(columns[0], dtype=str),
-             "boxes": np.array(columns[2:], dtype=np.float64).T}
-    table["difficult" if is_gt else "score"] = np.array(columns[1], dtype=bool if is_gt else float)
-    return table
-
-
-def _read_txt_dir(directory, names, is_gt):
-    """Read one-file-per-image text files into a table whose ``image`` is the file stem."""
-    chunks = _read_files(directory, names)
-    table = _parse_fast(chunks, is_gt)
-    if table is None:
-        table = _parse_slow([os.path.join(directory, n) for n in names], chunks, is_gt)
-    stems = np.array([n[:-len(".txt")] for n in names], dtype=str)
-    table["image"] = stems[table.pop("file")]
-    return table
-
-
-def _xml_text(element, tag, where):
-    child = element.find(tag)
-    if child is None or child.text is None or not child.text.strip():
-        raise InputError(f"{where}: missing <{tag}>")
-    return child.text.strip()
-
-
-def _read_xml_object(obj, where):
-    """One VOC ``<object>`` -> (name, difficult, x1, y1, x2, y2)."""
-    label = _xml_text(obj, "name", where)
-    box = obj.find("bndbox")
-    if box is None:
-        raise InputError(f"{where}: missing <bndbox>")
-    coords = [_parse_number(_xml_text(box, tag, where).encode(), tag, where)
-              for tag in ("xmin", "ymin", "xmax", "ymax")]
-    if coords[2] < coords[0] or coords[3] < coords[1]:
-        raise InputError(f"{where}: xmax < xmin or ymax < ymin in {coords}")
-    flag = obj.find("difficult")
-    flag = "0" if flag is None or flag.text is None else flag.text.strip()
-    if flag not in ("0", "1"):
-        raise InputError(f"{where}: <difficult> must be 0 or 1, got {flag!r}")
-    return (label, flag == "1", *coords)
-
-
-def _read_xml_dir(directory, names):
-    """Read VOCdevkit ``Annotations/*.xml`` files (name, bndbox, difficult of each object)."""
-    import xml.etree.ElementTree as ElementTree  # only needed for XML input
-
-    rows, images = [], []
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            root = ElementTree.parse(path).getroot()
-        except ElementTree.ParseError as exc:
-            raise InputError(f"{path}:{exc.position[0]}: invalid XML ({exc})")
-        for k, obj in enumerate(root.findall("object"), start=1):
-            rows.append(_read_xml_object(obj, f"{path}: <object> #{k}"))
-            images.append(name[:-len(".xml")])
-    columns = list(zip(*rows)) or [()] * 6
-    return {"image": np.array(images, dtype=str), "cls": np.array(columns[0], dtype=str),
-            "boxes": np.array(columns[2:], dtype=np.float64).T,
-            "difficult": np.array(columns[1], dtype=bool)}
-
-
-def read_gt_dir(directory):
-    """Read ground truth: ``*.txt`` files (Padilla's format) or VOC ``*.xml`` annotations.
-
-    Text: one file per image, named after it; one box per line
-    ``class left top right bottom [difficult]`` where the optional 6th value is
-    0, 1 or the word ``difficult``.  XML (VOCdevkit ``Annotations``): used when
-    the folder holds ``.xml`` files.  Returns a GT table for
-    ``evaluate_detections`` with ``"image"`` = file name without extension,
-    rows in sorted file-name order then line order.  Raises InputError.
-    """
-    xml_names, txt_names = _list_files(directory, ".xml", ".txt")
-    if xml_names and txt_names:
-        raise InputError(f"{directory}: holds both .txt and .xml files; keep one kind")
-    if xml_names:
-        return _read_xml_dir(directory, xml_names)
-    return _read_txt_dir(directory, txt_names, is_gt=True)
-
-
-def read_det_dir(directory):
-    """Read detections: one ``*.txt`` file per image, one box per line as
-    ``class confidence left top right bottom``.
-
-    Images without a file (or with an empty one) have no detections; a file
-    for an image without GT is read too (its detections are all FPs, as in
-    Padilla's toolkit).  Returns a detection table for
-    ``evaluate_detections``, rows in sorted file-name order then line order
-    (this order breaks score ties).  Raises InputError.
-    """
-    return _read_txt_dir(directory, _list_files(directory, ".txt"), is_gt=False)
-
-
-# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
@@ -817,41 +491,6 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
-def format_report(result):
-    """The per-class table (class, npos, ndet, TP, FP, AP) and the mAP line."""
-    rows = [f"{'class':<16}{'npos':>7}{'ndet':>8}{'TP':>7}{'FP':>8}{'AP':>9}"]
-    for label, ndet in result["ndet"].items():
-        ap = result["AP"].get(label)
-        ap_text = f"{ap:9.4f}" if ap is not None else f"{'-':>9}  (no GT: not in mAP)"
-        rows.append(f"{str(label):<16}{result['npos'][label]:>7}{ndet:>8}"
-                    f"{result['tp'][label]:>7}{result['fp'][label]:>8}{ap_text}")
-    method = "every-point" if result["interp"] == "all" else "11-point"
-    n = len(result["AP"])
-    rows.append(f"mAP = {result['mAP']:.4f}  ({n} class{'' if n == 1 else 'es'}, IoU >= "
-                f"{result['iou_threshold']:g}, {method} interpolation, "
-                f"difficult: {result['difficult']})")
-    return "\n".join(rows)
-
-
-def write_json(path, result):
-    """Write ``{"mAP", "AP", "npos", "ndet", ...}`` atomically (temp file + os.replace)."""
-    import json
-
-    keys = ("mAP", "AP", "npos", "ndet", "tp", "fp", "iou_threshold", "interp", "difficult")
-    data = {k: result[k] for k in keys}
-    if data["mAP"] != data["mAP"]:
-        data["mAP"] = None  # NaN is not valid JSON
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main(argv=None):
     """Command-line entry point; returns the exit status (2 on bad input)."""
     args = _parse_args(argv)
@@ -859,11 +498,11 @@ def main(argv=None):
         gts = read_gt_dir(args.gt)
         dets = read_det_dir(args.det)
         if len(gts["cls"]) == 0:
-            raise InputError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
+            raise UserError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
         result = evaluate_detections(gts, dets, args.iou, args.interp, args.difficult,
                                      return_curves=bool(args.plots))
-    except InputError as exc:
-        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)
+    except UserError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(format_report(result))
     if args.json:

@@ -18,7 +18,7 @@ Box k comes from cell k // B (row-major: row = cell // S, column = cell % S), pr
 Non-maximum suppression is NOT in the graph: it is the caller's job. As in
 utils.decode_predictions, each box takes its best class (argmax of its scores), boxes
 scoring at most a threshold are dropped, then NMS runs per class; ``postprocess`` below
-does exactly that in numpy, for use with onnxruntime.
+does exactly that on onnxruntime's numpy outputs, with the same NMS code.
 
 With ``--raw`` the single output ``output`` is the network's (N, S*S*(C+5B)); per cell
 ``[C class scores | conf, x, y, sqrt_w, sqrt_h for each of the B predictors]`` (model.py).
@@ -44,7 +44,7 @@ from torch import nn
 import runs
 from model import load_detector
 from plots import require
-from utils import UserError, cell_to_image_boxes, run_cli, split_predictions
+from utils import UserError, cell_to_image_boxes, nms_per_image, run_cli, split_predictions
 
 FORMATS = ("onnx", "torchscript")
 # Largest |PyTorch - exported| difference accepted by the check after the export. The
@@ -180,37 +180,17 @@ def export(model: nn.Module, names, out_dir: Path, formats, raw: bool = False, o
 
 
 # --------------------------------------------------------------------------- using the ONNX file
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy non-maximum suppression (torchvision.ops.nms): kept indices, best first."""
-    order = np.argsort(-scores, kind="stable")
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    keep = []
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(i)
-        lt = np.maximum(boxes[i, :2], boxes[rest, :2])
-        rb = np.minimum(boxes[i, 2:], boxes[rest, 2:])
-        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            overlap = inter / (area[i] + area[rest] - inter)
-        order = rest[~(overlap > iou)]  # as torchvision: 0/0 (two empty boxes) suppresses nothing
-    return np.asarray(keep, dtype=np.int64)
-
-
 def postprocess(boxes: np.ndarray, scores: np.ndarray, conf_threshold: float = 0.2,
                 nms_iou: float = 0.5) -> list[np.ndarray]:
     """The exported outputs -> per image ``(M, 6)``: ``class, score, x1, y1, x2, y2`` (0..1),
-    best first: utils.decode_predictions without torch."""
-    results = []
-    for image_boxes, image_scores in zip(boxes, scores):
-        labels, best = image_scores.argmax(-1), image_scores.max(-1)
-        keep = best > conf_threshold
-        labels, best, image_boxes = labels[keep], best[keep], image_boxes[keep]
-        # Shifting each class to its own region makes one NMS call act per class: boxes
-        # are within 0..1, so boxes of different classes never overlap after the shift.
-        kept = nms(image_boxes + 2.0 * labels[:, None], best, nms_iou)
-        results.append(np.column_stack([labels[kept], best[kept], image_boxes[kept]]).astype(np.float32))
-    return results
+    best first, as numpy arrays: utils.decode_predictions' thresholding and its NMS
+    (:func:`utils.nms_per_image`, torchvision's ``batched_nms``) on onnxruntime's outputs."""
+    boxes, scores = torch.from_numpy(np.asarray(boxes, np.float32)), torch.from_numpy(np.asarray(scores, np.float32))
+    n, k = scores.shape[:2]
+    best, labels = scores.max(-1)  # each box takes its best class
+    keep = best > conf_threshold
+    image = torch.arange(n).repeat_interleave(k).reshape(n, k)[keep]
+    return [d.numpy() for d in nms_per_image(boxes[keep], best[keep], labels[keep], image, n, nms_iou)]
 
 
 def main(argv=None):

@@ -21,6 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from errors import UserError
+
 # Keys of a metrics.jsonl row that are bookkeeping, not curves.
 NOT_PLOTTED = ("epoch", "images", "time_s")
 # The loss components train.py logs (loss.py): named so that they land on the loss plot.
@@ -30,8 +32,6 @@ LOSS_KEYS = ("loss", "coord", "obj", "noobj", "cls")
 def require(module: str, package: str, purpose: str) -> None:
     """A one-line UserError naming the pip package when an optional dependency is missing."""
     if importlib.util.find_spec(module) is None:
-        from utils import UserError  # here, not at the top: utils imports torch
-
         raise UserError(f"{purpose} needs the '{package}' package: pip install {package}")
 
 

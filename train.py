@@ -22,10 +22,11 @@ import distributed
 import engine
 import predict
 import runs
-from dataset import build_voc_dataset, to_float_images
+from dataset import build_voc_dataset
 from loss import YoloLoss
 from model import MODEL_NAMES, build_model, load_backbone
 from plots import TensorBoardLogger, require
+from transforms import to_float_images
 from utils import decode_predictions, load_checkpoint, run_cli
 
 RECIPES = {

@@ -15,57 +15,21 @@ Conventions used across the project (paper Section 2, Darknet's detection layer)
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
-from torchvision.ops import box_convert
+from torchvision.ops import batched_nms, box_convert
+
+# Re-exported: the rest of the project imports the error class and its helpers from here.
+from errors import Interrupted, UserError, one_line, run_cli  # noqa: F401
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
     "sheep", "sofa", "train", "tvmonitor",
 )
-
-
-class UserError(Exception):
-    """A mistake in the user's input (file, argument): reported as one line, exit 2."""
-
-
-class Interrupted(Exception):
-    """A run stopped on a signal after saving its state: reported as one line, exit 0."""
-
-
-def run_cli(main, argv=None):
-    """Run ``main(argv)``: a UserError becomes a one-line message and exit code 2, an
-    Interrupted run (state saved) a one-line note and exit code 0."""
-    try:
-        return main(argv)
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as note:
-        print(f"interrupted: {note}", file=sys.stderr)
-        sys.exit(0)
-    except KeyboardInterrupt:  # Ctrl-C before training started (or a second Ctrl-C): no state to save
-        print("interrupted: Ctrl-C", file=sys.stderr)
-        sys.exit(130)
-
-
-def one_line(err: Exception) -> str:
-    """The message of ``err`` on one line.
-
-    An error raised in a DataLoader worker comes back with the worker's traceback folded
-    into its message ("Caught UserError in DataLoader worker process 0 ..."); its last line
-    holds the original ``module.UserError: message``.
-    """
-    text = str(err).strip()
-    if "Traceback" in text:
-        text = text.splitlines()[-1]
-        text = text.split(": ", 1)[1] if text.split(": ", 1)[0].endswith(type(err).__name__) else text
-    return " ".join(text.split())
 
 
 # --------------------------------------------------------------------------- geometry
@@ -151,9 +115,8 @@ def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
     rule (Section 2), a box's class-specific score is ``Pr(class | object) * confidence``;
     each of the S*S*B boxes takes its most likely class. The raw outputs are regressions
     towards values in [0, 1], so both factors are clamped there before multiplying.
-    Non-maximum suppression runs per image and per class: the result is exactly what
-    torchvision's ``batched_nms`` gives image by image (same boxes, sorted by score, ties
-    in cell order), computed for the whole batch at once (:func:`greedy_nms`). At most
+    Non-maximum suppression runs per image and per class (:func:`nms_per_image`, torchvision's
+    ``batched_nms``); each image's boxes come sorted by score, ties in cell order. At most
     ``max_det`` (>= 0) boxes per image are kept, the best ones.
     """
     if max_det is not None and max_det < 0:
@@ -166,130 +129,29 @@ def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
     labels = cls_id.unsqueeze(-1).expand(-1, -1, -1, B).reshape(N * M)
     boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1)
     boxes = boxes.reshape(N * M, 4)
-    candidate = (score > conf_threshold).nonzero().squeeze(1)             # by image, then cell
-    image = torch.div(candidate, M, rounding_mode="floor")
-    # index_select rather than t[index]: several times faster on the CPU
-    order = _by_image_then_score(image, score.index_select(0, candidate))  # the output order
-    candidate, image = candidate.index_select(0, order), image.index_select(0, order)
-    score, labels, boxes = (t.index_select(0, candidate) for t in (score, labels, boxes))
-    kept = greedy_nms(_class_offset_boxes(boxes, labels, image, N), image * C + labels, nms_iou)
-    image = image[kept]
-    dets = torch.cat((labels[kept, None].float(), score[kept, None], boxes[kept]), dim=1)
-    counts = torch.bincount(image, minlength=N)
-    if max_det is not None:
-        rank = torch.arange(len(image), device=image.device) - (counts.cumsum(0) - counts)[image]
-        dets, counts = dets[rank < max_det], counts.clamp(max=max_det)
-    return list(dets.split(counts.tolist())) if N else []
+    keep = score > conf_threshold
+    image = torch.arange(N, device=score.device).repeat_interleave(M)[keep]
+    return nms_per_image(boxes[keep], score[keep], labels[keep], image, N, nms_iou, max_det)
 
 
-def _by_image_then_score(image: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """The permutation that orders boxes by image, then score descending, ties in input order.
+def nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image: torch.Tensor,
+                  n_images: int, iou_threshold: float, max_det: int | None = None) -> list[torch.Tensor]:
+    """Per-class NMS in each image: ``(M, 6)`` detections ``class, score, x1, y1, x2, y2`` per
+    image, best first (ties in input order), at most ``max_det`` each.
 
-    One stable sort of an integer key, several times faster than sorting floats: for floats
-    >= 0 the int32 bit pattern grows with the value, so ``2**31 - 1 - bits`` puts higher
-    scores first (``abs`` turns -0.0, bits 0x80000000, into 0.0; scores are never negative).
+    ``boxes`` (n, 4) xyxy, ``scores``, ``labels`` and ``image`` (n,) are ordered by image.
+    torchvision's ``batched_nms`` runs image by image: one call over a whole batch (the image
+    in the group id) would take its CPU path that loops over the groups, quadratic in the
+    batch (~17 (image, class) groups per VOC image). A box is dropped when a kept, better box
+    of its class and image overlaps it with IoU > ``iou_threshold``: the greedy rule of
+    Darknet's ``do_nms_sort``, class by class.
     """
-    bits = score.abs().view(torch.int32).long()
-    return (image * 2**31 + (2**31 - 1 - bits)).sort(stable=True).indices
-
-
-def _class_offset_boxes(boxes: torch.Tensor, labels: torch.Tensor, image: torch.Tensor,
-                        n_images: int) -> torch.Tensor:
-    """The coordinates torchvision's ``batched_nms`` hands its kernel, image by image.
-
-    For one image it shifts each class by ``label * (largest coordinate + 1)`` so that
-    classes never overlap, and computes the IoUs on the shifted float32 coordinates. Their
-    rounding can move an IoU near the threshold across it, so shifting the same way (with
-    each image's own largest coordinate) is what keeps every decision identical.
-    """
-    largest = boxes.new_zeros(n_images).scatter_reduce(0, image, boxes.amax(1), "amax",
-                                                        include_self=False)
-    offsets = labels.to(boxes) * (largest.index_select(0, image) + 1)
-    return boxes + offsets[:, None]
-
-
-# Pairs of boxes compared at a time by greedy_nms: bounds its memory (~100 bytes a pair)
-# when a batch has many large groups, e.g. a model predicting one class in every cell.
-MAX_NMS_PAIRS = 2**21
-
-
-def greedy_nms(boxes: torch.Tensor, group: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy NMS within every group at once; returns a bool mask of the boxes kept.
-
-    ``boxes`` (n, 4) xyxy are in processing order: within a group, by descending score.
-    A box is dropped when a kept box before it in its group overlaps it with IoU >
-    ``iou_threshold``, computed as torchvision's CPU ``nms`` kernel does (float32, no +1).
-    No Python loop over the groups (a batch of VOC images has ~17 (image, class) groups
-    per image): the pairs of boxes inside each group are listed and their IoUs computed in
-    one go, then one pass per rank inside a group settles the suppressions.
-    """
-    kept = torch.ones(len(group), dtype=torch.bool, device=group.device)
-    if len(group) == 0:
-        return kept
-    by_group = group.sort(stable=True).indices  # each group's boxes together, order kept
-    sizes = torch.unique_consecutive(group.index_select(0, by_group), return_counts=True)[1]
-    pairs = sizes * (sizes - 1) // 2
-    chunk = torch.div(pairs.cumsum(0) - pairs, MAX_NMS_PAIRS, rounding_mode="floor")
-    start = 0
-    for chunk_sizes in sizes.split(torch.unique_consecutive(chunk, return_counts=True)[1].tolist()):
-        members = by_group[start:start + int(chunk_sizes.sum())]
-        kept[members] = _nms_within_groups(boxes.index_select(0, members), chunk_sizes, iou_threshold)
-        start += len(members)
-    return kept
-
-
-def _nms_within_groups(boxes: torch.Tensor, sizes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """:func:`greedy_nms` for boxes laid out group after group (``sizes`` boxes each)."""
-    first, second, rank = _pairs_within_groups(sizes)
-    over = _pair_iou(boxes, first, second) > _largest_float32_at_most(iou_threshold)
-    rank, by_rank = rank[over].sort()
-    first, second = first[over].index_select(0, by_rank), second[over].index_select(0, by_rank)
-    kept = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
-    # Pass r: a box of rank r in its group is settled (only earlier boxes can drop it), so
-    # if it is kept it drops the later boxes it overlaps. Passes run in rank order.
-    ends = torch.bincount(rank).cumsum(0).tolist()
-    for begin, end in zip([0] + ends[:-1], ends):
-        i, j = first[begin:end], second[begin:end]
-        kept[j[kept[i]]] = False
-    return kept
-
-
-def _pairs_within_groups(sizes: torch.Tensor):
-    """For boxes laid out group after group: every pair (i, j), i before j in the same group,
-    as positions ``(first, second)``, and the rank of i in its group (0 = first)."""
-    position = torch.arange(int(sizes.sum()), device=sizes.device)
-    group_start = (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
-    rank = position - group_start
-    later = sizes.repeat_interleave(sizes) - 1 - rank           # boxes after i in its group
-    first = position.repeat_interleave(later)
-    pair_start = (later.cumsum(0) - later).repeat_interleave(later)
-    second = first + 1 + torch.arange(len(first), device=sizes.device) - pair_start
-    return first, second, rank.index_select(0, first)
-
-
-def _pair_iou(boxes: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """IoU of boxes ``first[k]`` and ``second[k]``, in torchvision's nms kernel's float32
-    operations and order (areas from the coordinates, ``inter / (area_i + area_j - inter)``)."""
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    a, b = boxes.index_select(0, first), boxes.index_select(0, second)
-    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    return inter / (area.index_select(0, first) + area.index_select(0, second) - inter)
-
-
-def _largest_float32_at_most(x: float) -> float:
-    """The largest float32 <= ``x``: ``iou > it`` equals torchvision's ``iou > x``.
-
-    The kernel compares the float32 IoU with the threshold as a double. Comparing a float32
-    tensor with a Python float rounds the float to float32 first (0.4 becomes
-    0.4000000059...), which would keep a box whose IoU is exactly that float32; no float32
-    lies strictly between ``x`` and the largest float32 below it, so this is exact.
-    """
-    value = torch.tensor(x, dtype=torch.float64)
-    below = value.float()
-    if below.double() > value:
-        below = torch.nextafter(below, torch.tensor(float("-inf")))
-    return below.item()
+    counts = torch.bincount(image, minlength=n_images).tolist()
+    out = []
+    for b, s, c in zip(boxes.split(counts), scores.split(counts), labels.split(counts)):
+        kept = batched_nms(b, s, c, iou_threshold)[:max_det]
+        out.append(torch.cat((c[kept, None].float(), s[kept, None], b[kept]), dim=1))
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -348,8 +210,7 @@ def check_archive(path: Path) -> None:
                     while f.read(1 << 24):
                         pass
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        detail = " ".join(str(err).split()) or type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {detail}") from None
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {one_line(err)}") from None
 
 
 def load_state_checked(module: torch.nn.Module, state: dict, source: str) -> None:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 import dataset  # noqa: E402
+from imagenet import build_imagenet  # noqa: E402
 import synthetic  # noqa: E402
 from machine import load_average, machine  # noqa: E402
 
@@ -127,9 +128,9 @@ def main(argv=None) -> None:
             "voc train, float": train_set,
             "voc train, uint8 (train.py)": dataset.build_voc_dataset(csv_path, img_size=args.size,
                                                                     train=True, uint8=True),
-            "imagenet train @224, float": dataset.build_imagenet(imagenet, train=True),
-            "imagenet train @224, uint8 (darknet_train.py)": dataset.build_imagenet(imagenet, train=True,
-                                                                                   uint8=True)}, args)
+            "imagenet train @224, float": build_imagenet(imagenet, train=True),
+            "imagenet train @224, uint8 (darknet_train.py)": build_imagenet(imagenet, train=True,
+                                                                           uint8=True)}, args)
         csv_big, devkit = many_annotations(root / "many", args.files)
         for name, source in (("csv + txt label files", csv_big), ("VOCdevkit XML files", devkit)):
             build = lambda: dataset.build_voc_dataset(source, split="2007/trainval")  # noqa: E731

@@ -1,4 +1,4 @@
-"""Post-processing + evaluation at VOC2007-test scale: production code vs per-box Python.
+"""Post-processing + evaluation at VOC2007-test scale: production code, the code before, per-box Python.
 
     python bench/bench_postprocess.py [--images 4952] [--reference-images 500] [--reps 3]
     python bench/bench_postprocess.py --quick      # 120 images, for a smoke test
@@ -11,24 +11,26 @@ responsible cell gets the object's class, a high confidence and the object's box
 noise, so the APs are not trivial. Then times (median of ``--reps``, fewer once a timing
 has used ``--budget`` seconds) the production code, at full scale:
 
-* ``utils.decode_predictions`` (conf > ``--conf`` = 0.005, NMS IoU 0.5) on the whole
-  batch, and in ``--chunk``-image batches as ``predict.predict_dataset`` calls it;
-* the previous ``decode_predictions`` (kept here: torchvision's ``batched_nms`` image by
-  image, in ``--chunk``-image batches), for a same-run ratio;
+* ``utils.decode_predictions`` (conf > ``--conf`` = 0.005, NMS IoU 0.5; torchvision's
+  ``batched_nms`` image by image) on the whole batch, and in ``--chunk``-image batches as
+  ``predict.predict_dataset`` calls it;
+* before: the same decoding with the batch-wide greedy float32 NMS that utils.py had until
+  the layout issue (#15), kept here as the reference, on the whole batch and in chunks;
 * ``predict.scale_to_pixels`` + ``predict.detection_table`` (what ``predict_dataset`` and
   ``test.py`` do with the detections);
 * the evaluation at both interpolations ("all" and "11") from one ranking and matching
   (``evaluate.match_detections`` + ``summarize_matches``), and, for comparison,
   ``evaluate.evaluate_detections`` once per interpolation (a matching each);
-* the fast path: whole-batch decode + table + the single-matching evaluation;
-* on the first ``--reference-images`` (500) images: the fast path and a straightforward
+* the production path: whole-batch decode + table + the single-matching evaluation (and
+  the same with the decode before);
+* on the first ``--reference-images`` (500) images: the production path and a straightforward
   per-box pure-Python implementation: per image, loops over cells and boxes to decode,
   per-class greedy NMS in Python loops, then Padilla's per-detection matching loop for AP
   (both interpolations). The ratio is per image, measured in the same run.
 
-Checks that the fast path and the reference give the same detections (same count per
-image, allclose boxes and scores) and the same APs on the subset; that the whole-batch,
-chunked and previous decodes give identical tensors; and that the single matching gives
+Checks that the production path and the reference give the same detections (same count
+per image, allclose boxes and scores) and the same APs on the subset; that the whole-batch,
+chunked and before decodes give identical tensors; and that the single matching gives
 exactly ``evaluate_detections``' APs. Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -51,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 import evaluate  # noqa: E402
 from machine import load_average, machine  # noqa: E402
 from predict import detection_table, scale_to_pixels  # noqa: E402
-from torchvision.ops import batched_nms  # noqa: E402
 from utils import VOC_CLASSES, cell_to_image_boxes, decode_predictions, split_predictions  # noqa: E402
 
 S, B, C = 7, 2, 20
@@ -96,13 +97,14 @@ def subset_gt(gt: dict, n: int) -> dict:
     return {k: v[keep] for k, v in gt.items()}
 
 
-# --------------------------------------------------------------------------- fast path
-def fast_decode(pred: torch.Tensor, conf: float, nms_iou: float, chunk: int | None = None) -> list:
-    """``utils.decode_predictions`` on the whole batch, or ``chunk`` images at a time."""
+# --------------------------------------------------------------------------- production path
+def decode(pred: torch.Tensor, conf: float, nms_iou: float, chunk: int | None = None, function=None) -> list:
+    """``utils.decode_predictions`` (or ``function``) on the whole batch, or ``chunk`` images at a time."""
+    function = function or decode_predictions
     if chunk is None:
-        return decode_predictions(pred, S, B, C, conf, nms_iou)
+        return function(pred, S, B, C, conf, nms_iou)
     return [d for start in range(0, len(pred), chunk)
-            for d in decode_predictions(pred[start:start + chunk], S, B, C, conf, nms_iou)]
+            for d in function(pred[start:start + chunk], S, B, C, conf, nms_iou)]
 
 
 def to_table(dets: list, sizes: np.ndarray) -> dict:
@@ -116,29 +118,103 @@ def evaluate_both(gt: dict, table: dict) -> dict:
     return {interp: evaluate.summarize_matches(matches, interp) for interp in ("all", "11")}
 
 
-def fast_path(pred: torch.Tensor, sizes: np.ndarray, gt: dict, conf: float, nms_iou: float):
-    dets = fast_decode(pred, conf, nms_iou)
+def production_path(pred: torch.Tensor, sizes: np.ndarray, gt: dict, conf: float, nms_iou: float):
+    dets = decode(pred, conf, nms_iou)
     return dets, evaluate_both(gt, to_table(dets, sizes))
 
 
-def previous_decode(pred: torch.Tensor, conf: float, nms_iou: float, chunk: int) -> list:
-    """``decode_predictions`` before the NMS was vectorised over the batch: the same decoding,
-    then torchvision's ``batched_nms`` image by image (``chunk`` images per call)."""
-    out = []
-    for start in range(0, len(pred), chunk):
-        cls_scores, box_pred = split_predictions(pred[start:start + chunk].float(), S, B, C)
-        n = cls_scores.shape[0]
-        cls_prob, cls_id = cls_scores.clamp(0, 1).max(-1)
-        score = (box_pred[..., 0].clamp(0, 1) * cls_prob.unsqueeze(-1)).reshape(n, -1)
-        labels = cls_id.unsqueeze(-1).expand(-1, -1, -1, B).reshape(n, -1)
-        boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1)
-        keep = score > conf
-        counts = keep.sum(1).tolist()
-        for s_, l_, b_ in zip(score[keep].split(counts), labels[keep].split(counts),
-                              boxes.reshape(n, -1, 4)[keep].split(counts)):
-            kept = batched_nms(b_, s_, l_, nms_iou)
-            out.append(torch.cat((l_[kept, None].float(), s_[kept, None], b_[kept]), dim=1))
-    return out
+# --------------------------------------------------------------------------- before (#15)
+def before_decode(pred: torch.Tensor, S: int, B: int, C: int, conf_threshold: float, nms_iou: float) -> list:
+    """``utils.decode_predictions`` before issue #15: the same scoring, then one greedy NMS
+    for all (image, class) groups of the batch at once, in torchvision's float32 arithmetic."""
+    cls_scores, box_pred = split_predictions(pred.detach().float(), S, B, C)
+    N, M = cls_scores.shape[0], S * S * B
+    cls_prob, cls_id = cls_scores.clamp(0, 1).max(-1)
+    score = (box_pred[..., 0].clamp(0, 1) * cls_prob.unsqueeze(-1)).reshape(N * M)
+    labels = cls_id.unsqueeze(-1).expand(-1, -1, -1, B).reshape(N * M)
+    boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1).reshape(N * M, 4)
+    candidate = (score > conf_threshold).nonzero().squeeze(1)
+    image = torch.div(candidate, M, rounding_mode="floor")
+    order = _by_image_then_score(image, score.index_select(0, candidate))
+    candidate, image = candidate.index_select(0, order), image.index_select(0, order)
+    score, labels, boxes = (t.index_select(0, candidate) for t in (score, labels, boxes))
+    kept = greedy_nms(_class_offset_boxes(boxes, labels, image, N), image * C + labels, nms_iou)
+    dets = torch.cat((labels[kept, None].float(), score[kept, None], boxes[kept]), dim=1)
+    return list(dets.split(torch.bincount(image[kept], minlength=N).tolist())) if N else []
+
+
+def _by_image_then_score(image: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Stable order by image, then score descending: one sort of an integer key (the int32
+    bits of a float >= 0 grow with it)."""
+    bits = score.abs().view(torch.int32).long()
+    return (image * 2**31 + (2**31 - 1 - bits)).sort(stable=True).indices
+
+
+def _class_offset_boxes(boxes, labels, image, n_images):
+    """The class-shifted coordinates torchvision's ``batched_nms`` hands its kernel, per image."""
+    largest = boxes.new_zeros(n_images).scatter_reduce(0, image, boxes.amax(1), "amax", include_self=False)
+    return boxes + (labels.to(boxes) * (largest.index_select(0, image) + 1))[:, None]
+
+
+MAX_NMS_PAIRS = 2**21  # pairs compared at a time: bounds the memory
+
+
+def greedy_nms(boxes: torch.Tensor, group: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS within every group at once (boxes by descending score within a group): the
+    pairs inside each group and their IoUs in one go, then one pass per rank. A kept mask."""
+    kept = torch.ones(len(group), dtype=torch.bool, device=group.device)
+    if len(group) == 0:
+        return kept
+    by_group = group.sort(stable=True).indices
+    sizes = torch.unique_consecutive(group.index_select(0, by_group), return_counts=True)[1]
+    pairs = sizes * (sizes - 1) // 2
+    chunk = torch.div(pairs.cumsum(0) - pairs, MAX_NMS_PAIRS, rounding_mode="floor")
+    start = 0
+    for chunk_sizes in sizes.split(torch.unique_consecutive(chunk, return_counts=True)[1].tolist()):
+        members = by_group[start:start + int(chunk_sizes.sum())]
+        kept[members] = _nms_within_groups(boxes.index_select(0, members), chunk_sizes, iou_threshold)
+        start += len(members)
+    return kept
+
+
+def _nms_within_groups(boxes: torch.Tensor, sizes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    first, second, rank = _pairs_within_groups(sizes)
+    over = _pair_iou(boxes, first, second) > _largest_float32_at_most(iou_threshold)
+    rank, by_rank = rank[over].sort()
+    first, second = first[over].index_select(0, by_rank), second[over].index_select(0, by_rank)
+    kept = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
+    ends = torch.bincount(rank).cumsum(0).tolist()
+    for begin, end in zip([0] + ends[:-1], ends):  # pass r: boxes of rank r are settled
+        i, j = first[begin:end], second[begin:end]
+        kept[j[kept[i]]] = False
+    return kept
+
+
+def _pairs_within_groups(sizes: torch.Tensor):
+    position = torch.arange(int(sizes.sum()), device=sizes.device)
+    rank = position - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
+    later = sizes.repeat_interleave(sizes) - 1 - rank
+    first = position.repeat_interleave(later)
+    pair_start = (later.cumsum(0) - later).repeat_interleave(later)
+    second = first + 1 + torch.arange(len(first), device=sizes.device) - pair_start
+    return first, second, rank.index_select(0, first)
+
+
+def _pair_iou(boxes: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    a, b = boxes.index_select(0, first), boxes.index_select(0, second)
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    return inter / (area.index_select(0, first) + area.index_select(0, second) - inter)
+
+
+def _largest_float32_at_most(x: float) -> float:
+    """``iou > it`` on float32 equals torchvision's comparison of the float32 IoU with ``x`` as a double."""
+    value = torch.tensor(x, dtype=torch.float64)
+    below = value.float()
+    if below.double() > value:
+        below = torch.nextafter(below, torch.tensor(float("-inf")))
+    return below.item()
 
 
 # --------------------------------------------------------------------------- reference
@@ -247,28 +323,28 @@ def reference_pipeline(pred: np.ndarray, sizes: np.ndarray, gt: dict, conf: floa
 
 
 # --------------------------------------------------------------------------- checks, timing
-def same_detections(fast: list, sizes: np.ndarray, reference: list) -> tuple[bool, str]:
-    fast_px = dict(enumerate(scale_to_pixels(fast, sizes)))
+def same_detections(dets: list, sizes: np.ndarray, reference: list) -> tuple[bool, str]:
+    pixels = dict(enumerate(scale_to_pixels(dets, sizes)))
     by_image = {}
     for d in reference:
         by_image.setdefault(d[0], []).append([d[1], d[2], *d[3]])
-    for n, d in fast_px.items():
+    for n, d in pixels.items():
         ref = np.asarray(by_image.get(n, []), np.float64).reshape(-1, 6)
         if len(ref) != len(d):
-            return False, f"image {n}: {len(d)} fast vs {len(ref)} reference detections"
+            return False, f"image {n}: {len(d)} production vs {len(ref)} reference detections"
         key = lambda a: np.lexsort((a[:, 2], a[:, 1], a[:, 0]))  # noqa: E731
         a, b = d[key(d)].astype(np.float64), ref[key(ref)]
         if not (np.array_equal(a[:, 0], b[:, 0]) and np.allclose(a[:, 1:], b[:, 1:], rtol=1e-5, atol=1e-4)):
             return False, f"image {n}: detections differ"
-    return True, f"{sum(len(d) for d in fast_px.values())} detections"
+    return True, f"{sum(len(d) for d in pixels.values())} detections"
 
 
-def same_aps(fast: dict, reference: dict, tol: float = 1e-9) -> tuple[bool, float]:
+def same_aps(production: dict, reference: dict, tol: float = 1e-9) -> tuple[bool, float]:
     worst = 0.0
     for interp in ("all", "11"):
         for c, ap in reference[interp]["AP"].items():
-            worst = max(worst, abs(fast[interp]["AP"][c] - ap))
-        worst = max(worst, abs(fast[interp]["mAP"] - reference[interp]["mAP"]))
+            worst = max(worst, abs(production[interp]["AP"][c] - ap))
+        worst = max(worst, abs(production[interp]["mAP"] - reference[interp]["mAP"]))
     return worst <= tol, worst
 
 
@@ -327,27 +403,47 @@ def main(argv=None) -> int:
         t[key], result, runs[key] = median_time(function, reps, args.budget)
         return result
 
+    def timed_together(functions: dict):
+        """Medians of functions run in turn, rep after rep: before and after see the same load."""
+        times, results = {key: [] for key in functions}, {}
+        for _ in range(args.reps):
+            for key, function in functions.items():
+                start = time.perf_counter()
+                results[key] = function()
+                times[key].append(time.perf_counter() - start)
+            if sum(map(sum, times.values())) > args.budget * len(functions):
+                break
+        for key, values in times.items():
+            t[key], runs[key] = statistics.median(values), len(values)
+        return [results[key] for key in functions]
+
     # Full scale: the production decode (whole batch, and in --chunk batches as
-    # predict.predict_dataset calls it), the previous decode, the table, the evaluation.
-    dets = timed("decode_batch", lambda: fast_decode(pred, conf, iou))
-    dets_chunked = timed("decode_chunked", lambda: fast_decode(pred, conf, iou, args.chunk))
-    dets_previous = timed("decode_previous", lambda: previous_decode(pred, conf, iou, args.chunk))
+    # predict.predict_dataset calls it) and the decode before #15, interleaved; the table; the
+    # evaluation.
+    dets, dets_chunked, dets_before, dets_before_chunked = timed_together({
+        "decode_batch": lambda: decode(pred, conf, iou),
+        "decode_chunked": lambda: decode(pred, conf, iou, args.chunk),
+        "before_decode_batch": lambda: decode(pred, conf, iou, function=before_decode),
+        "before_decode_chunked": lambda: decode(pred, conf, iou, args.chunk, function=before_decode)})
     table = timed("to_table", lambda: to_table(dets, sizes))
     res = timed("evaluate_single_matching", lambda: evaluate_both(gt, table))
     res_all = timed("evaluate_all", lambda: evaluate.evaluate_detections(gt, table, interp="all"))
     res_11 = timed("evaluate_11", lambda: evaluate.evaluate_detections(gt, table, interp="11"))
-    t["fast_total"] = t["decode_batch"] + t["to_table"] + t["evaluate_single_matching"]
-    t["fast_total_chunked"] = t["decode_chunked"] + t["to_table"] + t["evaluate_single_matching"]
-    batch_same, previous_same = identical(dets, dets_chunked), identical(dets, dets_previous)
+    for prefix in ("", "before_"):
+        rest = t["to_table"] + t["evaluate_single_matching"]
+        t[f"{prefix}total"] = t[f"{prefix}decode_batch"] + rest
+        t[f"{prefix}total_chunked"] = t[f"{prefix}decode_chunked"] + rest
+    batch_same = identical(dets, dets_chunked)
+    before_same = identical(dets, dets_before) and identical(dets, dets_before_chunked)
     matching_same = same_results(res["all"], res_all) and same_results(res["11"], res_11)
 
-    # The subset: the fast path and the per-box Python reference.
+    # The subset: the production path and the per-box Python reference.
     m = args.reference_images
     gt_m, pred_m, sizes_m = subset_gt(gt, m), pred[:m], sizes[:m]
-    dets_m, fast_m = timed("fast_subset", lambda: fast_path(pred_m, sizes_m, gt_m, conf, iou))
+    dets_m, prod_m = timed("production_subset", lambda: production_path(pred_m, sizes_m, gt_m, conf, iou))
     ref_dets, ref_m = timed("reference_subset", lambda: reference_pipeline(raw[:m], sizes_m, gt_m, conf, iou), 1)
     boxes_same, boxes_note = same_detections(dets_m, sizes_m, ref_dets)
-    aps_same, ap_diff = same_aps(fast_m, ref_m)
+    aps_same, ap_diff = same_aps(prod_m, ref_m)
     load_after = load_average()
 
     info = machine()
@@ -361,33 +457,37 @@ def main(argv=None) -> int:
 
     def line(label, key, n):
         note = f"  ({runs[key]} run{'s' if runs[key] > 1 else ''})" if runs.get(key, args.reps) != args.reps else ""
-        print(f"{label:<60}{t[key]:>9.3f}{1000 * t[key] / n:>10.3f}{note}")
+        print(f"{label:<64}{t[key]:>9.3f}{1000 * t[key] / n:>10.3f}{note}")
 
-    print(f"{'what (' + str(args.images) + ' images)':<60}{'seconds':>9}{'ms/image':>10}")
-    line("decode_predictions, whole batch", "decode_batch", args.images)
+    print(f"{'what (' + str(args.images) + ' images)':<64}{'seconds':>9}{'ms/image':>10}")
+    line("decode_predictions (batched_nms per image), whole batch", "decode_batch", args.images)
     line(f"decode_predictions, {args.chunk}-image chunks (predict_dataset)", "decode_chunked", args.images)
-    line(f"previous decode (batched_nms per image), {args.chunk}-image chunks", "decode_previous", args.images)
+    line("before #15: batch-wide greedy float32 NMS, whole batch", "before_decode_batch", args.images)
+    line(f"before #15: same, {args.chunk}-image chunks", "before_decode_chunked", args.images)
     line("scale_to_pixels + detection_table", "to_table", args.images)
     line("evaluation, both interpolations, one matching", "evaluate_single_matching", args.images)
     line("evaluate_detections, every-point (own matching)", "evaluate_all", args.images)
     line("evaluate_detections, 11-point (own matching)", "evaluate_11", args.images)
-    line("fast path total (whole-batch decode + table + evaluation)", "fast_total", args.images)
-    line("same, with the chunked decode", "fast_total_chunked", args.images)
-    print(f"{'what (first ' + str(m) + ' images)':<60}")
-    line("fast path", "fast_subset", m)
+    line("production total (whole-batch decode + table + evaluation)", "total", args.images)
+    line("same, with the chunked decode", "total_chunked", args.images)
+    line("before #15: total (whole-batch decode + table + evaluation)", "before_total", args.images)
+    line("before #15: same, with the chunked decode", "before_total_chunked", args.images)
+    print(f"{'what (first ' + str(m) + ' images)':<64}")
+    line("production path", "production_subset", m)
     line("per-box pure-Python reference (decode, NMS, AP x2)", "reference_subset", m)
-    ratio = t["reference_subset"] / t["fast_subset"]
-    ratios = {"reference_over_fast_per_image": ratio,
-              "previous_decode_over_chunked": t["decode_previous"] / t["decode_chunked"],
+    ratios = {"reference_over_production_per_image": t["reference_subset"] / t["production_subset"],
+              "production_over_before_decode": t["decode_batch"] / t["before_decode_batch"],
+              "production_over_before_decode_chunked": t["decode_chunked"] / t["before_decode_chunked"],
               "two_evaluations_over_single_matching":
                   (t["evaluate_all"] + t["evaluate_11"]) / t["evaluate_single_matching"]}
-    print(f"same run: reference / fast path per image ({m} images) {ratio:.2f}x; previous decode / "
-          f"chunked decode {ratios['previous_decode_over_chunked']:.1f}x; two evaluate_detections / "
-          f"one matching {ratios['two_evaluations_over_single_matching']:.1f}x; fast path at "
-          f"{args.images} images under 1 s: {t['fast_total'] < 1.0} (chunked: {t['fast_total_chunked'] < 1.0})")
-    print(f"checks: fast vs reference same detections: {boxes_same} ({boxes_note}), same APs: "
-          f"{aps_same} (max |dAP| {ap_diff:.1e}); whole-batch == chunked == previous decode: "
-          f"{batch_same} / {previous_same}; one matching == two evaluate_detections: {matching_same}")
+    print(f"same run: production decode / before #15: {ratios['production_over_before_decode']:.1f}x whole batch, "
+          f"{ratios['production_over_before_decode_chunked']:.1f}x chunked; reference / production per image "
+          f"({m} images) {ratios['reference_over_production_per_image']:.2f}x; two evaluate_detections / "
+          f"one matching {ratios['two_evaluations_over_single_matching']:.1f}x; production total at "
+          f"{args.images} images under 1 s: {t['total'] < 1.0} (chunked: {t['total_chunked'] < 1.0})")
+    print(f"checks: production vs reference same detections: {boxes_same} ({boxes_note}), same APs: "
+          f"{aps_same} (max |dAP| {ap_diff:.1e}); whole-batch == chunked: {batch_same}; production == "
+          f"before #15 (bit for bit): {before_same}; one matching == two evaluate_detections: {matching_same}")
     report = {"machine": info, "load_average_before": load_before, "load_average_after": load_after,
               "quick": args.quick,
               "data": {"images": args.images, "gt_boxes": len(gt["cls"]), "detections": n_det,
@@ -395,14 +495,14 @@ def main(argv=None) -> int:
                        "reference_images": m},
               "reps": args.reps, "runs": runs, "chunk": args.chunk, "timings_s": t,
               "mAP": {"all": res["all"]["mAP"], "11": res["11"]["mAP"]}, "ratios": ratios,
-              "fast_under_1s": t["fast_total"] < 1.0, "fast_chunked_under_1s": t["fast_total_chunked"] < 1.0,
+              "under_1s": t["total"] < 1.0, "chunked_under_1s": t["total_chunked"] < 1.0,
               "checks": {"same_detections": boxes_same, "same_aps": aps_same, "max_ap_diff": ap_diff,
-                         "whole_batch_same": batch_same, "previous_same": previous_same,
+                         "whole_batch_same": batch_same, "before_same": before_same,
                          "single_matching_same": matching_same}}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    ok = (boxes_same and aps_same and batch_same and previous_same and matching_same
+    ok = (boxes_same and aps_same and batch_same and before_same and matching_same
           and not math.isnan(res["all"]["mAP"]))
     return 0 if ok else 1
 

@@ -37,9 +37,20 @@ def test_bench_postprocess_quick(tmp_path):
     report = json.loads(out.read_text())
     checks = report["checks"]
     assert checks["same_detections"] and checks["same_aps"] and checks["max_ap_diff"] == 0
-    assert checks["whole_batch_same"] and checks["previous_same"] and checks["single_matching_same"]
+    assert checks["whole_batch_same"] and checks["before_same"] and checks["single_matching_same"]
     assert 0 < report["mAP"]["all"] < 1 and 0 < report["mAP"]["11"] < 1
-    assert report["timings_s"]["fast_total"] > 0
+    assert report["timings_s"]["total"] > 0 and report["timings_s"]["before_total"] > 0
+
+
+def test_bench_evaluate_quick(tmp_path):
+    """evaluate.py and the vectorised tokenizer it had before #15 (kept in the bench) read
+    the same tables, and every path gives the same APs."""
+    out = tmp_path / "evaluate.json"
+    assert load("bench_evaluate").main(["--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["checks"] == {"same_tables": True, "identical_ap": True}
+    assert 0 < report["mAP"] < 1 and report["data"]["detections"] == 300 * 25
+    assert report["timings_s"]["cli"] > 0 and report["timings_s"]["before_cli"] > 0
 
 
 def test_bench_data_quick(tmp_path):

@@ -10,9 +10,11 @@ from PIL import Image
 
 import dataset
 import synthetic
+import transforms
 import voc_convert
-from dataset import (YoloAugment, build_image_dataset, build_imagenet, build_voc_dataset, load_image,
-                     scale_exposure_saturation)
+from dataset import build_image_dataset, build_voc_dataset, load_image
+from imagenet import build_imagenet
+from transforms import YoloAugment, scale_exposure_saturation
 from utils import VOC_CLASSES, UserError, run_cli, target_to_boxes
 
 S, SIZE = 4, 64
@@ -335,7 +337,7 @@ def test_uint8_samples_finished_on_the_device_equal_float_samples(rectangles):
         images, targets, factors = (torch.stack(t) for t in zip(*batch))
         assert images.dtype == torch.uint8 and factors.shape == (len(floats), 2)
         assert torch.equal(targets, torch.stack([t for _, t in expected]))
-        finished = dataset.to_float_images(images, factors, memory_format=torch.channels_last)
+        finished = transforms.to_float_images(images, factors, memory_format=torch.channels_last)
         assert finished.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(finished, torch.stack([x for x, _ in expected]))
         assert train == bool((factors != torch.tensor([1.0, 0.0], dtype=torch.float64)).any())
@@ -347,8 +349,8 @@ def test_batched_photometric_factors_apply_per_image():
     against colorsys."""
     images = torch.randint(0, 256, (3, 3, 5, 7), dtype=torch.uint8)
     scales = [(1.2, 0.7), (0.8, 1.4), (1.0, 1.0)]
-    factors = torch.stack([dataset.photometric_factors(e, s) for e, s in scales])
-    batch = dataset.to_float_images(images, factors)
+    factors = torch.stack([transforms.photometric_factors(e, s) for e, s in scales])
+    batch = transforms.to_float_images(images, factors)
     for image, (e, s), out in zip(images, scales, batch):
         alone = scale_exposure_saturation(image.float() / 255, e, s)
         torch.testing.assert_close(out, alone, rtol=0, atol=1e-6)

@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torchvision.ops import batched_nms
 
 import export
 import utils
@@ -126,18 +125,6 @@ def test_raw_export_is_the_network_output(tmp_path):
     loaded = torch.jit.load(str(written["torchscript"]))
     x = images(3)
     torch.testing.assert_close(loaded(x), model(x), atol=ATOL, rtol=0)
-
-
-def test_numpy_nms_matches_torchvision():
-    gen = torch.Generator().manual_seed(0)
-    xy = torch.rand(200, 2, generator=gen) * 0.8
-    boxes = torch.cat((xy, xy + 0.05 + torch.rand(200, 2, generator=gen) * 0.3), 1)
-    scores = torch.rand(200, generator=gen)
-    labels = torch.randint(0, 3, (200,), generator=gen)
-    want = batched_nms(boxes, scores, labels, 0.4).numpy()
-    got = export.nms(boxes.numpy() + 2.0 * labels.numpy()[:, None], scores.numpy(), 0.4)
-    assert 10 < len(want) < 200
-    np.testing.assert_array_equal(got, want)
 
 
 def run_cli_error(argv, capsys):

@@ -1,0 +1,171 @@
+"""The files of evaluate.py: folders of per-image box files in, the report and JSON out.
+
+Text files, Padilla's Object-Detection-Metrics format (``pascalvoc.py -gtformat xyrb
+-detformat xyrb``, what detect_txt.py writes): one file per image, named after the image,
+one box per line, absolute pixels::
+
+    ground truth   class left top right bottom [difficult]    (difficult: 0, 1 or 'difficult')
+    detections     class confidence left top right bottom
+
+Ground truth can also be a VOCdevkit ``Annotations`` folder of XML files (voc_xml.py; boxes
+kept in the devkit's 1-based inclusive pixels, which evaluate.py's "+1" IoU expects).
+Files are read in sorted name order and lines in file order: evaluate.py breaks ties in
+that order. Every line is parsed on its own (``bytes.split`` and ``float``); a mistake is a
+one-line UserError ``path:line: what is wrong``. numpy and the standard library only.
+"""
+import json
+import math
+import os
+
+import numpy as np
+
+from errors import UserError
+from voc_xml import read_annotation
+
+GT_LINE = "class left top right bottom"
+DET_LINE = "class confidence left top right bottom"
+DIFFICULT_WORDS = (b"0", b"1", b"difficult")
+GT_FIELDS, DET_FIELDS = GT_LINE.split()[1:], DET_LINE.split()[1:]
+
+
+def read_gt_dir(directory):
+    """Read ground truth: ``*.txt`` files (Padilla's format) or VOC ``*.xml`` annotations.
+
+    XML is used when the folder holds ``.xml`` files. Returns a GT table for
+    ``evaluate.evaluate_detections`` with ``"image"`` = file name without extension,
+    rows in sorted file-name order then line (object) order.
+    """
+    xml_names, txt_names = _list_files(directory, ".xml", ".txt")
+    if xml_names and txt_names:
+        raise UserError(f"{directory}: holds both .txt and .xml files; keep one kind")
+    if xml_names:
+        return _read_xml_dir(directory, xml_names)
+    return _read_txt_dir(directory, txt_names, is_gt=True)
+
+
+def read_det_dir(directory):
+    """Read detections: one ``*.txt`` file per image.
+
+    Images without a file (or with an empty one) have no detections; a file for an image
+    without GT is read too (its detections are all FPs, as in Padilla's toolkit). Returns a
+    detection table for ``evaluate.evaluate_detections``, rows in sorted file-name order
+    then line order (this order breaks score ties).
+    """
+    return _read_txt_dir(directory, _list_files(directory, ".txt"), is_gt=False)
+
+
+def format_report(result):
+    """The per-class table (class, npos, ndet, TP, FP, AP) and the mAP line."""
+    rows = [f"{'class':<16}{'npos':>7}{'ndet':>8}{'TP':>7}{'FP':>8}{'AP':>9}"]
+    for label, ndet in result["ndet"].items():
+        ap = result["AP"].get(label)
+        ap_text = f"{ap:9.4f}" if ap is not None else f"{'-':>9}  (no GT: not in mAP)"
+        rows.append(f"{str(label):<16}{result['npos'][label]:>7}{ndet:>8}"
+                    f"{result['tp'][label]:>7}{result['fp'][label]:>8}{ap_text}")
+    method = "every-point" if result["interp"] == "all" else "11-point"
+    n = len(result["AP"])
+    rows.append(f"mAP = {result['mAP']:.4f}  ({n} class{'' if n == 1 else 'es'}, IoU >= "
+                f"{result['iou_threshold']:g}, {method} interpolation, "
+                f"difficult: {result['difficult']})")
+    return "\n".join(rows)
+
+
+def write_json(path, result):
+    """Write ``{"mAP", "AP", "npos", "ndet", ...}`` atomically (temp file + os.replace)."""
+    keys = ("mAP", "AP", "npos", "ndet", "tp", "fp", "iou_threshold", "interp", "difficult")
+    data = {k: result[k] for k in keys}
+    if data["mAP"] != data["mAP"]:
+        data["mAP"] = None  # NaN is not valid JSON
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _list_files(directory, *extensions):
+    """Sorted names of the ``*extension`` files in ``directory`` (like Padilla's glob + sort),
+    one list per extension, from one scan of the folder."""
+    if not os.path.isdir(directory):
+        raise UserError(f"{directory}: no such directory")
+    with os.scandir(directory) as entries:
+        names = sorted(e.name for e in entries
+                       if e.name.endswith(extensions) and not e.name.startswith(".") and e.is_file())
+    if len(extensions) == 1:
+        return names
+    return [[n for n in names if n.endswith(extension)] for extension in extensions]
+
+
+def _read_txt_dir(directory, names, is_gt):
+    """Parse every line of the files ``names`` into one table; ``image`` is the file stem."""
+    rows, images = [], []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+        for lineno, line in enumerate(data.split(b"\n"), start=1):
+            tokens = line.split()  # bytes: ASCII whitespace only, so "\r\n" ends are fine
+            if tokens:
+                rows.append(_parse_line(tokens, is_gt, f"{path}:{lineno}"))
+                images.append(name[:-len(".txt")])
+    columns = list(zip(*rows)) or [()] * 6
+    table = {"image": np.array(images, dtype=str), "cls": np.array(columns[0], dtype=str),
+             "boxes": np.array(columns[2:], dtype=np.float64).T}
+    table["difficult" if is_gt else "score"] = np.array(columns[1], dtype=bool if is_gt else np.float64)
+    return table
+
+
+def _parse_line(tokens, is_gt, where):
+    """One non-empty line -> (cls, difficult or score, x1, y1, x2, y2); UserError if bad."""
+    if is_gt and len(tokens) not in (5, 6):
+        raise UserError(f"{where}: expected 5 values '{GT_LINE}' (and optionally a 6th, "
+                        f"difficult: 0, 1 or 'difficult'), got {len(tokens)}")
+    if not is_gt and len(tokens) != 6:
+        raise UserError(f"{where}: expected 6 values '{DET_LINE}', got {len(tokens)}")
+    try:
+        label = tokens[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: class name is not valid UTF-8") from None
+    values = [_parse_number(t, f, where) for t, f in zip(tokens[1:], GT_FIELDS if is_gt else DET_FIELDS)]
+    x1, y1, x2, y2 = values[-4:]
+    if x2 < x1:
+        raise UserError(f"{where}: right ({x2:g}) is smaller than left ({x1:g})")
+    if y2 < y1:
+        raise UserError(f"{where}: bottom ({y2:g}) is smaller than top ({y1:g})")
+    if not is_gt:
+        return label, values[0], x1, y1, x2, y2
+    flag = tokens[5].lower() if len(tokens) == 6 else b"0"
+    if flag not in DIFFICULT_WORDS:
+        raise UserError(f"{where}: 6th value (difficult) must be 0, 1 or 'difficult', "
+                        f"got {flag.decode(errors='replace')!r}")
+    return label, flag != b"0", x1, y1, x2, y2
+
+
+def _parse_number(token, field, where):
+    try:
+        value = float(token)
+    except ValueError:
+        raise UserError(f"{where}: {field} is not a number: {token.decode(errors='replace')!r}") from None
+    if not math.isfinite(value):
+        raise UserError(f"{where}: {field} must be a finite number, got {value}")
+    return value
+
+
+def _read_xml_dir(directory, names):
+    """VOCdevkit ``Annotations/*.xml`` -> a GT table (name, bndbox, difficult of each object)."""
+    images, classes, boxes, difficult = [], [], [np.zeros((0, 4))], [np.zeros(0, bool)]
+    for name in names:
+        ann = read_annotation(os.path.join(directory, name))
+        images += [name[:-len(".xml")]] * len(ann.names)
+        classes += ann.names
+        boxes.append(ann.boxes)
+        difficult.append(ann.difficult)
+    return {"image": np.array(images, dtype=str), "cls": np.array(classes, dtype=str),
+            "boxes": np.concatenate(boxes), "difficult": np.concatenate(difficult)}

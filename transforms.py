@@ -1,0 +1,112 @@
+"""The paper's training augmentation (Section 2.2) and its photometric maths.
+
+Geometry (random scale and translation, horizontal flip) is done on uint8 images and
+``tv_tensors.BoundingBoxes`` with ``torchvision.transforms.v2``; the exposure/saturation
+jitter is applied to a whole float batch by :func:`to_float_images`, on the training device.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+
+def scale_exposure_saturation(image: torch.Tensor, exposure: float, saturation: float) -> torch.Tensor:
+    """Scale V and S in HSV space, as Darknet's ``random_distort_image`` (without its hue
+    shift), on one float ``(3, H, W)`` image in [0, 1], in place: see :func:`to_float_images`."""
+    return to_float_images(image[None], photometric_factors(exposure, saturation)[None])[0]
+
+
+def photometric_factors(exposure: float = 1.0, saturation: float = 1.0) -> torch.Tensor:
+    """The two multipliers of :func:`scale_exposure_saturation`, computed in double precision
+    as it does, for :func:`to_float_images`."""
+    return torch.tensor([exposure * saturation, exposure * (1.0 - saturation)], dtype=torch.float64)
+
+
+def to_float_images(images: torch.Tensor, factors: torch.Tensor | None = None, device=None,
+                    memory_format=torch.preserve_format) -> torch.Tensor:
+    """A uint8 ``(N, 3, H, W)`` batch -> float32 in [0, 1] on ``device``, with each image's
+    exposure and saturation scaled (``factors``: ``(N, 2)`` from :func:`photometric_factors`).
+
+    Darknet's ``random_distort_image`` scales V and S in HSV space. For a fixed hue and
+    value V = max(R, G, B), every channel is ``V - S * V * k`` with k set by the hue alone,
+    so scaling S by s moves each channel to ``V - s * (V - c)``, and scaling V by e scales
+    all three: ``c' = e * s * c + e * (1 - s) * V``, clamped to [0, 1] as Darknet does. The
+    same operations in the same order on any device, so the CPU and GPU give the same
+    pixels. A float batch is converted in place (a fresh 448 x 448 float tensor per image
+    costs more than the arithmetic)."""
+    images = images.to(device, non_blocking=True)
+    if memory_format != torch.preserve_format:
+        images = images.contiguous(memory_format=memory_format)
+    if images.dtype == torch.uint8:
+        images = F.to_dtype(images, torch.float32, scale=True)
+    if factors is None:
+        return images
+    scale, shift = factors.to(images.device, torch.float32, non_blocking=True)[:, :, None, None, None].unbind(1)
+    value = torch.maximum(torch.maximum(images[:, 0:1], images[:, 1:2]), images[:, 2:3]).mul_(shift)
+    return images.mul_(scale).add_(value).clamp_(0.0, 1.0)
+
+
+def _rand_scale(limit: float) -> float:
+    """Darknet's ``rand_scale``: uniform in [1, limit], inverted half of the time."""
+    scale = 1.0 + (limit - 1.0) * torch.rand(()).item()
+    return scale if torch.rand(()).item() < 0.5 else 1.0 / scale
+
+
+class YoloAugment:
+    """The paper's training augmentation (Section 2.2), box-aware.
+
+    * Random scaling by a factor in ``[1 - jitter, 1 + jitter]`` about the centre and a
+      translation of up to ``jitter`` of the image size in x and y: the same mapping as
+      ``v2.RandomAffine(translate=(0.2, 0.2), scale=(0.8, 1.2))``, done as one crop and
+      resize of the original image (Darknet's ``crop_image`` + ``resize_image``), which also
+      does the resize to ``img_size`` on uint8 and costs a third of resize + affine.
+      Uncovered area is black.
+    * Horizontal flip with probability ``flip``.
+    * Exposure and saturation scaled by up to ``exposure`` / ``saturation`` (1.5) in HSV.
+
+    Drop rule: boxes are clipped to the image; a box is dropped when less than
+    ``min_visible`` (25 %) of its area stays inside, or when its clipped width or height is
+    under ``min_side`` (1 %) of the image (Darknet's ``fill_truth_region`` drops boxes under
+    1 % of the image).
+    """
+
+    def __init__(self, img_size: int = 448, jitter: float = 0.2, exposure: float = 1.5,
+                 saturation: float = 1.5, flip: float = 0.5, min_visible: float = 0.25,
+                 min_side: float = 0.01):
+        self.img_size, self.jitter, self.flip = img_size, jitter, flip
+        self.exposure, self.saturation = exposure, saturation
+        self.min_visible, self.min_side = min_visible, min_side
+
+    def sample(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
+        """uint8 ``(3, H, W)`` image, relative xyxy boxes, labels -> the geometric part done
+        on uint8 (``img_size`` square), the boxes (relative xyxy) and labels kept, and the
+        photometric factors still to apply: ``(uint8 image, boxes, labels, factors)``;
+        :func:`to_float_images` applies them
+        (on the GPU for training: a uint8 batch is a quarter of the bytes to collate,
+        pin and copy, and the per-pixel arithmetic leaves the loader's workers)."""
+        height, width = image.shape[-2:]
+        scale = 1.0 + self.jitter * (2.0 * torch.rand(()).item() - 1.0)
+        shift_x, shift_y = (self.jitter * (2.0 * torch.rand(2) - 1.0)).tolist()
+        crop_w, crop_h = width / scale, height / scale
+        left = round(width / 2 - (width / 2 + shift_x * width) / scale)
+        top = round(height / 2 - (height / 2 + shift_y * height) / scale)
+        size = [self.img_size, self.img_size]
+        boxes = tv_tensors.BoundingBoxes(boxes * torch.tensor([width, height, width, height]),
+                                         format="XYXY", canvas_size=(height, width), clamping_mode=None)
+        image = F.resized_crop(image, top, left, round(crop_h), round(crop_w), size, antialias=True)
+        boxes = F.resized_crop(boxes, top, left, round(crop_h), round(crop_w), size)
+        if torch.rand(()).item() < self.flip:
+            image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
+        factors = photometric_factors(_rand_scale(self.exposure), _rand_scale(self.saturation))
+        boxes, labels = self.drop_hidden(boxes.as_subclass(torch.Tensor) / self.img_size, labels)
+        return image, boxes, labels, factors
+
+    def drop_hidden(self, boxes: torch.Tensor, labels: torch.Tensor):
+        """Clip relative xyxy boxes to the image and apply the drop rule."""
+        clipped = boxes.clamp(0.0, 1.0)
+        sides = clipped[:, 2:] - clipped[:, :2]
+        area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
+        visible = sides.prod(dim=1) / area.clamp(min=1e-12)
+        keep = (visible >= self.min_visible) & (sides >= self.min_side).all(dim=1)
+        return clipped[keep], labels[keep]

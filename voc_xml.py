@@ -1,0 +1,119 @@
+"""VOC annotation XML (a VOCdevkit ``Annotations/<image>.xml``): the project's one reader.
+
+Used by ``dataset.py`` (training and test data read from a VOCdevkit tree) and by
+``evaluate.py`` (ground truth given as XML). It imports numpy and the standard library only,
+so ``evaluate.py`` stays free of torch.
+
+Pixel convention, in one place. :func:`read_annotation` returns each box as the file writes
+it: VOCdevkit pixel indices, the first and the last pixel the object covers, 1-based and
+inclusive (an object over the whole of a 500-pixel-wide image is ``xmin 1 ... xmax 500``).
+
+* ``evaluate.py`` keeps these numbers: its IoU counts ``x2 - x1 + 1`` pixels, the VOC
+  devkit's and Padilla's toolkit's convention for inclusive pixel indices.
+* ``dataset.py`` needs the box's extent in 0-based continuous coordinates (relative to the
+  image size for the network's targets) and converts once, with :func:`to_continuous`.
+"""
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import numpy as np
+
+from errors import UserError, one_line
+
+BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
+
+
+@dataclass
+class Annotation:
+    """The objects of one image, in file order."""
+    names: list[str]                     # class name of each object, as written
+    boxes: np.ndarray                    # (K, 4) float64 xmin ymin xmax ymax: 1-based, inclusive pixels
+    difficult: np.ndarray                # (K,) bool: <difficult>1</difficult>
+    size: tuple[float, float] | None     # (width, height) from <size>, read when asked for
+
+
+def object_place(path, k: int, name: str) -> str:
+    """How an error names object ``k`` (1-based) of a file: ``path: object 3 (dog)``."""
+    return f"{path}: object {k} ({name or 'no name'})"
+
+
+def read_annotation(path, with_size: bool = False) -> Annotation:
+    """The objects (``<name>``, ``<bndbox>``, ``<difficult>``) of a VOC XML file.
+
+    ``with_size``: the file must give the image's ``<size>`` (positive width and height),
+    and every box must lie inside it. A 0 from tools that count pixels from 0 is accepted.
+    Any mistake is a one-line :class:`UserError` naming the file (and the object).
+    """
+    try:
+        root = ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise UserError(f"{path}: annotation file not found") from None
+    except (ET.ParseError, OSError) as err:
+        raise UserError(f"{path}: not a readable XML file ({one_line(err)})") from None
+    size = _read_size(root, path) if with_size else None
+    names, boxes, difficult = [], [], []
+    for k, obj in enumerate(root.findall("object"), 1):
+        name = (obj.findtext("name") or "").strip()
+        where = object_place(path, k, name)
+        if not name:
+            raise UserError(f"{where}: missing <name>")
+        names.append(name)
+        boxes.append(_read_box(obj, where, size))
+        difficult.append(_read_difficult(obj, where))
+    return Annotation(names, np.array(boxes, dtype=np.float64).reshape(-1, 4),
+                      np.array(difficult, dtype=bool), size)
+
+
+def to_continuous(boxes: np.ndarray) -> np.ndarray:
+    """Devkit pixel indices (1-based, inclusive) -> the box's extent in 0-based continuous
+    coordinates: ``(xmin - 1, ymin - 1, xmax, ymax)``, so an object over a whole 500-wide
+    image spans 0..500. A 0 (tools that count from 0) stays 0. Darknet's ``voc_label.py``
+    takes ``xmax - 1`` instead, 1 pixel narrower."""
+    out = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    out[:, :2] = np.maximum(out[:, :2] - 1, 0)
+    return out
+
+
+def _number(node: ET.Element, tag: str, where: str) -> float:
+    text = (node.findtext(tag) or "").strip()
+    if not text:
+        raise UserError(f"{where}: missing <{tag.split('/')[-1]}>")
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{where}: <{tag.split('/')[-1]}> is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise UserError(f"{where}: <{tag.split('/')[-1]}> must be a finite number, got {text}")
+    return value
+
+
+def _read_size(root: ET.Element, path) -> tuple[float, float]:
+    if root.find("size") is None:
+        raise UserError(f"{path}: no <size> element (image width and height are needed)")
+    width, height = (_number(root, f"size/{tag}", str(path)) for tag in ("width", "height"))
+    if width <= 0 or height <= 0:
+        raise UserError(f"{path}: <size> must give a positive width and height, got {width:g} x {height:g}")
+    return width, height
+
+
+def _read_box(obj: ET.Element, where: str, size: tuple[float, float] | None) -> list[float]:
+    if obj.find("bndbox") is None:
+        raise UserError(f"{where}: missing <bndbox>")
+    x1, y1, x2, y2 = (_number(obj, f"bndbox/{tag}", where) for tag in BOX_TAGS)
+    box = f"box xmin {x1:g} ymin {y1:g} xmax {x2:g} ymax {y2:g}"
+    if size is not None and not (0 <= x1 <= x2 <= size[0] and 0 <= y1 <= y2 <= size[1]):
+        raise UserError(f"{where}: {box} is inverted or outside the {size[0]:g} x {size[1]:g} image")
+    if x2 < x1 or y2 < y1:
+        raise UserError(f"{where}: {box} is inverted (xmax < xmin or ymax < ymin)")
+    return [x1, y1, x2, y2]
+
+
+def _read_difficult(obj: ET.Element, where: str) -> bool:
+    flag = (obj.findtext("difficult") or "0").strip() or "0"
+    if flag not in ("0", "1"):
+        raise UserError(f"{where}: <difficult> must be 0 or 1, got {flag!r}")
+    return flag == "1"
+
