@@ -47,6 +47,7 @@ class Unit:
     params: dict
     modules: dict = field(default_factory=dict)
     layer: Layer | None = None
+    next_kind: str = ""  # the Darknet layer after this one ("detection": permute on the way)
 
 
 # --------------------------------------------------------------------------- model -> layers
@@ -126,8 +127,8 @@ def model_cfg(model: nn.Module, input_size: int | None = None, name: str = "<mod
     units = walk(model)
     layers = [Layer(u.kind, u.params) for u in units] + tail_layers(model)
     cfg = parse_cfg(format_cfg((3, size, size), layers), name)
-    for unit, layer in zip(units, cfg.layers):
-        unit.layer = layer
+    for unit, layer, following in zip(units, cfg.layers, cfg.layers[1:]):
+        unit.layer, unit.next_kind = layer, following.kind
         check_unit_shapes(unit)
     return cfg, units
 
@@ -166,7 +167,7 @@ def detection_permutation(S: int, B: int, C: int) -> torch.Tensor:
     return torch.cat((classes, per_box), 1).flatten()
 
 
-def unit_tensors(unit: Unit, next_layer: Layer | None) -> list[tuple[str, torch.Tensor]]:
+def unit_tensors(unit: Unit) -> list[tuple[str, torch.Tensor]]:
     """The unit's tensors in the order the file holds them, as (role, tensor)."""
     m = unit.modules
     if unit.kind == "convolutional":
@@ -178,18 +179,17 @@ def unit_tensors(unit: Unit, next_layer: Layer | None) -> list[tuple[str, torch.
     if unit.kind == "local":
         return [("bias", m["local"].bias), ("weight", m["local"].weight)]
     if unit.kind == "connected":
-        role = "detection" if next_layer is not None and next_layer.kind == "detection" else ""
+        role = "detection" if unit.next_kind == "detection" else ""
         return [(f"{role} bias".strip(), m["linear"].bias), (f"{role} weight".strip(), m["linear"].weight)]
     return []
 
 
-def pairs(cfg: Cfg, units: list[Unit]):
-    """(unit, its tensors, the Darknet layer index) for each unit that holds weights."""
-    for i, unit in enumerate(units):
-        following = cfg.layers[i + 1] if i + 1 < len(cfg.layers) else None
-        tensors = unit_tensors(unit, following)
+def pairs(units: list[Unit]):
+    """(unit, its tensors) for each unit that holds weights, in file order."""
+    for unit in units:
+        tensors = unit_tensors(unit)
         if tensors:
-            yield unit, tensors, i
+            yield unit, tensors
 
 
 # --------------------------------------------------------------------------- header
@@ -259,24 +259,32 @@ def open_weights(path) -> tuple[Header, np.ndarray]:
     return header, floats
 
 
-def load_weights(model: nn.Module, cfg: Cfg, units: list[Unit], path, upto: int | None = None) -> Header:
-    """Fill ``model``'s tensors from a weights file read against ``cfg`` (``model_cfg``'s).
-
-    ``upto`` reads only the first ``upto`` layers (a file cut by Darknet's ``partial``);
-    the file must then hold exactly those. Returns the header.
+def load_weights(model: nn.Module, units: list[Unit], path, source: Cfg, layers: list[Layer] | None = None,
+                 what: str = "") -> Header:
+    """Fill the tensors of ``units`` (``model_cfg``'s, or the first of them) from a weights
+    file, which must hold exactly the floats of ``layers`` of the cfg it came with
+    (``source``; all its layers unless given: the first ones for a file that Darknet's
+    ``partial`` cut). Floats after the units' are not read. Returns the header.
     """
     header, floats = open_weights(path)
-    layers = cfg.layers[:upto] if upto is not None else cfg.layers
-    check_count(path, len(floats), cfg, layers)
+    check_count(path, len(floats), source, source.layers if layers is None else layers, what)
     S, B, C = (getattr(model, k, 0) for k in "SBC")
-    position = 0
+    position, filled = 0, set()
     with torch.no_grad():
-        for unit, tensors, index in pairs(cfg, units[:len(layers)]):
+        for unit, tensors in pairs(units):
             for role, tensor in tensors:
                 count = tensor.numel()
                 values = torch.from_numpy(np.array(floats[position:position + count]))
                 position += count
                 tensor.copy_(from_file(role, values, tensor, header, unit, (S, B, C)))
+                filled.add(id(tensor))
+    # Every tensor of these layers now comes from the file (the converter builds the model
+    # without initialising it): one the mapping missed would be garbage, so fail loudly.
+    for unit in units:
+        for module in unit.modules.values():
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                if name != "num_batches_tracked" and id(tensor) not in filled:
+                    raise RuntimeError(f"{unit.layer.title()}: {name} was not read from the file")
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.num_batches_tracked.zero_()
@@ -313,7 +321,7 @@ def save_weights(model: nn.Module, cfg: Cfg, units: list[Unit], f, seen: int = 0
     f.write(struct.pack("<3iQ", 0, 2, 0, seen))
     S, B, C = (getattr(model, k, 0) for k in "SBC")
     written = 0
-    for unit, tensors, _ in pairs(cfg, units):
+    for unit, tensors in pairs(units):
         for role, tensor in tensors:
             values = to_file(role, tensor, unit, (S, B, C))
             f.write(values.numpy().astype("<f4", copy=False).tobytes())

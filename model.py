@@ -202,8 +202,8 @@ def load_backbone(model: nn.Module, checkpoint: dict, source: str = "backbone ch
         flag = "without --no-batch-norm" if config["batch_norm"] else "with --no-batch-norm"
         raise UserError(f"{source}: its convolutions were trained {'with' if config['batch_norm'] else 'without'} "
                         f"batch norm; build the detector {flag}")
-    if config.get("darknet_bn", False) and not model.config.get("darknet_bn", False):
-        eps = next(m.eps for m in model.features.modules() if isinstance(m, nn.BatchNorm2d))
+    eps = next((m.eps for m in model.features.modules() if isinstance(m, nn.BatchNorm2d)), None)
+    if eps is not None and config.get("darknet_bn", False) and not model.config.get("darknet_bn", False):
         features = {k: variance_from_darknet(v, eps) if k.endswith("running_var") else v
                     for k, v in features.items()}
     load_state_checked(model.features, features, source)
