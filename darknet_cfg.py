@@ -236,7 +236,7 @@ def parse_layer(opt: Options, shape: tuple) -> Layer:
         opt.fail("activation", f"activation={values['activation']}: the project's networks use "
                                f"{' and '.join(ACTIVATIONS)} only")
     for key in ("filters", "size", "stride", "output", "classes", "num", "side"):
-        if key in values and values[key] < 1:
+        if values.get(key) is not None and values[key] < 1:
             opt.fail(key, f"{key}={values[key]} must be at least 1")
     return SHAPES[kind](opt, values, shape)
 

@@ -107,15 +107,11 @@ def classifier_candidates(cfg: Cfg, layers) -> list[tuple[Match, int]]:
 def compare(cfg: Cfg, layers, match: Match) -> tuple[int, str]:
     """How many leading layers the candidate reproduces, and what differs first ("" if none)."""
     try:
-        model = match.build("meta")
-        built, _ = model_cfg(model, cfg.input_shape[1], match.name)
+        model = match.build("meta")  # a detector's input side is its own (64 * S)
+        built, _ = model_cfg(model, cfg.input_shape[1] if match.name == "darknet" else None, match.name)
     except (UserError, ValueError) as err:
         return 0, f"the project's {match.name} cannot be built with these options ({err})"
     ours = body(built)
-    if cfg.input_shape != built.input_shape or cfg.input_shape[1] != cfg.input_shape[2]:
-        return 0, (f"{cfg.path}:{cfg.net_line}: [net] height={cfg.input_shape[1]} width={cfg.input_shape[2]}: "
-                   f"the project's {match.name} here takes {built.input_shape[1]}x{built.input_shape[2]} "
-                   "(square, 64 * side for a detector)")
     for i, (theirs, mine) in enumerate(zip(layers, ours)):
         if summary([theirs]) != summary([mine]):
             return i, (f"{cfg.where(theirs)}: layer {i} {theirs.title()}: the closest network the project "
@@ -124,13 +120,19 @@ def compare(cfg: Cfg, layers, match: Match) -> tuple[int, str]:
         shorter = layers if len(layers) < len(ours) else ours
         return len(shorter), (f"{cfg.path}: {len(layers)} layers, the closest network the project builds "
                               f"({match.name}) has {len(ours)}")
-    return len(layers), ""
+    if cfg.input_shape != built.input_shape or cfg.input_shape[1] != cfg.input_shape[2]:
+        return len(layers), (f"{cfg.path}:{cfg.net_line}: [net] height={cfg.input_shape[1]} "
+                             f"width={cfg.input_shape[2]}: the project's {match.name} here takes "
+                             f"{built.input_shape[1]}x{built.input_shape[2]} (square, 64 * side for a detector)")
+    return len(layers) + 1, ""
 
 
 def match_cfg(cfg: Cfg) -> Match:
     """The registry network that computes exactly what ``cfg`` computes, or a UserError
     naming the first line where the closest one differs."""
     layers = body(cfg)
+    if not layers:
+        raise UserError(f"{cfg.path}: only [cost] layers; no network to build")
     last = layers[-1].kind
     if last not in ("detection", "softmax"):
         raise UserError(f"{cfg.where(layers[-1])}: the network ends with [{last}]; the project reads "
@@ -145,7 +147,7 @@ def match_cfg(cfg: Cfg) -> Match:
         return max(exact, key=lambda t: t[:2])[2]
     if last == "softmax":
         return features_match(cfg, layers, candidates[0][0])
-    (_, why), _, _ = max(results, key=lambda r: r[0][0])
+    (_, why), _, _ = max(results, key=lambda r: (r[0][0], r[1]))  # the longest agreement, then defaults
     raise UserError(f"{why}; the project cannot build this cfg exactly")
 
 
@@ -285,6 +287,8 @@ def main(argv=None):
         if cfg_path.suffix != ".cfg" and weights_path.suffix == ".cfg":
             cfg_path, weights_path = weights_path, cfg_path
         print(convert_from_darknet(cfg_path, weights_path, args.output, args.names))
+    elif Path(args.inputs[0]).suffix in (".cfg", ".weights"):
+        raise UserError(f"{args.inputs[0]}: a Darknet file; give both, CFG WEIGHTS, to make a checkpoint of them")
     else:
         print(convert_to_darknet(args.inputs[0], args.output, args.size))
 
