@@ -172,43 +172,46 @@ def convert_from_darknet(cfg_path, weights_path, out, names=None) -> str:
     cfg = read_cfg(cfg_path)
     match = match_cfg(cfg)
     model = match.build("meta").to_empty(device="cpu")  # every tensor is then read from the file
-    ours, units = model_cfg(model, cfg.input_shape[1], match.name)
-    header = read_backbone(model, units, weights_path, cfg, match) if match.upto is not None else \
-        load_weights(model, units, weights_path, cfg)
-    state = model.state_dict()
-    source = {"cfg": str(cfg_path), "weights": str(weights_path), "seen": int(header.seen)}
+    _, units = model_cfg(model, cfg.input_shape[1], match.name)
+    source = {"cfg": str(cfg_path), "weights": str(weights_path)}
     if match.name == "darknet":
-        kind, contents = ("convolutions", "features.") if match.upto is not None else ("classifier", "")
-        ckpt = {"kind": "backbone", "contents": kind, "model_config": dict(model.config),
-                "input_size": cfg.input_shape[1], "darknet": source,
-                "model": {k: v for k, v in state.items() if k.startswith(contents)}}
-        done = f"Darknet {kind} (width {model.config['width']:g}, {match.config['head']} head)" \
-            if match.upto is None else f"Darknet convolutions (the cfg's layers 0-{match.upto - 1})"
+        header, complete = read_classifier(model, units, weights_path, cfg, match)
+        contents = "classifier" if complete else "convolutions"
+        ckpt = {"kind": "backbone", "contents": contents, "model_config": dict(model.config),
+                "input_size": cfg.input_shape[1],
+                "model": {k: v for k, v in model.state_dict().items() if complete or k.startswith("features.")}}
+        done = (f"the Darknet classifier ({match.config['head']} head)" if complete else
+                "the Darknet convolutions") + f", width {model.config['width']:g}, for train.py --backbone"
     else:
-        class_names = read_names(names, model.C)
-        ckpt = {"kind": "yolo", "model": state, "model_config": dict(model.config),
-                "class_names": class_names, "darknet": source}
+        header = load_weights(model, units, weights_path, cfg)
+        ckpt = {"kind": "yolo", "model": model.state_dict(), "model_config": dict(model.config),
+                "class_names": read_names(names, model.C)}
         done = f"{match.name} (S={model.S}, B={model.B}, C={model.C})"
+    ckpt["darknet"] = source | {"seen": int(header.seen)}
     save_checkpoint(ckpt, out)
     return f"{cfg_path} + {weights_path} (seen {header.seen}) -> {out}: {done}"
 
 
-def read_backbone(model, units, weights_path, cfg: Cfg, match: Match):
-    """The convolutions of a classifier: the file holds either the whole cfg (the head is
-    skipped) or exactly the convolutions (cut by Darknet's ``partial``)."""
+def read_classifier(model, units, weights_path, cfg: Cfg, match: Match):
+    """A classifier's weights: the whole cfg (its head skipped where the project does not
+    build it), or exactly its convolutions (a file that Darknet's ``partial`` cut, such as
+    extraction.conv.weights). Returns the header and whether the head was read."""
+    n = len(list(model.features.children()))
+    prefix = cfg.layers[:n]
     _, floats = open_weights(weights_path)
-    prefix = cfg.layers[:match.upto]
-    whole = len(floats) == cfg.n_weights
-    hint = ""
+    if len(floats) == cfg.n_weights:
+        complete = match.upto is None
+        return load_weights(model, units if complete else units[:n], weights_path, cfg), complete
     flipped = sum(3 * layer.params["filters"] * (1 - 2 * layer.params["batch_normalize"])
                   for layer in prefix if layer.kind == "convolutional")
-    if len(floats) == sum(layer.n_weights for layer in prefix) + flipped:
+    hint = ""
+    if len(floats) in (cfg.n_weights + flipped, sum(layer.n_weights for layer in prefix) + flipped):
         bn = "without" if prefix[0].params["batch_normalize"] else "with"
-        hint = (f" (it fits these convolutions {bn} batch norm: use the cfg they were trained with, "
+        hint = (f" (it fits these convolutions {bn} batch norm: use the cfg they were trained with; "
                 "extraction.conv.cfg has none, extraction.cfg has it)")
     try:
-        return load_weights(model, units[:match.upto], weights_path, cfg, None if whole else prefix,
-                            "" if whole else f"'s convolutions (layers 0-{match.upto - 1})")
+        what = f"'s convolutions (layers 0-{n - 1}; {cfg.n_weights} with its head)"
+        return load_weights(model, units[:n], weights_path, cfg, prefix, what), False
     except UserError as err:
         raise UserError(f"{err}{hint}") from None
 

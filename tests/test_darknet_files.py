@@ -281,3 +281,48 @@ def test_convert_function_refuses_before_writing(files, tmp_path):
     with pytest.raises(UserError):
         convert_from_darknet(files["cfg"], tmp_path / "missing.weights", tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+# --------------------------------------------------------------------------- classifiers
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """extraction.cfg's network at 1/16 of its filters (64-pixel input), written by the project,
+    and the same weights cut after the 20 convolutions (layers 0-23), as Darknet's ``partial``
+    cuts extraction.weights into extraction.conv.weights."""
+    from darknet_model import Darknet
+
+    root = tmp_path_factory.mktemp("classifier")
+    torch.manual_seed(1)
+    model = Darknet(num_classes=10, width=1 / 16, head="conv", darknet_bn=True).eval()
+    cfg, weights = dw.write_darknet(model, root / "extraction", 64)
+    n_conv = sum(layer.n_weights for layer in read_cfg(cfg).layers[:24])
+    cut = root / "extraction.conv.weights"
+    cut.write_bytes(weights.read_bytes()[:20 + 4 * n_conv])
+    return {"root": root, "cfg": cfg, "weights": weights, "cut": cut, "model": model}
+
+
+def test_classifier_whole_or_convolutions_only(classifier, tmp_path):
+    """The whole file gives the whole classifier; the cut one its convolutions, bit for bit."""
+    convert_from_darknet(classifier["cfg"], classifier["weights"], tmp_path / "whole.pt")
+    convert_from_darknet(classifier["cfg"], classifier["cut"], tmp_path / "convs.pt")
+    from utils import load_checkpoint
+
+    whole, convs = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(tmp_path / "convs.pt")
+    assert (whole["kind"], whole["contents"], convs["contents"]) == ("backbone", "classifier", "convolutions")
+    want = classifier["model"].state_dict()
+    assert set(whole["model"]) == set(want) and set(convs["model"]) == {k for k in want if k.startswith("features.")}
+    for key, value in convs["model"].items():
+        assert torch.equal(value, want[key]) or key.endswith("num_batches_tracked"), key
+
+
+def test_convolutions_of_the_other_batch_norm_setting_say_which_cfg(classifier, tmp_path):
+    """The batch-normed convolutions read against a cfg without batch norm (such as
+    extraction.conv.cfg): the counts, and that the file fits them with batch norm."""
+    plain = tmp_path / "plain.cfg"
+    plain.write_text(classifier["cfg"].read_text().replace("batch_normalize=1\n", ""))
+    with pytest.raises(UserError) as err:
+        convert_from_darknet(plain, classifier["cut"], tmp_path / "x.pt")
+    msg = str(err.value)
+    assert "plain.cfg's convolutions (layers 0-23" in msg and "left over" in msg
+    assert "it fits these convolutions with batch norm" in msg
+    assert not (tmp_path / "x.pt").exists()

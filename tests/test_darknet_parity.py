@@ -297,16 +297,19 @@ def test_convert_command_makes_a_backbone_for_train(darknet, scripts, tmp_path):
 
 
 # --------------------------------------------------------------------------- full size
-@pytest.mark.skipif(not os.environ.get("DARKNET_FULL"), reason="full-size yolov1.cfg: set DARKNET_FULL=1 "
-                    "(writes a 789 MB weights file; Darknet's CPU forward pass takes about a minute)")
-def test_full_size_yolov1_forward_pass_equals_darknets(darknet, harness, tmp_path):
-    cfg_path = darknet.cfg_dir / "yolov1.cfg"
+@pytest.mark.skipif(not os.environ.get("DARKNET_FULL"), reason="full-size released cfgs: set DARKNET_FULL=1 "
+                    "(writes weights files of up to 789 MB; Darknet's CPU forward pass of yolov1.cfg takes minutes)")
+@pytest.mark.parametrize("name", ["extraction.cfg", "yolov1-tiny.cfg", "yolov1.cfg"])
+def test_full_size_forward_pass_equals_darknets(darknet, harness, tmp_path, name):
+    """The released cfgs as they are (the size of the released weights files checked too)."""
+    cfg_path = darknet.cfg_dir / name
     cfg = read_cfg(cfg_path)
     model = randomise(match_cfg(cfg).build(), seed=13)
-    weights = write_weights(model, 448, tmp_path / "yolov1.weights")
-    assert weights.stat().st_size == 20 + 4 * 197_328_243
-    x = torch.rand(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))
-    theirs = to_project_layout(darknet_predict(darknet, harness, cfg_path, weights, x, tmp_path), 7, 3, 20)
-    assert_parity("yolov1.cfg (full size)", project_output(model, x), theirs)
+    weights = write_weights(model, cfg.input_shape[1], tmp_path / "full.weights")
+    floats = {"extraction.cfg": 23_455_400, "yolov1-tiny.cfg": 27_099_950, "yolov1.cfg": 197_328_243}[name]
+    assert weights.stat().st_size == 20 + 4 * floats  # yolov1.weights: 789,312,992 bytes
+    x = torch.rand(1, *cfg.input_shape, generator=torch.Generator().manual_seed(0))
+    theirs = darknet_output(model, darknet_predict(darknet, harness, cfg_path, weights, x, tmp_path))
+    assert_parity(f"{name} (full size)", project_output(model, x), theirs)
     darknet.run(harness["resave"], cfg_path, weights, tmp_path / "resaved.weights")
     assert (tmp_path / "resaved.weights").read_bytes() == weights.read_bytes()
