@@ -424,3 +424,21 @@ def test_extraction_head_is_a_leaky_1x1_conv_then_avgpool():
     assert (conv_.kernel_size, conv_.in_channels, conv_.out_channels, conv_.bias is not None) == ((1, 1), 1024, 1000, True)
     assert isinstance(net.classifier[0][1], nn.LeakyReLU) and isinstance(net.classifier[1], nn.AdaptiveAvgPool2d)
     assert n_params(net) == conv_stack_params(FIG3_FIRST_20, True) + 1024 * 1000 + 1000
+
+
+def test_darknet_normed_backbone_into_a_pytorch_normed_yolov1():
+    """A backbone converted from Darknet (``darknet_bn``: its own variance convention) gives a
+    PyTorch-normed YOLOv1 the same features, to float rounding; one without batch norm is
+    refused for a batch-normed YOLOv1 with the flag to use."""
+    dark = _randomised_darknet()
+    dark_bn = Darknet(num_classes=5, width=TINY, darknet_bn=True).eval()
+    dark_bn.load_state_dict(dark.state_dict())
+    yolo = YOLOv1(S=2, width=TINY, hidden=8).eval()
+    load_backbone(yolo, {"model": dark_bn.state_dict(), "model_config": dark_bn.config})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(yolo.features(x), dark_bn.features(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(dark.features(x), dark_bn.features(x), rtol=1e-5, atol=1e-5)
+    plain = Darknet(width=TINY, batch_norm=False)
+    with pytest.raises(utils.UserError, match="without batch norm; build the detector with --no-batch-norm"):
+        load_backbone(yolo, {"model": plain.state_dict(), "model_config": plain.config}, "plain.pt")
