@@ -86,7 +86,7 @@ def test_script_trains_one_epoch_and_leaves_a_run_folder(script, tree, tmp_path)
     ckpt = utils.load_checkpoint(run_dir / "last.pt")           # weights_only=True
     assert ckpt["kind"] == "darknet" and ckpt["epoch"] == 1
     assert ckpt["model_config"] == {"num_classes": 4, "batch_norm": "--no-batch-norm" not in EXTRA[script],
-                                    "width": 0.0625}
+                                    "width": 0.0625, "head": "linear", "darknet_bn": False}
     assert utils.load_checkpoint(run_dir / "best.pt")["best"] == ckpt["best"]
     (row,) = metrics(run_dir)
     assert row["epoch"] == 1 and row["images"] == 16

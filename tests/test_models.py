@@ -326,3 +326,119 @@ def test_fast_yolo_refuses_a_backbone():
     dark = Darknet(width=TINY)
     with pytest.raises(utils.UserError, match="Fast YOLO"):
         load_backbone(FastYOLO(S=2, width=TINY), {"model": dark.state_dict()})
+
+
+# --------------------------------------------------------------------------- Darknet's released variants
+def test_locally_connected_layer_equals_a_loop_over_positions():
+    """Each output position has its own filters (weight[position] is (out, in, k, k),
+    positions row-major) and each output value its own bias; computed here by hand with a
+    zero-padded input and one dot product per position and filter."""
+    from darknet_model import LocallyConnected2d
+
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(3, 4, 3, (5, 6), stride=2, padding=1)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, 3, 5, 6)
+    padded = nn.functional.pad(x, (1, 1, 1, 1))
+    out_h, out_w = layer.out_size
+    assert (out_h, out_w) == (3, 3)
+    want = torch.empty(2, 4, out_h, out_w)
+    for i in range(out_h):
+        for j in range(out_w):
+            patch = padded[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            for f in range(4):
+                w = layer.weight[i * out_w + j, f]
+                want[:, f, i, j] = (patch * w).sum((1, 2, 3)) + layer.bias[f, i, j]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="built for"):
+        layer(torch.randn(1, 3, 6, 6))
+
+
+def test_darknet_batch_norm_divides_by_sqrt_var_plus_1e_6():
+    """blas.c normalize_cpu: (x - mean) / (sqrt(var) + 1e-6), then scale and shift; not
+    PyTorch's sqrt(var + 1e-5), which is three times larger at var = 1e-6."""
+    from darknet_model import DarknetBatchNorm2d
+
+    bn = DarknetBatchNorm2d(2).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0]))
+        bn.running_var.copy_(torch.tensor([1e-6, 4.0]))
+        bn.weight.copy_(torch.tensor([2.0, 3.0]))
+        bn.bias.copy_(torch.tensor([0.25, 0.0]))
+    x = torch.tensor([1.5, 1.0]).view(1, 2, 1, 1)
+    want = [(1.5 - 0.5) / (1e-3 + 1e-6) * 2 + 0.25, (1.0 + 1.0) / (2 + 1e-6) * 3]
+    with torch.no_grad():
+        torch.testing.assert_close(bn(x).flatten(), torch.tensor(want), rtol=1e-6, atol=0)
+    assert bn.momentum == 0.01                      # Darknet's rolling averages (.99 / .01)
+
+
+def test_variance_conversions_give_the_same_divisor():
+    from darknet_model import variance_from_darknet, variance_to_darknet
+
+    torch_var = torch.tensor([0.0, 1e-6, 0.3, 7.0])
+    darknet_var = variance_to_darknet(torch_var, 1e-5)
+    torch.testing.assert_close(darknet_var.sqrt() + 1e-6, (torch_var + 1e-5).sqrt(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(variance_from_darknet(darknet_var, 1e-5), torch_var, rtol=1e-5, atol=1e-10)
+
+
+def test_detection_permutation_by_hand():
+    """S=1, B=2, C=2. Darknet: classes [0, 1], confidences [2, 3], boxes [4..7] and [8..11]
+    (detection_layer.c). Project: c0 c1 | conf0 x0 y0 w0 h0 | conf1 x1 y1 w1 h1."""
+    from darknet_weights import detection_permutation
+
+    assert detection_permutation(1, 2, 2).tolist() == [0, 1, 2, 4, 5, 6, 7, 3, 8, 9, 10, 11]
+    perm = detection_permutation(7, 3, 20)
+    assert sorted(perm.tolist()) == list(range(1715))
+    # cell 8 (row 1, column 1), box 2's sqrt h: project 8*35 + 20 + 2*5 + 4; Darknet 49*23 + (8*3 + 2)*4 + 3
+    assert perm[8 * 35 + 20 + 10 + 4] == 49 * 23 + (8 * 3 + 2) * 4 + 3
+
+
+def test_registry_builds_the_released_networks():
+    yolo = meta(lambda **kw: build_model("yolov1-darknet", **kw))
+    assert (yolo.B, yolo.config["local"], yolo.config["hidden"], yolo.config["darknet_bn"]) == (3, 256, 0, True)
+    kinds = [type(m).__name__ for m in yolo.head]
+    assert kinds == ["LocallyConnected2d", "LeakyReLU", "Flatten", "Dropout", "Linear"]
+    assert yolo.head[-1].in_features == 7 * 7 * 256 and yolo.head[-1].out_features == 1715
+    tiny = meta(lambda **kw: build_model("yolov1-tiny", **kw))
+    assert [c.out_channels for c in convs(tiny)] == [16, 32, 64, 128, 256, 512, 1024, 256]
+    assert model_from_config(tiny.config).config == tiny.config
+    for name in ("yolov1", "fast", "yolov1-darknet", "yolov1-tiny"):
+        net = build_model(name, S=2, width=TINY, C=3, hidden=8, local=4)
+        assert net.config["name"] == name and type(model_from_config(net.config)) is type(net)
+
+
+def test_checkpoint_config_of_before_the_registry_still_builds():
+    """Configs saved before ``local``/``darknet_bn``/``convs`` existed: same network, same keys."""
+    old = {"name": "yolov1", "S": 2, "B": 2, "C": 20, "hidden": 8, "batch_norm": True, "width": TINY,
+           "dropout": 0.5}
+    net = model_from_config(old)
+    assert list(net.state_dict())[-4:] == ["head.1.weight", "head.1.bias", "head.4.weight", "head.4.bias"]
+    assert len(convs(model_from_config({"name": "fast", "S": 2, "width": TINY}))) == 9
+
+
+def test_extraction_head_is_a_leaky_1x1_conv_then_avgpool():
+    net = meta(lambda **kw: Darknet(head="conv", **kw))
+    conv_ = net.classifier[0][0]
+    assert (conv_.kernel_size, conv_.in_channels, conv_.out_channels, conv_.bias is not None) == ((1, 1), 1024, 1000, True)
+    assert isinstance(net.classifier[0][1], nn.LeakyReLU) and isinstance(net.classifier[1], nn.AdaptiveAvgPool2d)
+    assert n_params(net) == conv_stack_params(FIG3_FIRST_20, True) + 1024 * 1000 + 1000
+
+
+def test_darknet_normed_backbone_into_a_pytorch_normed_yolov1():
+    """A backbone converted from Darknet (``darknet_bn``: its own variance convention) gives a
+    PyTorch-normed YOLOv1 the same features, to float rounding; one without batch norm is
+    refused for a batch-normed YOLOv1 with the flag to use."""
+    dark = _randomised_darknet()
+    dark_bn = Darknet(num_classes=5, width=TINY, darknet_bn=True).eval()
+    dark_bn.load_state_dict(dark.state_dict())
+    yolo = YOLOv1(S=2, width=TINY, hidden=8).eval()
+    load_backbone(yolo, {"model": dark_bn.state_dict(), "model_config": dark_bn.config})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(yolo.features(x), dark_bn.features(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(dark.features(x), dark_bn.features(x), rtol=1e-5, atol=1e-5)
+    plain = Darknet(width=TINY, batch_norm=False)
+    with pytest.raises(utils.UserError, match="without batch norm; build the detector with --no-batch-norm"):
+        load_backbone(yolo, {"model": plain.state_dict(), "model_config": plain.config}, "plain.pt")
