@@ -48,6 +48,8 @@ import sys
 
 import numpy as np
 
+import voc_results  # numpy only: the VOC server's comp4_det_test_<class>.txt files
+
 INTERPOLATIONS = ("all", "11")
 DIFFICULT_MODES = ("ignore", "count", "drop")
 ELEVEN_RECALL_POINTS = np.linspace(0, 1, 11)
@@ -769,8 +771,15 @@ def read_det_dir(directory):
     for an image without GT is read too (its detections are all FPs, as in
     Padilla's toolkit).  Returns a detection table for
     ``evaluate_detections``, rows in sorted file-name order then line order
-    (this order breaks score ties).  Raises InputError.
+    (this order breaks score ties).  Raises InputError.  A folder of the VOC
+    server's per-class results files (``comp4_det_test_<class>.txt``, Darknet's
+    ``yolo valid`` output) is read by voc_results.py, in the same order.
     """
+    if voc_results.is_results_dir(directory):
+        try:
+            return voc_results.read_results_dir(directory)
+        except voc_results.ResultsError as exc:
+            raise InputError(str(exc)) from None
     return _read_txt_dir(directory, _list_files(directory, ".txt"), is_gt=False)
 
 
@@ -797,7 +806,8 @@ def _parse_args(argv):
                "                        (difficult: optional 6th value 0, 1 or 'difficult')\n"
                "  GT_DIR/<image>.xml    VOCdevkit Annotations (used if GT_DIR holds .xml files)\n"
                f"  DET_DIR/<image>.txt   {DET_LINE}\n"
-               "  A missing or empty detection file means no detections.\n\n"
+               "  A missing or empty detection file means no detections.\n"
+               "  DET_DIR/comp4_det_test_<class>.txt  or the VOC server's per-class files\n\n"
                "VOC2007 official protocol: --interp 11 --difficult ignore\n"
                "Padilla's toolkit:         --interp all  (files without difficult flags)")
     parser.add_argument("--gt", required=True, metavar="GT_DIR", help="ground-truth folder")
