@@ -357,6 +357,7 @@ def write_bundled_sample(out, photos: bool = True, n_train: int = 296, n_val: in
     for name, part in (("8examples.csv", rows[:8]), ("100examples.csv", rows[:100]),
                        ("train.csv", rows), ("val.csv", val), ("test.csv", test)):
         write_csv(out / name, part)
+    (out / "voc.names").write_text("".join(f"{name}\n" for name in VOC_CLASSES))  # the ids' names
     write_imagenet_tree(out / "imagenet", n_classes=4, n_train_per_class=12, n_val_per_class=3,
                         size=96, seed=3)
     write_easy_shapes(out / "shapes")
