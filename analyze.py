@@ -37,14 +37,15 @@ category over the sum of N), which is what Figure 4 shows for Fast R-CNN and YOL
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from evaluate import InputError, box_iou, read_det_dir, read_gt_dir
-from utils import VOC_CLASSES, UserError, run_cli
 
 CATEGORIES = ("correct", "localization", "similar", "other", "background")
 TITLES = {"correct": "Correct", "localization": "Loc", "similar": "Sim", "other": "Other",
@@ -63,13 +64,16 @@ VOC_SIMILAR = (
     ("chair", "diningtable", "sofa"),
     ("aeroplane", "bird"),
 )
+# VOC's 20 classes (utils.VOC_CLASSES; not imported from there: utils needs torch, and this
+# command, like evaluate.py, starts with numpy alone).
+VOC_NAMES = frozenset(c for group in VOC_SIMILAR for c in group) | {"bottle", "pottedplant", "tvmonitor"}
 
 
 @dataclass
 class ClassObjects:
     """The objects of one class: boxes, difficult flags, and per image their row numbers."""
     boxes: np.ndarray
-    difficult: np.ndarray
+    difficult: list
     by_image: dict = field(default_factory=dict)
 
 
@@ -79,12 +83,23 @@ def group_objects(gts: dict) -> dict[str, ClassObjects]:
     groups = {}
     for cls in sorted(set(gts["cls"].tolist())):
         rows = np.flatnonzero(gts["cls"] == cls)
-        objects = ClassObjects(gts["boxes"][rows], gts["difficult"][rows])
+        objects = ClassObjects(gts["boxes"][rows], gts["difficult"][rows].tolist())
         for k, image in enumerate(gts["image"][rows].tolist()):
             objects.by_image.setdefault(image, []).append(k)
-        objects.by_image = {image: np.array(ks) for image, ks in objects.by_image.items()}
         groups[cls] = objects
     return groups
+
+
+def pair_ious(images, boxes, objects: ClassObjects):
+    """Per detection, the rows of the objects in its image and their IoUs with it, from
+    one vectorised box_iou call over all (detection, object) pairs."""
+    rows = [objects.by_image.get(image, []) for image in images]
+    counts = [len(r) for r in rows]
+    pair_det = np.repeat(np.arange(len(rows)), counts)
+    pair_obj = np.array([k for r in rows for k in r], dtype=int)
+    ious = box_iou(boxes[pair_det], objects.boxes[pair_obj]).tolist() if len(pair_obj) else []
+    ends = np.cumsum(counts).tolist()
+    return [(r, ious[end - len(r):end]) for r, end in zip(rows, ends)]
 
 
 def match(images, boxes, objects: ClassObjects, threshold: float, weak: bool):
@@ -94,22 +109,17 @@ def match(images, boxes, objects: ClassObjects, threshold: float, weak: bool):
     difficult object (and, with ``weak``, for a duplicate), -1 otherwise; iou is that of
     the object taken, else the largest IoU with an object of the class in the image.
     """
-    label = np.full(len(images), -1, dtype=np.int8)
-    best = np.zeros(len(images))
-    taken = np.zeros(len(objects.boxes), dtype=bool)
-    for d, image in enumerate(images):
-        rows = objects.by_image.get(image)
-        if rows is None:
+    label, best, taken = np.full(len(images), -1, dtype=np.int8), np.zeros(len(images)), set()
+    for d, (rows, iou) in enumerate(pair_ious(images, boxes, objects)):
+        if not rows:
             continue
-        iou = box_iou(np.broadcast_to(boxes[d], (len(rows), 4)), objects.boxes[rows])
-        free_iou = np.where(taken[rows], 0.0, iou)
-        if (free_iou >= threshold).any():
-            k = int(np.argmax(free_iou))  # the first on ties, as Matlab's max
-            taken[rows[k]] = True
-            label[d] = 0 if objects.difficult[rows[k]] else 1
-            best[d] = iou[k]
+        free_iou = [0.0 if row in taken else value for row, value in zip(rows, iou)]
+        if max(free_iou) >= threshold:
+            k = free_iou.index(max(free_iou))  # the first on ties, as Matlab's max
+            taken.add(rows[k])
+            label[d], best[d] = (0 if objects.difficult[rows[k]] else 1), iou[k]
         else:
-            best[d] = iou.max()
+            best[d] = max(iou)
             if weak and best[d] >= threshold:
                 label[d] = 0  # a duplicate: 'weak' matching sets its label to 0
     return label, best
@@ -127,7 +137,7 @@ def similar_classes(groups) -> dict[str, set]:
 def classify(cls, images, boxes, objects: dict[str, ClassObjects], similar: set):
     """The category of each of ``cls``'s top detections (ranked), and the class each
     confused detection overlaps most (None for the others); Hoiem's analyzeFalsePositives."""
-    own = objects.get(cls, ClassObjects(np.zeros((0, 4)), np.zeros(0, bool)))
+    own = objects.get(cls, ClassObjects(np.zeros((0, 4)), []))
     correct = match(images, boxes, own, HIGH_IOU, weak=False)[0] >= 0
     loc = (match(images, boxes, own, LOW_IOU, weak=True)[0] >= 0) & ~correct
     others = [c for c in objects if c != cls]
@@ -157,7 +167,7 @@ def analyze(gts: dict, dets: dict, groups=VOC_SIMILAR) -> dict:
     similar = similar_classes(groups)
     classes, overall = {}, dict.fromkeys(("objects", "detections", "analysed", *CATEGORIES), 0)
     for cls, own in objects.items():
-        n = int((~own.difficult).sum())
+        n = own.difficult.count(False)
         rows = np.flatnonzero(dets["cls"] == cls)
         ranked = rows[np.argsort(-dets["score"][rows], kind="stable")]  # ties: file, then line order
         top = ranked[:n]
@@ -249,31 +259,28 @@ def load_similar(path, classes) -> list[list[str]]:
     try:
         groups = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not a JSON file ({err})") from None
+        raise InputError(f"{path}: not a JSON file ({err})") from None
     if not isinstance(groups, list) or not all(
             isinstance(g, list) and all(isinstance(c, str) for c in g) for g in groups):
-        raise UserError(f'{path}: must be a JSON list of groups of class names, e.g. [["cat", "dog"]]')
+        raise InputError(f'{path}: must be a JSON list of groups of class names, e.g. [["cat", "dog"]]')
     unknown = sorted({c for g in groups for c in g} - set(classes))
     if unknown:
-        raise UserError(f"{path}: {unknown[0]!r} is not a class of the ground truth or detections "
+        raise InputError(f"{path}: {unknown[0]!r} is not a class of the ground truth or detections "
                         f"({', '.join(sorted(classes))})")
     return groups
 
 
 def read_inputs(args) -> tuple[dict, list[dict], list[str]]:
-    """Ground truth, each detector's detections and their labels; UserError on bad input."""
+    """Ground truth, each detector's detections and their labels; InputError on bad input."""
     det_dirs = [args.det] + ([args.det2] if args.det2 else [])
     labels = args.labels or det_dirs
     if len(labels) != len(det_dirs):
-        raise UserError(f"--labels: {len(labels)} names for {len(det_dirs)} detector(s)")
-    try:
-        gts, dets = read_gt_dir(args.gt), [read_det_dir(d) for d in det_dirs]
-    except InputError as err:
-        raise UserError(str(err)) from None
+        raise InputError(f"--labels: {len(labels)} names for {len(det_dirs)} detector(s)")
+    gts, dets = read_gt_dir(args.gt), [read_det_dir(d) for d in det_dirs]
     if len(gts["cls"]) == 0:
-        raise UserError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
+        raise InputError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
     return gts, dets, labels
 
 
@@ -282,33 +289,33 @@ def choose_groups(args, gts, dets) -> tuple[list, str]:
     classes = set(gts["cls"].tolist()).union(*(d["cls"].tolist() for d in dets))
     if args.similar:
         return load_similar(args.similar, classes), f"similar classes: {args.similar}"
-    if classes <= set(VOC_CLASSES):
+    if classes <= VOC_NAMES:
         return [list(g) for g in VOC_SIMILAR], "similar classes: Hoiem et al.'s VOC groups"
     return [], "no similar-class groups for these (non-VOC) classes: Similar is empty; --similar FILE sets them"
 
 
 def write_outputs(out, text: str, data: dict, results, labels) -> list[Path]:
     """analysis.txt, analysis.json and error_pie.png in ``out``; refuses to replace files."""
-    from plots import require, save_figure
+    from plots import save_figure  # standard library only at import
 
-    require("matplotlib", "matplotlib", "the pie charts")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError("--out: the pie charts need the 'matplotlib' package: pip install matplotlib")
     out = Path(out)
     paths = [out / "analysis.txt", out / "analysis.json", out / "error_pie.png"]
     taken = [p for p in paths if p.exists()]
     if taken:
-        raise UserError(f"{taken[0]}: already exists; choose another --out")
+        raise InputError(f"{taken[0]}: already exists; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         paths[0].write_text(text + "\n")
         paths[1].write_text(json.dumps(data, indent=2) + "\n")
         save_figure(pie_figure(results, labels), paths[2])
     except OSError as err:
-        raise UserError(f"{out}: cannot write ({err.strerror})") from None
+        raise InputError(f"{out}: cannot write ({err.strerror})") from None
     return paths
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+def run(args) -> None:
     gts, dets, labels = read_inputs(args)
     groups, note = choose_groups(args, gts, dets)
     results = [analyze(gts, d, groups) for d in dets]
@@ -320,5 +327,17 @@ def main(argv=None) -> None:
             print(f"wrote {path}")
 
 
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status: 2 and one 'error:' line on bad
+    input (as evaluate.py, whose readers and InputError it shares)."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except InputError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(main())
