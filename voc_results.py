@@ -152,11 +152,22 @@ def _parse_line(fields: list[str], where: str) -> tuple[float, ...]:
         values.append(value)
     score, left, top, right, bottom = values
     # Back to continuous extents: the devkit's first pixel 1 is the extent's start 0.
-    x1, y1 = max(left - 1, 0.0), max(top - 1, 0.0)
+    x1, y1 = (max(minus_one(text, value), 0.0) for text, value in ((fields[2], left), (fields[3], top)))
     if right < x1 or bottom < y1:
         raise ResultsError(f"{where}: box left {left:g} top {top:g} right {right:g} bottom {bottom:g} "
                            "is inverted (right < left - 1 or bottom < top - 1)")
     return score, x1, y1, right, bottom
+
+
+def minus_one(text: str, value: float) -> float:
+    """``text`` - 1 in decimal, then rounded once: '13.35' -> 12.35 exactly, which float
+    arithmetic (13.35 - 1 = 12.350000000000001) would miss; so a box read back equals the
+    same box read from a per-image file, and '1.01' as top with '0.01' as bottom stays a
+    flat box, not an inverted one."""
+    try:
+        return float(Decimal(text) - 1)
+    except ArithmeticError:  # decimal.InvalidOperation: a form float() reads and Decimal not
+        return value - 1
 
 
 def read_results_file(path: str) -> tuple[list[str], list[tuple[float, ...]]]:

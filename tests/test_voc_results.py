@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -142,6 +142,23 @@ def test_a_darknet_style_results_folder_scores_as_worked_out_by_hand(tmp_path):
     assert result["AP"] == {"cat": 0.5, "dog": 1.0} and result["mAP"] == 0.75
 
 
+def test_analyze_reads_results_folders_as_per_image_files(tmp_path):
+    """analyze.py reads through evaluate.py's reader: the hand-written results folder and
+    the same detections written one file per image (this project's pixels) analyse alike."""
+    import analyze
+
+    gt, results = hand_written(tmp_path)
+    per_image = tmp_path / "per_image"
+    per_image.mkdir()
+    (per_image / "000001.txt").write_text("dog 0.9 0 0 10 10\ncat 0.6 20 20 30 30\n")
+    (per_image / "000002.txt").write_text("dog 0.8 0 0 10 5\ndog 0.7 49 49 60 60\ncat 0.95 0 0 10 10\n")
+    gts = evaluate.read_gt_dir(gt)
+    server = analyze.analyze(gts, evaluate.read_det_dir(results))
+    assert server == analyze.analyze(gts, evaluate.read_det_dir(per_image))
+    assert [server["classes"]["dog"][c] for c in analyze.CATEGORIES] == [2, 0, 0, 0, 0]
+    assert [server["classes"]["cat"][c] for c in analyze.CATEGORIES] == [0, 0, 1, 0, 0]  # on a dog
+
+
 def test_salted_names_of_py_faster_rcnn_are_read(tmp_path):
     gt, results = hand_written(tmp_path, "comp4_8f2c_det_test_dog.txt", "comp4_8f2c_det_test_cat.txt")
     assert voc_results.is_results_dir(results) and not voc_results.is_results_dir(gt)
@@ -234,10 +251,12 @@ IMAGE_ID = st.from_regex(r"[A-Za-z0-9_.-]{1,8}", fullmatch=True)
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 3 files each
 @given(st.lists(st.tuples(IMAGE_ID, st.lists(DETECTION, max_size=4)), max_size=6))
+@example([("0", [(0, 0.0, (0.0, 0.01, 0.0, 0.0))]), ("7", [(1, 0.5, (7.35, 3.35, 0.0, 1.0))])])
 def test_fuzz_valid_detections_round_trip(images):
     """write_results then read_results_dir gives back every detection, boxes in this
-    project's pixels (two decimals, as written), each class's rows in read_det_dir's order
-    (by <image id>.txt, then as written)."""
+    project's pixels exactly as a two-decimal per-image file holds them, each class's rows
+    in read_det_dir's order (by <image id>.txt, then as written). Guards against float
+    arithmetic on the 1-based numbers (1.01 - 1 > 0.01 made a flat box 'inverted')."""
     detections = [(image_id, np.array([[c, s, x, y, x + w, y + h] for c, s, (x, y, w, h) in dets]))
                   for image_id, dets in images]
     with tempfile.TemporaryDirectory() as folder:
@@ -248,9 +267,9 @@ def test_fuzz_valid_detections_round_trip(images):
         written.sort(key=lambda item: f"{item[0]}.txt")  # stable: ties keep the written order
         mine = table["cls"] == name
         assert table["image"][mine].tolist() == [image_id for image_id, _ in written]
-        expected = np.array([row[1:] for _, row in written]).reshape(-1, 5)
-        assert np.array_equal(table["score"][mine], expected[:, 0])
-        assert np.allclose(table["boxes"][mine], expected[:, 1:], rtol=0, atol=1e-9)
+        expected = np.array([[float(f"{v:.2f}") for v in row[2:]] for _, row in written]).reshape(-1, 4)
+        assert np.array_equal(table["score"][mine], [row[1] for _, row in written])
+        assert np.array_equal(table["boxes"][mine], expected)  # exactly what a two-decimal file holds
 
 
 def test_writer_refuses_what_the_format_cannot_hold(tmp_path):
