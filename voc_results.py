@@ -160,10 +160,10 @@ def _parse_line(fields: list[str], where: str) -> tuple[float, ...]:
 
 
 def minus_one(text: str, value: float) -> float:
-    """``text`` - 1 in decimal, then rounded once: '13.35' -> 12.35 exactly, which float
-    arithmetic (13.35 - 1 = 12.350000000000001) would miss; so a box read back equals the
-    same box read from a per-image file, and '1.01' as top with '0.01' as bottom stays a
-    flat box, not an inverted one."""
+    """``text`` - 1 in decimal, then rounded once: '4.35' -> 3.35 exactly, which float
+    arithmetic misses (4.35 - 1 = 3.3499999999999996); so a box read back equals the same
+    box read from a per-image file, and '1.01' as top with '0.01' as bottom stays a flat
+    box, not an inverted one (1.01 - 1 = 0.010000000000000009)."""
     try:
         return float(Decimal(text) - 1)
     except ArithmeticError:  # decimal.InvalidOperation: a form float() reads and Decimal not
