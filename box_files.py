@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+import voc_results  # numpy only: the VOC server's comp4_det_test_<class>.txt files
 from errors import UserError
 from voc_xml import read_annotation
 
@@ -49,8 +50,12 @@ def read_det_dir(directory):
     Images without a file (or with an empty one) have no detections; a file for an image
     without GT is read too (its detections are all FPs, as in Padilla's toolkit). Returns a
     detection table for ``evaluate.evaluate_detections``, rows in sorted file-name order
-    then line order (this order breaks score ties).
+    then line order (this order breaks score ties). A folder of the VOC server's per-class
+    results files (``comp4_det_test_<class>.txt``, Darknet's ``yolo valid`` output) is read
+    by voc_results.py, in the same order.
     """
+    if voc_results.is_results_dir(directory):
+        return voc_results.read_results_dir(directory)
     return _read_txt_dir(directory, _list_files(directory, ".txt"), is_gt=False)
 
 

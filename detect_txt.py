@@ -12,7 +12,8 @@ and, when the data has labels, ground truth to ``groundtruths/<image>.txt`` as
 text, one space between fields (Padilla's reader splits on single spaces). A difficult
 object's line ends in a sixth field ``difficult``: Padilla's toolkit ignores the extra
 field and counts the object, evaluate.py ignores it (VOC2007 rule) unless
-``--difficult count``.
+``--difficult count``. ``--format voc`` also writes the VOC evaluation server's
+``results/comp4_det_test_<class>.txt`` files (voc_results.py).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import predict
 import runs
 from dataset import build_image_dataset, build_voc_dataset
-from utils import run_cli
+from utils import UserError, run_cli
+from voc_results import unwritable, write_results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(no labels)")
     p.add_argument("--project", default="runs/detect_txt", help="parent of the output folder")
     p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")
+    p.add_argument("--format", choices=("txt", "voc"), default="txt",
+                   help="txt: detections/<image>.txt (Padilla's format); voc: also results/"
+                        "comp4_det_test_<class>.txt, the VOC server's and Darknet's (voc_results.py)")
     return p
 
 
@@ -62,8 +67,13 @@ def main(argv=None):
     predict.check_inference_args(args)
     model, names, dist = predict.open_detector(args)
     dataset, labelled = load_data(args, names, model)
+    ids = [dataset.annotation(i)["image_id"] for i in range(len(dataset))]
+    if args.format == "voc" and unwritable(names, ids):
+        raise UserError(f"{args.checkpoint}, {args.data}: {unwritable(names, ids)}")
     dets = predict.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
     out = runs.make_run_dir(args.project, args.name)
+    if args.format == "voc":  # also the per-image files below: evaluate.py scores either
+        write_results(out / "results", [(ids[i], dets[i]) for i in range(len(dataset))], names)
     (out / "detections").mkdir()
     if labelled:
         (out / "groundtruths").mkdir()
@@ -73,6 +83,7 @@ def main(argv=None):
         if labelled:
             (out / "groundtruths" / f"{ann['image_id']}.txt").write_text(gt_lines(ann, names))
     print(f"{len(dataset)} images: detections in {out / 'detections'}"
+          + (f", VOC results files in {out / 'results'}" if args.format == "voc" else "")
           + (f", ground truth in {out / 'groundtruths'}" if labelled else ""))
 
 

@@ -471,7 +471,8 @@ def _parse_args(argv):
                "                        (difficult: optional 6th value 0, 1 or 'difficult')\n"
                "  GT_DIR/<image>.xml    VOCdevkit Annotations (used if GT_DIR holds .xml files)\n"
                f"  DET_DIR/<image>.txt   {DET_LINE}\n"
-               "  A missing or empty detection file means no detections.\n\n"
+               "  A missing or empty detection file means no detections.\n"
+               "  DET_DIR/comp4_det_test_<class>.txt  or the VOC server's per-class files\n\n"
                "VOC2007 official protocol: --interp 11 --difficult ignore\n"
                "Padilla's toolkit:         --interp all  (files without difficult flags)")
     parser.add_argument("--gt", required=True, metavar="GT_DIR", help="ground-truth folder")

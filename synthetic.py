@@ -132,8 +132,10 @@ def contrasting_colour(rng: np.random.Generator, background: np.ndarray, box) ->
 
 
 def make_sample(rng: np.random.Generator, width: int, height: int, n_objects=(1, 4), shapes=SHAPES,
-                difficult_rate: float = 0.0, size_range=(0.15, 0.5)) -> Sample:
-    """One image with ``n_objects`` (inclusive range) objects of random shapes."""
+                difficult_rate: float = 0.0, size_range=(0.15, 0.5), classes=None) -> Sample:
+    """One image with ``n_objects`` (inclusive range) objects of random shapes; ``classes``
+    maps a shape to its class id (default :data:`SHAPE_CLASSES`, the VOC ids)."""
+    classes = SHAPE_CLASSES if classes is None else classes
     background = make_background(rng, width, height)
     image = Image.fromarray(background.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
@@ -149,7 +151,7 @@ def make_sample(rng: np.random.Generator, width: int, height: int, n_objects=(1,
     noise = rng.normal(0, rng.uniform(0, 6), size=(height, width, 3))
     image = Image.fromarray((np.asarray(image, dtype=np.float64) + noise).clip(0, 255).astype(np.uint8))
     return Sample(image, np.array(boxes, dtype=np.float64).reshape(-1, 4),
-                  np.array([SHAPE_CLASSES[s] for s in names], dtype=np.int64),
+                  np.array([classes[s] for s in names], dtype=np.int64),
                   rng.random(len(names)) < difficult_rate, names)
 
 
@@ -163,14 +165,15 @@ def image_dims(rng: np.random.Generator, size, vary_aspect: bool) -> tuple[int, 
 
 
 def make_samples(n_images: int, size=128, seed: int = 0, n_objects=(1, 4), shapes=SHAPES,
-                 difficult_rate: float = 0.0, vary_aspect: bool = False, size_range=(0.15, 0.5)) -> list[Sample]:
+                 difficult_rate: float = 0.0, vary_aspect: bool = False, size_range=(0.15, 0.5),
+                 classes=None) -> list[Sample]:
     """``n_images`` samples; image i depends only on (seed, i). ``size_range``: object
-    size as a fraction of the image's shorter side."""
+    size as a fraction of the image's shorter side; ``classes``: shape -> class id."""
     samples = []
     for i in range(n_images):
         rng = np.random.default_rng([seed, i])
         width, height = image_dims(rng, size, vary_aspect)
-        samples.append(make_sample(rng, width, height, n_objects, shapes, difficult_rate, size_range))
+        samples.append(make_sample(rng, width, height, n_objects, shapes, difficult_rate, size_range, classes))
     return samples
 
 
@@ -354,18 +357,26 @@ def write_bundled_sample(out, photos: bool = True, n_train: int = 296, n_val: in
     for name, part in (("8examples.csv", rows[:8]), ("100examples.csv", rows[:100]),
                        ("train.csv", rows), ("val.csv", val), ("test.csv", test)):
         write_csv(out / name, part)
+    (out / "voc.names").write_text("".join(f"{name}\n" for name in VOC_CLASSES))  # the ids' names
     write_imagenet_tree(out / "imagenet", n_classes=4, n_train_per_class=12, n_val_per_class=3,
                         size=96, seed=3)
     write_easy_shapes(out / "shapes")
 
 
 # One large object per image, two shapes: what a quarter-width network learns on a CPU in
-# a minute or two (train.py's demo recipe), where the main sample needs far longer.
-EASY = {"n_objects": (1, 1), "size_range": (0.3, 0.6), "shapes": ("rectangle", "cross")}
+# a minute or two (train.py's demo recipe), where the main sample needs far longer. Its
+# classes are named for what they are, in ``names.txt`` beside the csv files (the
+# ``--names`` file a user writes for their own classes): label 0 is a cross, 1 a rectangle.
+# (``shapes`` keeps its order: it decides which shape each random draw gives.)
+EASY_NAMES = ("cross", "rectangle")
+EASY = {"n_objects": (1, 1), "size_range": (0.3, 0.6), "shapes": ("rectangle", "cross"),
+        "classes": {name: i for i, name in enumerate(EASY_NAMES)}}
 
 
 def write_easy_shapes(out: Path, n_train: int = 480, n_val: int = 64, n_test: int = 64) -> None:
-    """``out/``: train.csv, val.csv and test.csv of 128 x 128 images from :data:`EASY`."""
+    """``out/``: names.txt, and train.csv, val.csv and test.csv of 128 x 128 images from :data:`EASY`."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "names.txt").write_text("".join(f"{name}\n" for name in EASY_NAMES))
     for name, n, seed in (("train.csv", n_train, 5), ("val.csv", n_val, 6), ("test.csv", n_test, 7)):
         write_voc_txt_tree(out, n, size=128, seed=seed, csv_name=name, prefix=name[:-4] + "_", **EASY)
 

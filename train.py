@@ -41,7 +41,9 @@ RECIPES = {
     # A quarter-width Fast YOLO at S = 2 (128-pixel input) on data/shapes/ (one large cross
     # or rectangle per image): about 200 times cheaper than the full YOLOv1, which trains at
     # about 0.25 images/s on a 2-core CPU, and it learns that data in a minute or two.
-    "demo": {"data": "data/shapes/train.csv", "val_data": "data/shapes/val.csv", "model": "fast",
+    # Its classes are named in data/shapes/names.txt, as --names names a user's own classes.
+    "demo": {"data": "data/shapes/train.csv", "val_data": "data/shapes/val.csv",
+             "names": "data/shapes/names.txt", "model": "fast",
              "width": 0.25, "S": 2, "epochs": 20, "batch_size": 16, "lr": 3e-3, "optimizer": "adam",
              "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 1.0, "eval_every": 5,
              "no_augment": True, "workers": 2, "name": "demo"},

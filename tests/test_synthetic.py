@@ -48,3 +48,26 @@ def test_writers_lay_out_the_trees(tmp_path):
     root = synthetic.write_imagenet_tree(tmp_path / "in", n_classes=2, n_train_per_class=1, n_val_per_class=1,
                                          size=32, val_layout="folders")
     assert sorted(p.name for p in (root / "val").iterdir()) == ["n04254680", "n04404412"]
+
+
+def test_demo_classes_are_named_for_their_shapes():
+    """data/shapes/ labels index data/shapes/names.txt (the --names file of the demo
+    recipe): id 0 is a cross, 1 a rectangle. Regenerating the first images of each csv
+    gives the shapes the label files name; guards against names and labels drifting apart
+    (before, a rectangle was labelled 19, 'tvmonitor')."""
+    from pathlib import Path
+
+    import train
+    from dataset import load_class_names, read_label_file
+
+    shapes = Path(__file__).resolve().parents[1] / "data" / "shapes"
+    names = load_class_names(shapes / "names.txt")
+    assert names == synthetic.EASY_NAMES == ("cross", "rectangle")
+    assert train.parse_args([]).names == "data/shapes/names.txt"
+    assert load_class_names(shapes.parent / "voc.names") == VOC_CLASSES  # for the VOC-id samples
+    ids = {int(line.split()[0]) for f in (shapes / "labels").glob("*.txt") for line in f.read_text().splitlines()}
+    assert ids == {0, 1}
+    for csv_name, seed in (("train", 5), ("val", 6), ("test", 7)):
+        for i, sample in enumerate(synthetic.make_samples(4, 128, seed=seed, **synthetic.EASY)):
+            _, labels = read_label_file(shapes / "labels" / f"{csv_name}_{i:06d}.txt", len(names))
+            assert [names[c] for c in labels] == sample.shapes, (csv_name, i)
