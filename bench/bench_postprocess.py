@@ -98,11 +98,12 @@ def subset_gt(gt: dict, n: int) -> dict:
 
 # --------------------------------------------------------------------------- fast path
 def fast_decode(pred: torch.Tensor, conf: float, nms_iou: float, chunk: int | None = None) -> list:
-    """``utils.decode_predictions`` on the whole batch, or ``chunk`` images at a time."""
+    """``utils.decode_predictions`` on the whole batch, or ``chunk`` images at a time; each box
+    with its top class only (``all_classes=False``), as the reference and previous decodes here."""
     if chunk is None:
-        return decode_predictions(pred, S, B, C, conf, nms_iou)
+        return decode_predictions(pred, S, B, C, conf, nms_iou, all_classes=False)
     return [d for start in range(0, len(pred), chunk)
-            for d in decode_predictions(pred[start:start + chunk], S, B, C, conf, nms_iou)]
+            for d in decode_predictions(pred[start:start + chunk], S, B, C, conf, nms_iou, all_classes=False)]
 
 
 def to_table(dets: list, sizes: np.ndarray) -> dict:
