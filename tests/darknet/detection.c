@@ -82,7 +82,7 @@ static int decode(int argc, char **argv)
 
 static int loss(int argc, char **argv)
 {
-    if (argc != 14) {
+    if (argc != 13) {
         fprintf(stderr, "usage: detection loss SIDE NUM CLASSES BATCH OBJECT NOOBJECT CLASS COORD "
                         "OUTPUT.bin TRUTH.bin OUT.bin\n");
         return 2;
