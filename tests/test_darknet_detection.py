@@ -256,4 +256,5 @@ def test_target_encoding_matches_fill_truth_region(darknet, tmp_path):
     got = torch.cat((target[..., C:C + 1], target[..., :C], target[..., C + 1:]), -1)
     assert int(want[..., 0].sum()) == 15
     assert torch.equal(got[..., :1 + C], want[..., :1 + C])
-    torch.testing.assert_close(got[..., 1 + C:], want[..., 1 + C:], atol=2e-6, rtol=0)
+    # correct_boxes recomputes the centre from the corners: 2.4e-7 measured
+    torch.testing.assert_close(got[..., 1 + C:], want[..., 1 + C:], atol=1e-6, rtol=0)
