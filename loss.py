@@ -9,11 +9,18 @@ summed over the batch and divided by the batch size (Darknet scales its gradient
 1 / batch). The network regresses sqrt(w), sqrt(h) directly (Darknet's ``sqrt=1``), so
 only the target's square root is taken and zero-size predictions have finite gradients.
 
-Learning rates do not carry over from Darknet unchanged: its detection layer back-propagates
-``delta = scale * (truth - output)`` (detection_layer.c), half the gradient of this sum of
-squares, and its GPU connected layers clamp each delta to [-1, 1] (``constrain_gpu``). Here the
-gradient is the exact one of equation 3, neither halved nor clamped: the same learning rate
-takes steps twice as large as in Darknet, with nothing bounding them.
+This is Darknet's detection layer (``forward_detection_layer``, cfg/yolov1.cfg: object_scale 1,
+noobject_scale .5, class_scale 1, coord_scale 5, rescore=1, sqrt=1, softmax=0): same terms, same
+responsible predictor (:meth:`YoloLoss.responsible`), checked against the C code in
+tests/test_darknet_detection.py (docs/darknet-parity.md). Darknet does not compute this loss's
+gradient but ``delta = scale * (truth - output)``, minus half of it: for a batch of N images,
+``delta = -(N / 2) * d loss / d output``. Its printed cost is not equation 3 either but the sum
+of the squared deltas (``mag_array``), e.g. 25 (x - x^)^2 for a coordinate.
+
+Learning rates do not carry over from Darknet unchanged: besides that factor of 2 its GPU
+connected layers clamp each delta to [-1, 1] (``constrain_gpu``). Here the gradient is the
+exact one of equation 3, neither halved nor clamped: the same learning rate takes steps twice
+as large as in Darknet, with nothing bounding them.
 """
 from __future__ import annotations
 
@@ -43,16 +50,27 @@ class YoloLoss(nn.Module):
     def responsible(self, box_pred: torch.Tensor, target: torch.Tensor):
         """Which predictor answers for each object, and its IoU with the object.
 
-        The responsible predictor is the one whose decoded box (image coordinates) has
-        the highest IoU with the ground-truth box; ties go to the first predictor
-        (``argmax`` returns the first maximum). Returns a ``(N, S, S, B)`` mask and IoUs.
+        Darknet's rule (``forward_detection_layer``): the predictor whose decoded box
+        (image coordinates, w and h squared) has the highest IoU with the ground truth;
+        when no predictor of the cell overlaps it (every IoU 0), the one whose box is
+        closest to it, by the root mean square of the differences of ``cx, cy, w, h``
+        (``box_rmse``). Ties go to the first predictor in both cases (Darknet's strict
+        ``>`` / ``<``; ``argmax`` returns the first maximum). Darknet only takes an RMSE
+        below 20 (otherwise it indexes predictor -1); no box of a trained network is that
+        far off, and here the closest one is always taken. Returns a ``(N, S, S, B)``
+        mask and the IoUs.
         """
-        C = self.C
+        C, S = self.C, self.S
         with torch.no_grad():
-            boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square())
-            truth = cell_to_image_boxes(target[..., None, C + 1:C + 3], target[..., None, C + 3:C + 5])
-            iou = elementwise_iou(boxes, truth)                                  # (N,S,S,B)
-            best = nn.functional.one_hot(iou.argmax(-1), self.B).to(iou.dtype)
+            pred_wh = box_pred[..., 3:5].square()
+            truth_xy, truth_wh = target[..., None, C + 1:C + 3], target[..., None, C + 3:C + 5]
+            boxes = cell_to_image_boxes(box_pred[..., 1:3], pred_wh)
+            iou = elementwise_iou(boxes, cell_to_image_boxes(truth_xy, truth_wh))  # (N,S,S,B)
+            # squared distance (same order as the RMSE); centres in image units: cell / S
+            dist = ((box_pred[..., 1:3] - truth_xy) / S).square().sum(-1) + (pred_wh - truth_wh).square().sum(-1)
+            overlaps = iou.amax(-1, keepdim=True) > 0
+            best = torch.where(overlaps, iou, -dist).argmax(-1)
+            best = nn.functional.one_hot(best, self.B).to(iou.dtype)
         return best * target[..., C:C + 1], iou
 
     def forward(self, predictions: torch.Tensor, target: torch.Tensor, components: bool = False):

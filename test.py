@@ -4,9 +4,9 @@
     python test.py best.pt --data VOCdevkit --split 2007/test --voc07 --json results.json
 
 Prints two numbers, because the original project reported the first one:
-1. its fixed-threshold "mAP": only boxes scoring >= 0.4 after NMS at IoU 0.5, then AP
-   at IoU 0.5. Cutting low-confidence boxes truncates the precision-recall curve, so this
-   is lower than, and not comparable with, published results;
+1. its fixed-threshold "mAP" (original_metric.py): the best box of each cell scored by its
+   confidence alone, > 0.4, NMS at 0.5, trapezoid AP at IoU 0.5. Cutting low-confidence
+   boxes truncates the precision-recall curve: not comparable with published results;
 2. the real VOC mAP: all boxes above a near-zero threshold, per-class NMS, AP per class
    (every-point by default; ``--voc07`` for the official VOC2007 protocol: 11-point,
    difficult objects ignored), as the paper and Padilla's toolkit compute it.
@@ -21,10 +21,8 @@ import predict
 import runs
 from dataset import build_voc_dataset
 from evaluate import format_report, match_detections, summarize_matches
+from original_metric import DESCRIPTION as ORIGINAL_METRIC, original_project_map
 from utils import UserError, run_cli
-
-ORIGINAL_SCORE_THRESHOLD = 0.4
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,14 +43,10 @@ def evaluate_checkpoint(args) -> dict:
     dets = predict.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
     gt = predict.ground_truth_table(dataset, names)
     interp, difficult = ("11", "ignore") if args.voc07 else ("all", "ignore")
-    # One ranking and matching serves both numbers: the fixed-threshold one counts only the
-    # detections scoring >= 0.4, which rank first in each class (min_score). It needs its
-    # own matching only when --iou is not its 0.5.
     table = predict.detection_table(dets, names)
     matches = match_detections(gt, table, args.iou, difficult)
     real = summarize_matches(matches, interp)
-    fixed = summarize_matches(matches if args.iou == 0.5 else match_detections(gt, table, 0.5, difficult),
-                              "all", min_score=ORIGINAL_SCORE_THRESHOLD)
+    fixed = original_project_map(model, dataset, args.batch_size, dist.device)
     return {"images": len(dataset), "fixed": fixed, "voc": real}
 
 
@@ -63,8 +57,7 @@ def main(argv=None):
         raise UserError(f"--json {args.json}: {Path(args.json).parent} is not a folder")
     results = evaluate_checkpoint(args)
     print(f"{results['images']} images from {args.data}")
-    print(f"original project's fixed-threshold mAP (score >= {ORIGINAL_SCORE_THRESHOLD}, IoU 0.5; "
-          f"not comparable with published results): {results['fixed']['mAP']:.4f}")
+    print(f"{ORIGINAL_METRIC}: {results['fixed']['mAP']:.4f}")
     print(f"VOC mAP (score > {args.conf_threshold}, per-class NMS at {args.nms_iou}):")
     print(format_report(results["voc"]))
     if args.json:

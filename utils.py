@@ -108,30 +108,40 @@ def split_predictions(pred: torch.Tensor, S: int, B: int, C: int):
 
 def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
                        conf_threshold: float = 0.01, nms_iou: float = 0.5,
-                       max_det: int | None = None) -> list[torch.Tensor]:
+                       max_det: int | None = None, *, all_classes: bool = True) -> list[torch.Tensor]:
     """Network output -> detections per image, each ``(M, 6)``: ``class, score, x1, y1, x2, y2``.
 
     Boxes are image-relative and clipped to the image. Following the paper's test-time
-    rule (Section 2), a box's class-specific score is ``Pr(class | object) * confidence``;
-    each of the S*S*B boxes takes its most likely class. The raw outputs are regressions
-    towards values in [0, 1], so both factors are clamped there before multiplying.
-    Non-maximum suppression runs per image and per class (:func:`nms_per_image`, torchvision's
-    ``batched_nms``); each image's boxes come sorted by score, ties in cell order. At most
+    rule (Section 2), a box's class-specific score is ``Pr(class | object) * confidence``,
+    for every class: one box can be a detection of several classes, each kept when its
+    score is above ``conf_threshold``, as Darknet does (``get_detection_detections`` +
+    ``do_nms_sort``; tests/test_darknet_detection.py). ``all_classes=False`` keeps only
+    each box's most likely class, which loses recall at low thresholds. The raw outputs
+    are regressions towards values in [0, 1], so both factors are clamped there before
+    multiplying (Darknet multiplies them raw: they differ only outside [0, 1]); boxes are
+    clipped before NMS (Darknet clips them after, when it writes them).
+    Non-maximum suppression runs per image and per class (:func:`nms_per_image`,
+    torchvision's ``batched_nms``); each image's boxes come sorted by score. At most
     ``max_det`` (>= 0) boxes per image are kept, the best ones.
     """
     if max_det is not None and max_det < 0:
         raise ValueError(f"max_det must be >= 0 or None, got {max_det}")
     cls_scores, box_pred = split_predictions(pred.detach().float(), S, B, C)
-    N, M = cls_scores.shape[0], S * S * B
-    cls_prob, cls_id = cls_scores.clamp(0, 1).max(-1)                       # (N,S,S)
+    N, M = cls_scores.shape[0], S * S * B * C                              # (box, class) pairs
+    cls_prob = cls_scores.clamp(0, 1)                                       # (N,S,S,C)
     conf = box_pred[..., 0].clamp(0, 1)                                     # (N,S,S,B)
-    score = (conf * cls_prob.unsqueeze(-1)).reshape(N * M)
-    labels = cls_id.unsqueeze(-1).expand(-1, -1, -1, B).reshape(N * M)
+    score = (conf.unsqueeze(-1) * cls_prob.unsqueeze(-2)).reshape(N * M)    # (N,S,S,B,C) flat
+    scored = score > conf_threshold
+    if not all_classes:  # only each box's most likely class (first of equal ones)
+        top = torch.nn.functional.one_hot(cls_prob.argmax(-1), C).bool().unsqueeze(-2)
+        scored &= top.expand(-1, -1, -1, B, -1).reshape(N * M)
     boxes = cell_to_image_boxes(box_pred[..., 1:3], box_pred[..., 3:5].square()).clamp(0, 1)
-    boxes = boxes.reshape(N * M, 4)
-    keep = score > conf_threshold
-    image = torch.arange(N, device=score.device).repeat_interleave(M)[keep]
-    return nms_per_image(boxes[keep], score[keep], labels[keep], image, N, nms_iou, max_det)
+    boxes = boxes.reshape(N * S * S * B, 4)
+    candidate = scored.nonzero().squeeze(1)                   # by image, cell, box, class
+    image = torch.div(candidate, M, rounding_mode="floor")
+    box = boxes.index_select(0, torch.div(candidate, C, rounding_mode="floor"))
+    return nms_per_image(box, score.index_select(0, candidate), candidate % C, image, N,
+                         nms_iou, max_det)
 
 
 def nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image: torch.Tensor,

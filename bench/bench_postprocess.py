@@ -36,6 +36,7 @@ exactly ``evaluate_detections``' APs. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -99,8 +100,10 @@ def subset_gt(gt: dict, n: int) -> dict:
 
 # --------------------------------------------------------------------------- production path
 def decode(pred: torch.Tensor, conf: float, nms_iou: float, chunk: int | None = None, function=None) -> list:
-    """``utils.decode_predictions`` (or ``function``) on the whole batch, or ``chunk`` images at a time."""
-    function = function or decode_predictions
+    """``utils.decode_predictions`` (or ``function``) on the whole batch, or ``chunk`` images at a
+    time; each box with its top class only (``all_classes=False``), as the decode before #15 and
+    the per-box reference here score them."""
+    function = function or functools.partial(decode_predictions, all_classes=False)
     if chunk is None:
         return function(pred, S, B, C, conf, nms_iou)
     return [d for start in range(0, len(pred), chunk)

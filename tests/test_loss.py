@@ -145,6 +145,56 @@ def test_tie_goes_to_first_predictor(overlap):
     assert close(parts["obj"], 0.64) and close(parts["noobj"], 0.405)
 
 
+def no_overlap_case(conf0=0.2, conf1=0.9):
+    """S=2, B=2, C=1: object in cell (0, 0), x=y=0.5 (cell), w=h=0.1 -> xyxy [0.2, 0.2, 0.3, 0.3].
+
+    Predictor 0: x=y=0 (cell), sqrt_w=sqrt_h=0.2 -> centre (0, 0), w=h=0.04: IoU 0,
+      RMSE^2 = 0.25^2 + 0.25^2 + 0.06^2 + 0.06^2 = 0.1322.
+    Predictor 1: x=1, y=0.5 -> centre (0.5, 0.25), w=h=0.04 -> [0.48, 0.23, 0.52, 0.27]: IoU 0,
+      RMSE^2 = 0.25^2 + 0 + 0.0072 = 0.0697: the closer one.
+    """
+    pred, target = make(2, 2, 1)
+    set_obj(target, 0, 0, 0, 1, 0, 0.5, 0.5, 0.1, 0.1)
+    set_box(pred, 0, 0, 0, 1, 0, conf0, 0.0, 0.0, 0.2, 0.2)
+    set_box(pred, 0, 0, 0, 1, 1, conf1, 1.0, 0.5, 0.2, 0.2)
+    return pred, target
+
+
+def test_no_overlap_falls_back_to_smallest_rmse():
+    """Guards against the first-predictor rule (the project's before Darknet parity): when
+    no box overlaps the object, Darknet's forward_detection_layer makes the box with the
+    smallest RMSE responsible, here predictor 1."""
+    pred, target = no_overlap_case()
+    fn = YoloLoss(S=2, B=2, C=1, rescore=False)
+    resp, iou = fn.responsible(pred[..., 1:].reshape(1, 2, 2, 2, 5), target)
+    assert (iou == 0).all() and resp[0, 0, 0].tolist() == [0.0, 1.0]
+    _, parts = fn(pred, target, components=True)
+    # predictor 1: obj (0.9-1)^2 = 0.01, noobj 0.5*0.2^2 = 0.02 (predictor 0 would give 0.64, 0.405)
+    assert close(parts["obj"], 0.01) and close(parts["noobj"], 0.02)
+    # 5 * [(1-0.5)^2 + 0 + 2 * (0.2 - sqrt 0.1)^2] = 5 * (0.25 + 2 * 0.0135089) = 1.3850890
+    assert close(parts["coord"], 5 * (0.25 + 2 * (0.2 - math.sqrt(0.1)) ** 2))
+    _, parts = YoloLoss(S=2, B=2, C=1, rescore=True)(pred, target, components=True)
+    assert close(parts["obj"], 0.81)          # rescore: the target is the IoU, 0
+
+
+def test_any_overlap_beats_a_smaller_rmse():
+    """A box that overlaps the object wins over a closer one that does not (Darknet compares
+    RMSEs only while no IoU so far is positive)."""
+    pred, target = no_overlap_case()
+    # predictor 0 tiny beside the object: centre (0.33, 0.25), w=h=0.04 -> x from 0.31: no
+    # overlap, RMSE^2 = 0.08^2 + 2 * 0.06^2 = 0.0136
+    set_box(pred, 0, 0, 0, 1, 0, 0.2, 0.66, 0.5, 0.2, 0.2)
+    # predictor 1 large, centre (0.5, 0.5), w=h=0.81: contains the object, IoU 0.01/0.6561
+    set_box(pred, 0, 0, 0, 1, 1, 0.9, 1.0, 1.0, 0.9, 0.9)
+    resp, iou = YoloLoss(S=2, B=2, C=1).responsible(pred[..., 1:].reshape(1, 2, 2, 2, 5), target)
+    assert iou[0, 0, 0, 0] == 0 and close(iou[0, 0, 0, 1], 0.01 / 0.6561)
+    assert resp[0, 0, 0].tolist() == [0.0, 1.0]
+    swapped = pred.clone()  # the predictors swapped: the rule is not about their order
+    swapped[..., 1:6], swapped[..., 6:11] = pred[..., 6:11], pred[..., 1:6]
+    resp, _ = YoloLoss(S=2, B=2, C=1).responsible(swapped[..., 1:].reshape(1, 2, 2, 2, 5), target)
+    assert resp[0, 0, 0].tolist() == [1.0, 0.0]
+
+
 def test_gradients_finite_for_zero_size_boxes():
     S, B, C = 2, 2, 3
     pred, target = make(S, B, C, N=1)
@@ -210,10 +260,18 @@ def naive_loss(pred, target, S, B, C, lambda_coord, lambda_noobj, rescore):
                 for b in range(B):
                     conf, x, y, sw, sh = p[C + 5 * b:C + 5 * b + 5]
                     ious.append(naive_iou(((x + j) / S, (y + i) / S, sw * sw, sh * sh), truth))
+                # Darknet's rule: the highest IoU; when no box overlaps, the smallest RMSE
                 best = 0
                 for b in range(1, B):
                     if ious[b] > ious[best]:
                         best = b
+                if ious[best] == 0:
+                    rmse = []
+                    for b in range(B):
+                        x, y, sw, sh = p[C + 5 * b + 1:C + 5 * b + 5]
+                        rmse.append(math.sqrt(((x - tx) / S) ** 2 + ((y - ty) / S) ** 2
+                                              + (sw * sw - tw) ** 2 + (sh * sh - th) ** 2))
+                    best = min(range(B), key=lambda b: rmse[b])   # first of equal ones
                 for b in range(B):
                     conf, x, y, sw, sh = p[C + 5 * b:C + 5 * b + 5]
                     if has and b == best:

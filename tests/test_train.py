@@ -93,8 +93,10 @@ def test_compile_trains_like_eager_and_saves_plain_checkpoints(tree, tmp_path):
     """--compile (nn.Module.compile, in place) computes the same losses as the eager model,
     up to the fused kernels' rounding, and its checkpoints load into a plain model. No
     dropout: compiled code draws its random numbers differently."""
+    # --lr 1e-3: at the paper's 1e-2 (loss ~95, clipped steps) three steps can already turn
+    # the kernels' rounding into a 0.3% loss difference (seen with Darknet's responsible-box rule)
     common = ["--data", tree / "train.csv", *TINY, "--epochs", "1", "--no-augment", "--dropout", "0",
-              "--project", tmp_path]
+              "--lr", "1e-3", "--project", tmp_path]
     run("train.py", *common, "--name", "eager")
     run("train.py", *common, "--name", "compiled", "--compile")
     rows = [json.loads((tmp_path / n / "metrics.jsonl").read_text()) for n in ("eager", "compiled")]
