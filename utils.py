@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import box_convert, nms
 
 # Re-exported: the rest of the project imports the error class and its helpers from here.
 from errors import Interrupted, UserError, one_line, run_cli  # noqa: F401
@@ -121,7 +121,7 @@ def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
     multiplying (Darknet multiplies them raw: they differ only outside [0, 1]); boxes are
     clipped before NMS (Darknet clips them after, when it writes them).
     Non-maximum suppression runs per image and per class (:func:`nms_per_image`,
-    torchvision's ``batched_nms``); each image's boxes come sorted by score. At most
+    torchvision's ``batched_nms``); each image's boxes come sorted by score, ties in input order. At most
     ``max_det`` (>= 0) boxes per image are kept, the best ones.
     """
     if max_det is not None and max_det < 0:
@@ -159,7 +159,11 @@ def nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tenso
     counts = torch.bincount(image, minlength=n_images).tolist()
     out = []
     for b, s, c in zip(boxes.split(counts), scores.split(counts), labels.split(counts)):
-        kept = batched_nms(b, s, c, iou_threshold)[:max_det]
+        # batched_nms's class-offset path, called directly: above 4,000 coordinates batched_nms
+        # loops over the classes instead, which breaks ties between equal scores differently
+        # (and all-class scoring gives 7x7x2x20 = 1,960 boxes per image)
+        offsets = c.to(b) * (b.max() + 1) if len(b) else c.to(b)
+        kept = nms(b + offsets[:, None], s, iou_threshold)[:max_det]
         out.append(torch.cat((c[kept, None].float(), s[kept, None], b[kept]), dim=1))
     return out
 
