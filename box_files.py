@@ -59,6 +59,25 @@ def read_det_dir(directory):
     return _read_txt_dir(directory, _list_files(directory, ".txt"), is_gt=False)
 
 
+def refuse_name_clashes(outputs):
+    """``(output file name, source)`` pairs -> UserError if two sources would write one file.
+
+    Outputs are named after their image (``a.jpg`` -> ``a.txt``), so ``a.jpg`` and ``a.png``
+    in one folder would write one ``a.txt`` and lose one image's boxes. Names are compared
+    ignoring case, as macOS and Windows file systems do. Called before anything is written.
+    """
+    seen = {}
+    for name, source in outputs:
+        key = str(name).casefold()
+        if key not in seen:
+            seen[key] = source
+        elif str(seen[key]) == str(source):
+            raise UserError(f"{source} is listed twice (its output {name} would be written twice)")
+        else:
+            raise UserError(f"{seen[key]} and {source} would both write {name} (outputs are named "
+                            "after the image): rename one; nothing was written")
+
+
 def format_report(result):
     """The per-class table (class, npos, ndet, TP, FP, AP) and the mAP line."""
     rows = [f"{'class':<16}{'npos':>7}{'ndet':>8}{'TP':>7}{'FP':>8}{'AP':>9}"]
