@@ -51,9 +51,9 @@ def load_class_names(names=None) -> tuple[str, ...]:
     if isinstance(names, (str, os.PathLike)):
         path = Path(names)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as err:
-            raise UserError(f"{path}: cannot read names file ({err.strerror})") from None
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is no name
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: cannot read names file ({one_line(err)})") from None
         where = [(f"{path}:{n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
         source = str(path)
     else:
@@ -61,6 +61,9 @@ def load_class_names(names=None) -> tuple[str, ...]:
         source = "class names"
     seen = set()
     for place, name in where:
+        if len(name.split()) > 1:  # the box files (evaluate.py, detect_txt.py) split fields at spaces
+            raise UserError(f"{place}: class name {name!r} contains a space; box files separate their "
+                            "fields with spaces, so write it without (e.g. pottedplant or potted_plant)")
         if name in seen:
             raise UserError(f"{place}: class name {name!r} appears twice")
         seen.add(name)
@@ -250,23 +253,35 @@ def read_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarra
     return boxes.astype(np.float32), values[:, 0].astype(np.int64)
 
 
+def is_header(fields: list[str], img_dir: Path, label_dir: Path) -> bool:
+    """Whether a csv's first row is a header (``img,label``) rather than an image and its label.
+
+    A header names no existing file and neither of its fields has a file extension. So
+    a row naming an existing image or label file is always data (label files named
+    ``000001`` without ``.txt`` lost their first row to the old "no dot" guess), and a
+    row of missing files named like files is data too, and fails as "not found".
+    """
+    return (len(fields) == 2 and not any(os.path.splitext(field)[1] for field in fields)
+            and not (img_dir / fields[0]).is_file() and not (label_dir / fields[1]).is_file())
+
+
 def read_csv_pairs(csv_path: Path, img_dir: Path, label_dir: Path) -> list[tuple[Path, Path]]:
     """Rows ``image,label`` of a csv -> existing (image, label file) paths.
 
-    A first row whose label field has no file extension (``img,label``) is a header.
+    The first row may be a header (:func:`is_header`).
     Every file is checked here so that a missing one fails before training starts.
     """
     for folder, what in ((img_dir, "images"), (label_dir, "labels")):
         if not folder.is_dir():
             raise UserError(f"{folder}: {what} folder not found (needed by {csv_path})")
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(f), 1) if any(row)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"{csv_path}: cannot read csv file ({one_line(err)})") from None
-    if rows and len(rows[0][1]) == 2 and "." not in rows[0][1][1]:
-        rows = rows[1:]
     listed = {folder: set(os.listdir(folder)) for folder in (img_dir, label_dir)}
+    if rows and is_header(rows[0][1], img_dir, label_dir):
+        rows = rows[1:]
     pairs = []
     for n, fields in rows:
         if len(fields) != 2 or not all(fields):
