@@ -284,6 +284,8 @@ def read_csv_pairs(csv_path: Path, img_dir: Path, label_dir: Path) -> list[tuple
         rows = rows[1:]
     pairs = []
     for n, fields in rows:
+        if any(ch in field for field in fields for ch in "\r\n"):
+            raise UserError(f"{csv_path}:{n}: a field holds a line break (an unclosed quote?)")
         if len(fields) != 2 or not all(fields):
             raise UserError(f"{csv_path}:{n}: expected 2 fields 'image,label', got {sum(map(bool, fields))}")
         for name, folder, what in zip(fields, (img_dir, label_dir), ("image", "label file")):
