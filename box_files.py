@@ -82,8 +82,9 @@ def check_pair(gts, dets, gt_dir, det_dir):
     if det_boxes.size and det_boxes.min() >= 0 and det_boxes.max() <= 1:
         raise UserError(f"{det_dir}: every detection coordinate is between 0 and 1 while the ground truth "
                         "is in pixels; evaluate.py needs absolute pixels, not relative coordinates")
-    gt_files = set(gts.get("files", gts["image"]))
-    det_files = set(dets.get("files", dets["image"]))
+    gt_files = {image_name(name) for kind in _list_files(gt_dir, ".xml", ".txt") for name in kind}
+    det_files = (set(map(str, dets["image"])) if voc_results.is_results_dir(det_dir)
+                 else {image_name(name) for name in _list_files(det_dir, ".txt")})
     alone = sorted(det_files - gt_files)
     if det_files and len(alone) == len(det_files):
         raise UserError(f"{gt_dir} and {det_dir} have no file name in common (ground truth "
@@ -203,7 +204,6 @@ def _read_txt_dir(directory, names, is_gt):
     table = {"image": np.array(images, dtype=str), "cls": np.array(columns[0], dtype=str),
              "boxes": np.array(columns[2:], dtype=np.float64).T}
     table["difficult" if is_gt else "score"] = np.array(columns[1], dtype=bool if is_gt else np.float64)
-    table["files"] = [image_name(name) for name in names]
     return table
 
 
@@ -253,5 +253,4 @@ def _read_xml_dir(directory, names):
         boxes.append(to_continuous(ann.boxes))
         difficult.append(ann.difficult)
     return {"image": np.array(images, dtype=str), "cls": np.array(classes, dtype=str),
-            "boxes": np.concatenate(boxes), "difficult": np.concatenate(difficult),
-            "files": [image_name(name) for name in names]}
+            "boxes": np.concatenate(boxes), "difficult": np.concatenate(difficult)}
