@@ -8,7 +8,10 @@ one box per line, absolute pixels::
     detections     class confidence left top right bottom
 
 Ground truth can also be a VOCdevkit ``Annotations`` folder of XML files (voc_xml.py; boxes
-kept in the devkit's 1-based inclusive pixels, which evaluate.py's "+1" IoU expects).
+converted from the devkit's 1-based inclusive pixels to the 0-based continuous pixels of
+every file this project writes). A ``.txt`` or ``.xml`` extension matches in any case; a
+UTF-8 byte-order mark is skipped; :func:`check_pair` refuses relative coordinates and
+folders without a file name in common.
 Files are read in sorted name order and lines in file order: evaluate.py breaks ties in
 that order. Every line is parsed on its own (``bytes.split`` and ``float``); a mistake is a
 one-line UserError ``path:line: what is wrong``. numpy and the standard library only.
@@ -16,16 +19,18 @@ one-line UserError ``path:line: what is wrong``. numpy and the standard library 
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
 import voc_results  # numpy only: the VOC server's comp4_det_test_<class>.txt files
 from errors import UserError
-from voc_xml import read_annotation
+from voc_xml import read_annotation, to_continuous
 
 GT_LINE = "class left top right bottom"
 DET_LINE = "class confidence left top right bottom"
 DIFFICULT_WORDS = (b"0", b"1", b"difficult")
+BOM = b"\xef\xbb\xbf"
 GT_FIELDS, DET_FIELDS = GT_LINE.split()[1:], DET_LINE.split()[1:]
 
 
@@ -57,6 +62,68 @@ def read_det_dir(directory):
     if voc_results.is_results_dir(directory):
         return voc_results.read_results_dir(directory)
     return _read_txt_dir(directory, _list_files(directory, ".txt"), is_gt=False)
+
+
+def check_pair(gts, dets, gt_dir, det_dir):
+    """Refuse a ground-truth / detection pair that would score 0 (or a wrong number) silently.
+
+    * Relative coordinates: when every ground-truth coordinate lies in [0, 1] the files hold
+      YOLO-style relative boxes, not pixels (a real pixel box that small is at most 2 pixels
+      wide), and the "+1" pixel IoU counts a box with true IoU 0.14 as a hit. The same holds
+      for detections in [0, 1] against ground truth in pixels.
+    * No file name in common: nothing can match (``a.jpg.txt`` against ``a.txt`` says so).
+    Detection files without a ground-truth file are allowed (Padilla's toolkit counts their
+    boxes as false positives) but named in one warning.
+    """
+    gt_boxes, det_boxes = gts["boxes"], dets["boxes"]
+    if gt_boxes.size and gt_boxes.min() >= 0 and gt_boxes.max() <= 1:
+        raise UserError(f"{gt_dir}: every ground-truth coordinate is between 0 and 1; evaluate.py needs "
+                        "absolute pixels (left top right bottom), not coordinates relative to the image")
+    if det_boxes.size and det_boxes.min() >= 0 and det_boxes.max() <= 1:
+        raise UserError(f"{det_dir}: every detection coordinate is between 0 and 1 while the ground truth "
+                        "is in pixels; evaluate.py needs absolute pixels, not relative coordinates")
+    gt_files = {image_name(name) for kind in _list_files(gt_dir, ".xml", ".txt") for name in kind}
+    det_files = (set(map(str, dets["image"])) if voc_results.is_results_dir(det_dir)
+                 else {image_name(name) for name in _list_files(det_dir, ".txt")})
+    alone = sorted(det_files - gt_files)
+    if det_files and len(alone) == len(det_files):
+        raise UserError(f"{gt_dir} and {det_dir} have no file name in common (ground truth "
+                        f"{_example(gt_files)}, detections {_example(det_files)}){_hint(gt_files, det_files)}")
+    if alone:
+        print(f"warning: {len(alone)} of {len(det_files)} images with detections in {det_dir} have no "
+              f"ground-truth file in {gt_dir} (the first: {alone[0]}); their boxes count as false positives",
+              file=sys.stderr, flush=True)
+
+
+def _example(names):
+    return f"{sorted(names)[0]}.txt ..." if names else "none"
+
+
+def _hint(gt_files, det_files):
+    """Why two folders share no name, when it is the image's extension kept in the name."""
+    for files, other, what in ((det_files, gt_files, "detection"), (gt_files, det_files, "ground-truth")):
+        if {image_name(name) for name in files} & other:
+            return f": the {what} files keep the image's extension (a.jpg.txt); name them a.txt"
+    return ""
+
+
+def refuse_name_clashes(outputs):
+    """``(output file name, source)`` pairs -> UserError if two sources would write one file.
+
+    Outputs are named after their image (``a.jpg`` -> ``a.txt``), so ``a.jpg`` and ``a.png``
+    in one folder would write one ``a.txt`` and lose one image's boxes. Names are compared
+    ignoring case, as macOS and Windows file systems do. Called before anything is written.
+    """
+    seen = {}
+    for name, source in outputs:
+        key = str(name).casefold()
+        if key not in seen:
+            seen[key] = source
+        elif str(seen[key]) == str(source):
+            raise UserError(f"{source} is listed twice (its output {name} would be written twice)")
+        else:
+            raise UserError(f"{seen[key]} and {source} would both write {name} (outputs are named "
+                            "after the image): rename one; nothing was written")
 
 
 def format_report(result):
@@ -94,15 +161,27 @@ def write_json(path, result):
 
 def _list_files(directory, *extensions):
     """Sorted names of the ``*extension`` files in ``directory`` (like Padilla's glob + sort),
-    one list per extension, from one scan of the folder."""
+    one list per extension, from one scan of the folder. Extensions match in any case
+    (``a.TXT`` is the box file of image ``a``); two files of one image (``a.txt`` and
+    ``a.TXT``) are refused."""
     if not os.path.isdir(directory):
         raise UserError(f"{directory}: no such directory")
     with os.scandir(directory) as entries:
         names = sorted(e.name for e in entries
-                       if e.name.endswith(extensions) and not e.name.startswith(".") and e.is_file())
+                       if e.name.lower().endswith(extensions) and not e.name.startswith(".") and e.is_file())
+    seen = {}
+    for name in names:
+        first = seen.setdefault(name.lower(), name)
+        if first != name:
+            raise UserError(f"{directory}: {first} and {name} are the files of one image; keep one")
     if len(extensions) == 1:
         return names
-    return [[n for n in names if n.endswith(extension)] for extension in extensions]
+    return [[n for n in names if n.lower().endswith(extension)] for extension in extensions]
+
+
+def image_name(file_name):
+    """``a.txt``, ``a.TXT``, ``a.xml`` -> ``a``: the image a box file belongs to."""
+    return os.path.splitext(file_name)[0]
 
 
 def _read_txt_dir(directory, names, is_gt):
@@ -115,11 +194,12 @@ def _read_txt_dir(directory, names, is_gt):
                 data = f.read()
         except OSError as exc:
             raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+        data = data.removeprefix(BOM)  # a UTF-8 byte-order mark made the first class '\ufeffdog'
         for lineno, line in enumerate(data.split(b"\n"), start=1):
             tokens = line.split()  # bytes: ASCII whitespace only, so "\r\n" ends are fine
             if tokens:
                 rows.append(_parse_line(tokens, is_gt, f"{path}:{lineno}"))
-                images.append(name[:-len(".txt")])
+                images.append(image_name(name))
     columns = list(zip(*rows)) or [()] * 6
     table = {"image": np.array(images, dtype=str), "cls": np.array(columns[0], dtype=str),
              "boxes": np.array(columns[2:], dtype=np.float64).T}
@@ -168,9 +248,9 @@ def _read_xml_dir(directory, names):
     images, classes, boxes, difficult = [], [], [np.zeros((0, 4))], [np.zeros(0, bool)]
     for name in names:
         ann = read_annotation(os.path.join(directory, name))
-        images += [name[:-len(".xml")]] * len(ann.names)
+        images += [image_name(name)] * len(ann.names)
         classes += ann.names
-        boxes.append(ann.boxes)
+        boxes.append(to_continuous(ann.boxes))
         difficult.append(ann.difficult)
     return {"image": np.array(images, dtype=str), "cls": np.array(classes, dtype=str),
             "boxes": np.concatenate(boxes), "difficult": np.concatenate(difficult)}

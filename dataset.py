@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,9 @@ def load_class_names(names=None) -> tuple[str, ...]:
     if isinstance(names, (str, os.PathLike)):
         path = Path(names)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as err:
-            raise UserError(f"{path}: cannot read names file ({err.strerror})") from None
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is no name
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: cannot read names file ({one_line(err)})") from None
         where = [(f"{path}:{n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
         source = str(path)
     else:
@@ -60,6 +61,9 @@ def load_class_names(names=None) -> tuple[str, ...]:
         source = "class names"
     seen = set()
     for place, name in where:
+        if len(name.split()) > 1:  # the box files (evaluate.py, detect_txt.py) split fields at spaces
+            raise UserError(f"{place}: class name {name!r} contains a space; box files separate their "
+                            "fields with spaces, so write it without (e.g. pottedplant or potted_plant)")
         if name in seen:
             raise UserError(f"{place}: class name {name!r} appears twice")
         seen.add(name)
@@ -82,32 +86,69 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_image(path, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode an image as RGB with its EXIF orientation applied.
+def load_image(path) -> Image.Image:
+    """Decode an image as RGB with its EXIF orientation applied: the one decode path of
+    training, test.py, detect_txt.py and detect.py.
 
-    ``draft_size`` lets the JPEG decoder skip resolution that a later resize to that size
-    would discard (it keeps both sides at least that large). Unreadable or truncated
-    files raise a one-line :class:`UserError`.
+    Always at full size: JPEG's reduced-size "draft" decode (DCT scaling) gives other
+    pixels than decoding and then resizing with antialiasing, so a draft decode in the
+    datasets but not in detect.py gave one checkpoint two mAPs (#14). Unreadable or
+    truncated files raise a one-line :class:`UserError`.
     """
     try:
         with Image.open(path) as image:
-            if draft_size is not None:
-                image.draft("RGB", draft_size)
             return _to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says: its stored pixel grid and its EXIF orientation."""
+    stored: tuple[int, int]      # (width, height) of the pixels as the file stores them
+    orientation: int             # EXIF orientation 1..8; 1 when absent or not a valid value
+
+    @property
+    def displayed(self) -> tuple[int, int]:
+        """``(width, height)`` as a viewer shows the image (and :func:`load_image` returns it):
+        orientations 5-8 turn it by 90 degrees."""
+        width, height = self.stored
+        return (height, width) if self.orientation in (5, 6, 7, 8) else (width, height)
+
+
+def read_header(path) -> ImageHeader:
+    """The stored size and EXIF orientation of an image, without decoding its pixels.
+
+    Pillow's TIFF reader already reports (and later loads) a TIFF with orientation 5-8
+    turned, so its stored size is the reported one swapped back; counting the turn again
+    on top of Pillow's gave TIFFs their size rotated twice (#14).
+    """
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            orientation = orientation if orientation in range(1, 9) else 1
+            width, height = image.size
+            if image.format == "TIFF" and orientation in (5, 6, 7, 8):
+                width, height = height, width
+            return ImageHeader((width, height), orientation)
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as err:
         raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
 
 
 def image_size(path) -> tuple[int, int]:
     """``(width, height)`` as :func:`load_image` returns it, read from the header only."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # 90-degree turns
-                width, height = height, width
-            return width, height
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
+    return read_header(path).displayed
+
+
+def orient_boxes(boxes: np.ndarray, orientation: int, stored: tuple[int, int]) -> np.ndarray:
+    """Boxes (K, 4) xyxy in continuous pixels of the stored grid -> the same boxes in the
+    image as shown (:func:`load_image`), for EXIF orientation 1..8: each corner moves as
+    Pillow's ``ImageOps.exif_transpose`` moves that pixel."""
+    width, height = stored
+    x, y = boxes[:, [0, 2]], boxes[:, [1, 3]]
+    nx, ny = {1: (x, y), 2: (width - x, y), 3: (width - x, height - y), 4: (x, height - y),
+              5: (y, x), 6: (height - y, x), 7: (height - y, width - x), 8: (y, width - x)}[orientation]
+    return np.stack((nx.min(1), ny.min(1), nx.max(1), ny.max(1)), axis=1).astype(boxes.dtype)
 
 
 # --------------------------------------------------------------------------- detection base
@@ -139,7 +180,7 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int):
         record = self.records[index]
         size = (self.img_size, self.img_size)
-        image = F.pil_to_tensor(load_image(record.path, draft_size=size))
+        image = F.pil_to_tensor(load_image(record.path))
         keep = torch.from_numpy(~record.difficult)
         boxes, labels = torch.from_numpy(record.boxes)[keep], torch.from_numpy(record.labels)[keep]
         if self.augment is not None:
@@ -212,25 +253,39 @@ def read_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarra
     return boxes.astype(np.float32), values[:, 0].astype(np.int64)
 
 
+def is_header(fields: list[str], img_dir: Path, label_dir: Path) -> bool:
+    """Whether a csv's first row is a header (``img,label``) rather than an image and its label.
+
+    A header names no existing file and neither of its fields has a file extension. So
+    a row naming an existing image or label file is always data (label files named
+    ``000001`` without ``.txt`` lost their first row to the old "no dot" guess), and a
+    row of missing files named like files is data too, and fails as "not found".
+    """
+    return (len(fields) == 2 and not any(os.path.splitext(field)[1] for field in fields)
+            and not (img_dir / fields[0]).is_file() and not (label_dir / fields[1]).is_file())
+
+
 def read_csv_pairs(csv_path: Path, img_dir: Path, label_dir: Path) -> list[tuple[Path, Path]]:
     """Rows ``image,label`` of a csv -> existing (image, label file) paths.
 
-    A first row whose label field has no file extension (``img,label``) is a header.
+    The first row may be a header (:func:`is_header`).
     Every file is checked here so that a missing one fails before training starts.
     """
     for folder, what in ((img_dir, "images"), (label_dir, "labels")):
         if not folder.is_dir():
             raise UserError(f"{folder}: {what} folder not found (needed by {csv_path})")
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(f), 1) if any(row)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"{csv_path}: cannot read csv file ({one_line(err)})") from None
-    if rows and len(rows[0][1]) == 2 and "." not in rows[0][1][1]:
-        rows = rows[1:]
     listed = {folder: set(os.listdir(folder)) for folder in (img_dir, label_dir)}
+    if rows and is_header(rows[0][1], img_dir, label_dir):
+        rows = rows[1:]
     pairs = []
     for n, fields in rows:
+        if any(ch in field for field in fields for ch in "\r\n"):
+            raise UserError(f"{csv_path}:{n}: a field holds a line break (an unclosed quote?)")
         if len(fields) != 2 or not all(fields):
             raise UserError(f"{csv_path}:{n}: expected 2 fields 'image,label', got {sum(map(bool, fields))}")
         for name, folder, what in zip(fields, (img_dir, label_dir), ("image", "label file")):
@@ -350,17 +405,55 @@ def read_voc_xml(path: Path, class_names) -> dict:
             "labels": np.array([index[name] for name in ann.names], dtype=np.int64), "difficult": ann.difficult}
 
 
+def match_image(ann: dict, xml_path: Path, image_path: Path) -> bool:
+    """Check an annotation's ``<size>`` against its image, in place; True if corrected.
+
+    * ``<size>`` is the image as shown (EXIF orientation applied): the boxes are used as
+      they are. When the stored and the shown sizes are equal (no 90-degree turn, or a
+      square image) nothing tells a tool that ignored EXIF from one that did not: the
+      boxes are taken to be in the image as shown.
+    * ``<size>`` is the stored size of an image whose EXIF orientation turns it by 90
+      degrees: the annotation tool ignored EXIF (phone photos). Unambiguous, so the boxes
+      are moved with the orientation (:func:`orient_boxes`) and the size swapped. The boxes
+      are corrected rather than the image read without EXIF, so that every image keeps one
+      frame, the one a viewer shows: detections, drawn pictures and ground truth agree.
+    * anything else (a wrong size would scale every box): a :class:`UserError`.
+    """
+    header = read_header(image_path)
+    size = (ann["width"], ann["height"])
+    if size == header.displayed:
+        return False
+    if size == header.stored:
+        ann["boxes"] = orient_boxes(ann["boxes"], header.orientation, header.stored)
+        ann["width"], ann["height"] = header.displayed
+        return True
+    raise UserError(f"{xml_path}: <size> {size[0]} x {size[1]} does not match the image {image_path} "
+                    f"({header.displayed[0]} x {header.displayed[1]} as shown, "
+                    f"{header.stored[0]} x {header.stored[1]} stored)")
+
+
 def read_devkit_split(root: Path, year: str, image_set: str, class_names) -> list[tuple[str, Path, dict]]:
-    """``(image id, image path, read_voc_xml dict)`` for every image of one VOC year/set."""
+    """``(image id, image path, read_voc_xml dict)`` for every image of one VOC year/set.
+
+    Each ``<size>`` is checked against its image (:func:`match_image`); the annotations of
+    EXIF-rotated images that give the stored size are corrected, and said so once.
+    """
     year_dir = voc_year_dir(root, year)
     jpeg_dir = year_dir / "JPEGImages"
     present = set(os.listdir(jpeg_dir)) if jpeg_dir.is_dir() else set()
-    items = []
+    items, corrected = [], []
     for image_id in read_split_ids(year_dir, image_set):
         xml_path = year_dir / "Annotations" / f"{image_id}.xml"
         if f"{image_id}.jpg" not in present:
             raise UserError(f"{jpeg_dir / (image_id + '.jpg')}: image not found (listed in {image_set}.txt)")
-        items.append((image_id, jpeg_dir / f"{image_id}.jpg", read_voc_xml(xml_path, class_names)))
+        ann = read_voc_xml(xml_path, class_names)
+        if match_image(ann, xml_path, jpeg_dir / f"{image_id}.jpg"):
+            corrected.append(xml_path)
+        items.append((image_id, jpeg_dir / f"{image_id}.jpg", ann))
+    if corrected:
+        print(f"warning: {year}/{image_set}: {len(corrected)} of {len(items)} annotations give the stored "
+              f"size of an EXIF-rotated image (the first: {corrected[0]}); their boxes were turned with "
+              "the EXIF orientation to fit the image as shown", file=sys.stderr, flush=True)
     return items
 
 

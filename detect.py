@@ -24,6 +24,7 @@ threshold (test.py, 0.005). Videos need PyAV (``pip install av``).
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 import predict
 import runs
+from box_files import refuse_name_clashes
 from dataset import load_image
 from plots import draw_detections, require
 from utils import UserError, run_cli
@@ -121,6 +123,22 @@ def label_lines(dets: torch.Tensor, names) -> str:
 def output_name(source: Path, suffixes: tuple[str, ...], default_suffix: str) -> str:
     """The source's name if its format can hold the output, else the name plus a suffix."""
     return source.name if source.suffix.lower() in suffixes else source.name + default_suffix
+
+
+def output_files(images: list[Path], videos: list[Path], save_txt: bool):
+    """``(file name, source)`` of every output named after a source, for refuse_name_clashes:
+    ``a.jpg`` and ``a.png`` both write ``labels/a.txt``; a video's frames write
+    ``labels/<video>_<frame>.txt``, which an image named that way would overwrite."""
+    for path in images:
+        yield output_name(path, RGB_SUFFIXES, ".png"), path
+        if save_txt:
+            yield f"labels/{path.stem}.txt", path
+    for path in videos:
+        yield output_name(path, (".mp4",), ".mp4"), path
+        if save_txt:
+            yield f"labels/{path.stem}_%06d.txt", path
+            yield from ((f"labels/{image.stem}.txt", path) for image in images
+                        if re.fullmatch(re.escape(path.stem) + r"_\d{6}", image.stem))
 
 
 # --------------------------------------------------------------------------- images
@@ -253,6 +271,7 @@ def main(argv=None):
     images, videos = list_sources(args.source)
     if videos:
         require("av", "av", "reading videos")
+    refuse_name_clashes(output_files(images, videos, args.save_txt))
     model, names, _ = predict.open_detector(args)
     outputs = Outputs(runs.make_run_dir(args.project, args.name), names, args)
     errors = detect_images(model, images, outputs, args) if images else []

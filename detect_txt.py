@@ -23,6 +23,7 @@ from pathlib import Path
 import predict
 import runs
 from dataset import build_image_dataset, build_voc_dataset
+from box_files import refuse_name_clashes
 from utils import UserError, run_cli
 from voc_results import unwritable, write_results
 
@@ -68,6 +69,7 @@ def main(argv=None):
     model, names, dist = predict.open_detector(args)
     dataset, labelled = load_data(args, names, model)
     ids = [dataset.annotation(i)["image_id"] for i in range(len(dataset))]
+    refuse_name_clashes((f"{image_id}.txt", record.path) for image_id, record in zip(ids, dataset.records))
     if args.format == "voc" and unwritable(names, ids):
         raise UserError(f"{args.checkpoint}, {args.data}: {unwritable(names, ids)}")
     dets = predict.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)

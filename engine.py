@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distributed import (Dist, all_ranks, amp_dtype, any_rank, average_gradients, broadcast_object,
-                         make_loader, reduce_sums, set_epoch, unwrap)
+                         make_loader, reduce_sums, set_epoch, sync_buffers, unwrap)
 from runs import (MetricsLog, RunInterrupted, check_same_checkpoint, load_resume, make_run_dir,
                   refresh_plots, remove_stale_temporaries, rng_state, save_epoch_checkpoints,
                   save_with_previous, set_rng_state, write_config)
@@ -411,6 +411,9 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
                                      f"{stop['batch']}; state saved in {run_dir / 'last.pt'}; "
                                      f"continue with --resume {run_dir}")
             batch, partial, epoch_lr = 0, None, None
+            # Every rank validates its shard with rank 0's batch-norm statistics, those saved
+            # (DDP syncs buffers only at each forward; the Darknet scripts did this, YOLO not: #14).
+            sync_buffers(unwrap(state.model), dist)
             row |= (evaluate_fn(state.model, epoch) or {}) if evaluate_fn else {}
             improved = metric in row and row[metric] > best
             best = row[metric] if improved else best

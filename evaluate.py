@@ -48,7 +48,7 @@ import sys
 
 import numpy as np
 
-from box_files import DET_LINE, GT_LINE, format_report, read_det_dir, read_gt_dir, write_json
+from box_files import DET_LINE, GT_LINE, check_pair, format_report, read_det_dir, read_gt_dir, write_json
 from errors import UserError, one_line
 
 INTERPOLATIONS = ("all", "11")
@@ -500,6 +500,7 @@ def main(argv=None):
         dets = read_det_dir(args.det)
         if len(gts["cls"]) == 0:
             raise UserError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
+        check_pair(gts, dets, args.gt, args.det)
         result = evaluate_detections(gts, dets, args.iou, args.interp, args.difficult,
                                      return_curves=bool(args.plots))
     except UserError as exc:

@@ -62,6 +62,31 @@ def convert_split(devkit: Path, year: str, image_set: str, out: Path, class_name
     return rows
 
 
+OUTPUTS = ("images", "labels", "labels_difficult", "train.csv", "test.csv")  # what a conversion writes
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty OUT, or with ``--overwrite`` remove what a previous conversion
+    wrote there (only OUTPUTS: other files stay), before anything is written.
+
+    Converting into a previous conversion's folder overwrote edited labels and left its
+    ``labels_difficult`` files behind, where a now-easy object was read a second time (#14).
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not overwrite:
+        raise UserError(f"{out}: output folder is not empty ({', '.join(present[:3])}"
+                        f"{' ...' if len(present) > 3 else ''}); choose a new --out, or --overwrite to "
+                        "replace a previous conversion's images/, labels*/ and csv files")
+    for name in OUTPUTS if overwrite else ():
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="VOCdevkit -> YOLO txt layout (images/, labels/, csv files).")
     parser.add_argument("--devkit", required=True, help="VOCdevkit folder (holding VOC2007, VOC2012)")
@@ -71,6 +96,9 @@ def main(argv=None) -> None:
     parser.add_argument("--link", choices=("hard", "symlink", "copy"), default="hard",
                         help="how images get into OUT/images (default: hard link, else copy)")
     parser.add_argument("--names", help="class names file, one per line (default: VOC's 20)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="OUT may hold a previous conversion: its images/, labels*/ and csv files are "
+                             "removed first (without this, a non-empty OUT is refused)")
     args = parser.parse_args(argv)
     devkit, out = Path(args.devkit), Path(args.out)
     if not devkit.is_dir():
@@ -78,6 +106,7 @@ def main(argv=None) -> None:
     class_names = load_class_names(args.names)
     splits = [pair for entry in args.sets for pair in parse_split(entry)]
     try:
+        prepare_out(out, args.overwrite)
         for sub in ("images", "labels", "labels_difficult"):
             (out / sub).mkdir(parents=True, exist_ok=True)
     except OSError as err:

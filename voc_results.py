@@ -178,7 +178,7 @@ def read_results_file(path: str) -> tuple[list[str], list[tuple[float, ...]]]:
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first image id
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text") from None

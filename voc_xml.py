@@ -8,10 +8,13 @@ Pixel convention, in one place. :func:`read_annotation` returns each box as the 
 it: VOCdevkit pixel indices, the first and the last pixel the object covers, 1-based and
 inclusive (an object over the whole of a 500-pixel-wide image is ``xmin 1 ... xmax 500``).
 
-* ``evaluate.py`` keeps these numbers: its IoU counts ``x2 - x1 + 1`` pixels, the VOC
-  devkit's and Padilla's toolkit's convention for inclusive pixel indices.
-* ``dataset.py`` needs the box's extent in 0-based continuous coordinates (relative to the
-  image size for the network's targets) and converts once, with :func:`to_continuous`.
+Every reader converts them once, with :func:`to_continuous`, to the project's one pixel
+convention: 0-based continuous extents (``xmin - 1, ymin - 1, xmax, ymax``), the pixels of
+every file the project writes (detect_txt.py, detect.py, voc_results.py) and reads. So
+``evaluate.py`` scores detect_txt.py's detections against an ``Annotations`` folder and
+against detect_txt.py's own ``groundtruths`` alike (#14: the XML was kept 1-based there,
+one pixel off). evaluate.py's IoU still counts ``x2 - x1 + 1`` pixels: that is the
+metric's convention (Padilla's toolkit, the devkit), applied to whatever numbers it gets.
 """
 from __future__ import annotations
 

@@ -130,6 +130,11 @@ def no_size(xml: str) -> str:
     return xml[:xml.index("<size>")] + xml[xml.index("</size>") + len("</size>"):]
 
 
+def wrong_size(xml: str) -> str:
+    import re
+    return re.sub(r"<width>\d+</width>", "<width>4000</width>", xml, count=1)
+
+
 def box_outside(xml: str) -> str:
     import re
     return re.sub(r"<xmax>\d+</xmax>", "<xmax>4000</xmax>", xml, count=1)
@@ -201,7 +206,8 @@ def darknet_args(c: Context, *extra) -> list:
 def devkit_cases() -> list[Case]:
     cases = []
     for name, edit, fragment in (("XML without <size>", no_size, "no <size> element"),
-                                 ("XML box outside the image", box_outside, "object 1")):
+                                 ("XML box outside the image", box_outside, "object 1"),
+                                 ("XML <size> not the image's", wrong_size, "<size> 4000 x")):
         for script, argv in (
                 ("train.py", lambda c, d: ["train.py", "--data", d, "--split", "2007/trainval+2007/test",
                                            *TINY_YOLO, "--project", c.runs, "--name", "exp"]),
@@ -256,6 +262,10 @@ def evaluate_cases() -> list[Case]:
              bad("dog 0 0 9\n", "", "gt/a.txt:1: expected 5")),
         Case("evaluate.py detection score not a number", "evaluate.py",
              bad("dog 0 0 9 9\n", "dog high 0 0 9 9\n", "det/a.txt:1: confidence is not a number")),
+        Case("evaluate.py relative coordinates", "evaluate.py",
+             bad("dog 0.1 0.1 0.3 0.3\n", "dog 0.9 0.2 0.2 0.5 0.5\n",
+                 "every ground-truth coordinate is between 0 and 1")),
+        Case("evaluate.py no file name in common", "evaluate.py", no_common_name),
         Case("evaluate.py missing folders", "evaluate.py",
              lambda c: (["evaluate.py", "--gt", c.tmp / "nope", "--det", c.good["det"]],
                         [f"{c.tmp / 'nope'}"])),
@@ -263,6 +273,22 @@ def evaluate_cases() -> list[Case]:
              lambda c: (["evaluate.py", "--gt", c.good["gt"], "--det", c.good["det"], "--json",
                          c.a_file / "r.json"], [f"{c.a_file / 'r.json'}"])),
     ]
+
+
+def no_common_name(c: Context) -> tuple[list, list[str]]:
+    (c.tmp / "det").mkdir()
+    (c.tmp / "det" / "a.jpg.txt").write_text("dog 0.9 0 0 9 9\n")
+    return (["evaluate.py", "--gt", c.good["gt"], "--det", c.tmp / "det", "--json", c.runs / "exp" / "results.json"],
+            ["have no file name in common", "name them a.txt"])
+
+
+def one_stem_twice(c: Context) -> Path:
+    """A folder with a.jpg and a.png: their outputs would share one name."""
+    folder = c.tmp / "photos"
+    folder.mkdir()
+    Image.new("RGB", (48, 48)).save(folder / "a.jpg")
+    Image.new("RGB", (48, 48)).save(folder / "a.png")
+    return folder
 
 
 def image_script_cases() -> list[Case]:
@@ -273,10 +299,27 @@ def image_script_cases() -> list[Case]:
 
     return [
         Case("detect.py unreadable image", "detect.py", unreadable),
+        Case("detect.py --save-txt of a.jpg and a.png", "detect.py",
+             lambda c: (["detect.py", c.ckpt, one_stem_twice(c), "--save-txt", "--device", "cpu",
+                         "--project", c.runs], ["a.jpg and", "a.png would both write labels/a.txt"])),
+        Case("detect_txt.py a.jpg and a.png", "detect_txt.py",
+             lambda c: (["detect_txt.py", c.ckpt, "--data", one_stem_twice(c), "--device", "cpu",
+                         "--project", c.runs], ["a.jpg and", "a.png would both write a.txt"])),
+        Case("voc_convert.py into a non-empty --out", "voc_convert.py",
+             lambda c: (["voc_convert.py", "--devkit", c.copy("devkit"), "--sets", "2007/test",
+                         "--out", c.runs / "exp"], [f"{c.runs / 'exp'}: output folder is not empty"])),
+        Case("train.py --names with a space", "train.py", names_with_a_space),
         Case("detect.py missing source", "detect.py",
              lambda c: (["detect.py", c.ckpt, c.tmp / "nope.jpg", "--project", c.runs],
                         [f"{c.tmp / 'nope.jpg'}: no such file or folder"])),
     ]
+
+
+def names_with_a_space(c: Context) -> tuple[list, list[str]]:
+    names = c.tmp / "names.txt"
+    names.write_text("dog\npotted plant\n")
+    return (["train.py", "--data", c.copy("voc") / "train.csv", *TINY_YOLO, "--names", names,
+             "--project", c.runs, "--name", "exp"], [f"{names}:2: class name 'potted plant' contains a space"])
 
 
 def argument_cases() -> list[Case]:
