@@ -159,3 +159,196 @@ def test_image_size_turns_with_every_exif_orientation(tmp_path, orientation):
     turned = orientation in (5, 6, 7, 8)
     assert image_size(path) == ((20, 40) if turned else (40, 20))
     assert image_size(path) == load_image(path).size
+
+
+# --------------------------------------------------------------------------- 5. Darknet validation under DDP
+class _ThreadWorld:
+    """torch.distributed for ranks that are threads of this process: all_reduce sums (or
+    takes the min / max of) the tensors of every rank, in place; broadcast copies rank 0's.
+    A fake 2-rank world for code that calls torch.distributed directly (distributed.py)."""
+
+    class ReduceOp:
+        SUM, MIN, MAX = "sum", "min", "max"
+
+    def __init__(self, world_size: int):
+        self.world_size, self.local = world_size, threading.local()
+        self.barrier, self.slots = threading.Barrier(world_size), [None] * world_size
+
+    def exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[self.local.rank] = tensor.clone()
+        self.barrier.wait()
+        values = list(self.slots)
+        self.barrier.wait()  # every rank has read the slots before any writes again
+        return values
+
+    def all_reduce(self, tensor, op="sum"):
+        stacked = torch.stack(self.exchange(tensor))
+        tensor.copy_({"sum": stacked.sum(0), "min": stacked.min(0).values,
+                      "max": stacked.max(0).values}[op])
+
+    def broadcast(self, tensor, src=0):
+        tensor.copy_(self.exchange(tensor)[src])
+
+    def get_world_size(self):
+        return self.world_size
+
+    def run(self, fn):
+        """fn(rank) on every rank, each in its own thread: the results in rank order."""
+        results, errors = [None] * self.world_size, []
+
+        def target(rank):
+            self.local.rank = rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as err:  # noqa: BLE001 - re-raised below
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        if errors:
+            raise errors[0]
+        return results
+
+
+class _ReadsItsAnswer(torch.nn.Module):
+    """A 'classifier' whose logits are 4 x one-hot of the class written in pixel (0, 0, 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images):
+        return 4.0 * torch.nn.functional.one_hot(images[:, 0, 0, 0].long(), 3).float() + 0 * self.unused
+
+
+def test_darknet_validation_counts_are_summed_over_the_ranks(monkeypatch):
+    """Planted bug: the Darknet scripts' validation counts (loss, top-1, top-5, images) are
+    not reduced over the DDP ranks, so rank 0 logs the accuracy of its own shard only.
+
+    7 validation images in a fake 2-rank world (threads, distributed.torch_dist replaced):
+    rank 0 scores images 0, 2, 4, 6, all right; rank 1 scores 1, 3, 5, all wrong. Both ranks
+    must report 4 of 7 right (57.1 %) and the one-process validation loss."""
+    import classification
+
+    answers = [0, 1, 2, 0, 1, 2, 0]
+    labels = [a if i % 2 == 0 else (a + 1) % 3 for i, a in enumerate(answers)]
+    val_set = [(torch.full((3, 2, 2), float(a)), torch.tensor(y)) for a, y in zip(answers, labels)]
+    args = argparse.Namespace(batch_size=4, workers=0, channels_last=False)
+    alone = classification.make_evaluator(val_set, args, Dist(), None)(_ReadsItsAnswer(), 0)
+    assert alone["top1"] == pytest.approx(100 * 4 / 7)
+
+    world = _ThreadWorld(2)
+    monkeypatch.setattr(distributed, "torch_dist", world)
+    evaluators = [classification.make_evaluator(val_set, args, Dist(rank, 2), None) for rank in (0, 1)]
+    rows = world.run(lambda rank: evaluators[rank](_ReadsItsAnswer(), 0))
+    for rank, row in enumerate(rows):
+        assert row["top1"] == pytest.approx(100 * 4 / 7), f"rank {rank}: {row}"
+        assert row["top5"] == pytest.approx(100.0) and row["val_loss"] == pytest.approx(alone["val_loss"])
+
+
+# --------------------------------------------------------------------------- 6. gradient accumulation
+class _Points(torch.utils.data.Dataset):
+    """16 fixed (x, y, index) samples for a linear regression."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+class _Linear(torch.nn.Linear):
+    config = {"in_features": 4, "out_features": 1}  # what TrainState.checkpoint records
+
+
+def regression_step(seen: list | None = None, interrupt_after: int | None = None):
+    """engine's step_fn for _Linear on _Points; records the indices of each batch in
+    ``seen`` and sends this process SIGTERM during batch number ``interrupt_after``."""
+    import os
+    import signal
+
+    def step(model, batch, device):
+        x, y, index = batch
+        if seen is not None:
+            seen.append(index.tolist())
+            if interrupt_after is not None and len(seen) == interrupt_after:
+                os.kill(os.getpid(), signal.SIGTERM)  # engine.GracefulStop: stop after this step
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        return loss, {"loss": loss.detach()}, len(x)
+    return step
+
+
+def training_args(tmp_path, name: str, *extra) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    engine.add_training_args(parser, epochs=1, batch_size=4, lr=0.2, schedule="constant",
+                             warmup_epochs=0.0, project=str(tmp_path))
+    return parser.parse_args(["--workers", "0", "--device", "cpu", "--momentum", "0",
+                              "--weight-decay", "0", "--name", name, *map(str, extra)])
+
+
+def start(tmp_path, name: str, *extra) -> engine.TrainState:
+    torch.manual_seed(0)
+    return engine.start_training(_Linear(4, 1), _Points(), training_args(tmp_path, name, *extra), Dist(),
+                                 "test")
+
+
+def test_accumulated_micro_batches_step_like_one_batch_of_their_images(tmp_path):
+    """Planted bug: gradient accumulation sums the micro-batches' losses instead of
+    averaging them, so --accum-steps k takes k times the step.
+
+    Stated so that it holds whichever way --accum-steps divides the work (k micro-batches
+    of --batch-size each, or --batch-size split into k micro-batches; harden-runs is moving
+    it to the second): an epoch with --accum-steps 2 takes some number of optimiser steps,
+    each over 16 / steps images, and must give the same weights as an epoch of plain steps
+    over batches of that many images, which are the same images in the same order."""
+    accumulated = start(tmp_path, "accum", "--batch-size", 4, "--accum-steps", 2)
+    set_epoch(accumulated.loader, 0)
+    engine.train_one_epoch(accumulated, regression_step(), 0)
+    steps = accumulated.scheduler.last_epoch
+    assert steps in (2, 4)  # 2 x 4 images a step, or 4 images a step split into 2 x 2
+    plain = start(tmp_path, "plain", "--batch-size", 16 // steps, "--accum-steps", 1)
+    initial = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    set_epoch(plain.loader, 0)
+    engine.train_one_epoch(plain, regression_step(), 0)
+    assert plain.scheduler.last_epoch == steps
+    for key, value in plain.model.state_dict().items():
+        assert (value - initial[key]).abs().max() > 1e-2  # a wrong step size could not pass
+        torch.testing.assert_close(accumulated.model.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 8. resume position
+def test_resume_continues_at_the_saved_batch_of_the_epoch(tmp_path):
+    """Planted bug: a run resumed in the middle of an epoch starts again at batch 0 of that
+    epoch (the saved batch not passed on, or not used by the sampler), training some
+    images twice; only a slow end-to-end test caught it.
+
+    engine.fit over 2 epochs of 4 batches, stopped by SIGTERM during the 6th batch (epoch
+    2, batch 2): the saved state says batch 2, the resumed run trains exactly batches 3 and
+    4 of epoch 2, and ends with the weights of the run that was never stopped."""
+    from runs import RunInterrupted
+
+    straight_seen, cut_seen, resumed_seen = [], [], []
+    straight = start(tmp_path, "straight", "--epochs", 2)
+    engine.fit(straight, regression_step(straight_seen), None, "loss")
+    assert len(straight_seen) == 8
+
+    cut = start(tmp_path, "cut", "--epochs", 2)
+    with pytest.raises(RunInterrupted):
+        engine.fit(cut, regression_step(cut_seen, interrupt_after=6), None, "loss")
+    assert cut_seen == straight_seen[:6]
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 2, 6)
+
+    resumed = start(tmp_path, "cut", "--epochs", 2, "--resume", tmp_path / "cut")
+    engine.fit(resumed, regression_step(resumed_seen), None, "loss")
+    assert resumed_seen == straight_seen[6:], "the resumed epoch did not start at its saved batch"
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
