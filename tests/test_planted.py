@@ -352,3 +352,85 @@ def test_resume_continues_at_the_saved_batch_of_the_epoch(tmp_path):
     assert resumed_seen == straight_seen[6:], "the resumed epoch did not start at its saved batch"
     for key, value in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+# --------------------------------------------------------------------------- 7. train.py under DDP
+QUADRANT_HEAD = """
+import torch
+import distributed, train, utils
+
+real_make_model = train.make_model
+
+
+def make_model(args, num_classes, dist):
+    # The output layer's bias says, in every cell: class 0, confidence 0.9 (second box 0.5),
+    # a box centred in the cell and as large as it; its weights, scaled by 0.05, vary that
+    # by a few hundredths from image to image. At S = 2 the boxes are the image's quadrants.
+    model = real_make_model(args, num_classes, dist)
+    head, C = distributed.unwrap(model).head[-1], num_classes
+    bias = torch.zeros(args.S, args.S, C + 5 * args.B)
+    bias[..., 0] = 0.9
+    for b in range(args.B):
+        bias[..., C + 5 * b:C + 5 * b + 5] = torch.tensor([0.9 - 0.4 * b, 0.5, 0.5, 0.5 ** 0.5, 0.5 ** 0.5])
+    with torch.no_grad():
+        head.weight.mul_(0.05)
+        head.bias.copy_(bias.flatten())
+    return model
+
+
+train.make_model = make_model
+utils.run_cli(train.main)
+"""
+
+
+def test_train_py_under_torchrun_validates_on_every_process_s_detections(tmp_path):
+    """Planted bug: under DDP, train.py's validation scores only the images of its own
+    process (the detections not gathered from every rank), so the logged mAP and best.pt
+    follow a fraction of the validation set. No test ran train.py under DDP at all.
+
+    torchrun (gloo, 2 CPU processes) runs train.py, unchanged but for the output layer's
+    starting weights (QUADRANT_HEAD: quadrant boxes of class 0, so that a one-epoch model
+    finds objects), for one epoch at a small rate, with 5 validation images, each with one
+    class-0 object filling its top-left quadrant: rank 0 predicts images 0, 2, 4 and rank 1
+    images 1, 3. The logged mAP must be that of the saved checkpoint evaluated by one
+    process on all 5 images, which differs from the mAP of rank 0's 3 images alone.
+    Batch norm is off: its statistics differ between the ranks until harden-data's sync
+    before validation lands, and the checkpoint holds rank 0's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dataset import build_voc_dataset
+    from evaluate import evaluate_detections
+    from model import load_detector
+    from predict import detection_table, ground_truth_table, predict_dataset
+    from synthetic import write_voc_txt_tree
+
+    repo = Path(__file__).resolve().parents[1]
+    write_voc_txt_tree(tmp_path, 8, size=64, seed=0, csv_name="train.csv", prefix="tr_")
+    write_voc_txt_tree(tmp_path, 5, size=64, seed=1, csv_name="val.csv", prefix="va_")
+    for label in (tmp_path / "labels").glob("va_*.txt"):
+        label.write_text("0 0.25 0.25 0.5 0.5\n")
+    (tmp_path / "launch.py").write_text(QUADRANT_HEAD)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tmp_path / "launch.py"), "--data", str(tmp_path / "train.csv"), "--val-data",
+           str(tmp_path / "val.csv"), "--S", "2", "--width", "0.0625", "--hidden", "16", "--workers", "0",
+           "--batch-size", "8", "--epochs", "1", "--lr", "1e-4", "--no-batch-norm", "--device", "cpu",
+           "--project", str(tmp_path / "runs"), "--name", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run_dir = tmp_path / "runs" / "ddp"
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["images"] == 8 and json.loads((run_dir / "config.json").read_text())["world_size"] == 2
+
+    model, names = load_detector(run_dir / "last.pt")
+    val_set = build_voc_dataset(str(tmp_path / "val.csv"), names=None, S=model.S, img_size=model.input_size)
+    dets = predict_dataset(model, val_set, 8, Dist(), 0.005, 0.5)
+    gt = ground_truth_table(val_set, names)
+    alone = evaluate_detections(gt, detection_table(dets, names))["mAP"]
+    rank0_only = evaluate_detections(gt, detection_table({i: dets[i] for i in (0, 2, 4)}, names))["mAP"]
+    assert alone > rank0_only + 0.05, (alone, rank0_only)
+    assert row["mAP"] == pytest.approx(alone, abs=1e-6)
