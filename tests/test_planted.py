@@ -325,7 +325,7 @@ def test_accumulated_micro_batches_step_like_one_batch_of_their_images(tmp_path)
 
 
 # --------------------------------------------------------------------------- 8. resume position
-def test_resume_continues_at_the_saved_batch_of_the_epoch(tmp_path):
+def test_resume_continues_at_the_saved_batch_of_the_epoch(tmp_path, monkeypatch):
     """Planted bug: a run resumed in the middle of an epoch starts again at batch 0 of that
     epoch (the saved batch not passed on, or not used by the sampler), training some
     images twice; only a slow end-to-end test caught it.
@@ -335,6 +335,7 @@ def test_resume_continues_at_the_saved_batch_of_the_epoch(tmp_path):
     4 of epoch 2, and ends with the weights of the run that was never stopped."""
     from runs import RunInterrupted
 
+    monkeypatch.setattr(engine, "refresh_plots", lambda run_dir: None)  # matplotlib: seconds, beside the point
     straight_seen, cut_seen, resumed_seen = [], [], []
     straight = start(tmp_path, "straight", "--epochs", 2)
     engine.fit(straight, regression_step(straight_seen), None, "loss")
