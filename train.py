@@ -77,11 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", choices=tuple(MODEL_NAMES), default="yolov1",
                    help="the network (default %(default)s)")
     m.add_argument("--S", type=int, default=7, help="grid size; the input is 64*S pixels (paper: 7)")
-    m.add_argument("--B", type=int, default=2, help="boxes per cell (paper: 2)")
-    m.add_argument("--hidden", type=int, default=4096, help="hidden fully connected units (paper: 4096)")
-    m.add_argument("--width", type=float, default=1.0, help="filter multiplier for small networks")
-    m.add_argument("--dropout", type=float, default=0.5, help="paper: 0.5")
-    m.add_argument("--no-batch-norm", action="store_true", help="the paper's network exactly")
+    # B, hidden, width, dropout and batch norm default to None: only what the user (or the
+    # recipe) gives overrides the network's own settings in model.MODELS (yolov1-darknet:
+    # B = 3, a locally connected layer and no hidden layer).
+    m.add_argument("--B", type=int, default=None, help="boxes per cell (default: the model's; paper: 2)")
+    m.add_argument("--hidden", type=int, default=None,
+                   help="hidden fully connected units (default: the model's; paper: 4096)")
+    m.add_argument("--width", type=float, default=None, help="filter multiplier for small networks")
+    m.add_argument("--dropout", type=float, default=None, help="default: the model's (paper: 0.5)")
+    m.add_argument("--no-batch-norm", action="store_true", default=None, help="the paper's network exactly")
     m.add_argument("--backbone", help="Darknet pretraining checkpoint for the first 20 convolutions")
     m.add_argument("--lambda-coord", type=float, default=5.0, help="paper: 5")
     m.add_argument("--lambda-noobj", type=float, default=0.5, help="paper: 0.5")
@@ -109,9 +113,16 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def model_options(args, num_classes: int) -> dict:
+    """build_model's options: S and C always, the others only where given (None: the
+    registry entry's own default, model.MODELS)."""
+    given = {"B": args.B, "hidden": args.hidden, "width": args.width, "dropout": args.dropout,
+             "batch_norm": False if args.no_batch_norm else None}
+    return {"S": args.S, "C": num_classes} | {k: v for k, v in given.items() if v is not None}
+
+
 def make_model(args, num_classes: int, dist: distributed.Dist):
-    model = build_model(args.model, S=args.S, B=args.B, C=num_classes, hidden=args.hidden,
-                        batch_norm=not args.no_batch_norm, width=args.width, dropout=args.dropout)
+    model = build_model(args.model, **model_options(args, num_classes))
     if args.backbone:
         load_backbone(model, load_checkpoint(args.backbone), args.backbone)
     model = model.to(dist.device)
@@ -194,7 +205,7 @@ def main(argv=None):
     # The model (and --backbone) before the run folder: a bad backbone writes nothing.
     model = make_model(args, len(names), dist)
     state = engine.start_training(model, train_set, args, dist, "yolo", extra={"class_names": names})
-    loss_fn = YoloLoss(args.S, args.B, len(names), args.lambda_coord, args.lambda_noobj,
+    loss_fn = YoloLoss(args.S, distributed.unwrap(model).B, len(names), args.lambda_coord, args.lambda_noobj,
                        rescore=not args.no_rescore)
     evaluate_fn = predict.detection_evaluator(val_set, args, dist) if val_set else None
     logger, on_epoch_end = tensorboard_logger(state, val_set)

@@ -1,0 +1,67 @@
+"""Training as Darknet does (issue #13 part 4): train.py building every network of the
+registry with its own settings, Darknet's update (half gradient, delta clamped to [-1, 1]),
+the seeded-random cell winner, the flip option and the ``darknet`` recipe's schedule.
+
+The scripts run through the fork server (conftest's ``scripts``) on tiny generated VOC trees
+(S = 2, 128-pixel inputs, 1/16 of the filters).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import darknet_weights as dw
+from darknet_cfg import read_cfg
+from scripts_server import ok
+from synthetic import write_voc_txt_tree
+from utils import load_checkpoint
+
+SMALL = ["--S", "2", "--width", "0.0625", "--workers", "0", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    write_voc_txt_tree(root, 16, size=128, seed=0, csv_name="train.csv", prefix="tr_")
+    return root
+
+
+# --------------------------------------------------------------------------- 1. registry networks
+def test_train_builds_yolov1_darknet_with_its_own_options(tree, scripts, tmp_path):
+    """Guards against train.py passing its own B=2 and hidden=4096 to every network, which
+    turned yolov1-darknet (B=3, a locally connected layer, no hidden layer) into another one."""
+    ok(scripts.run("train.py", "--model", "yolov1-darknet", "--data", tree / "train.csv", *SMALL,
+                   "--epochs", "1", "--project", tmp_path, "--name", "d"))
+    ckpt = load_checkpoint(tmp_path / "d" / "last.pt")
+    config = ckpt["model_config"]
+    assert (config["name"], config["B"], config["hidden"], config["local"], config["darknet_bn"]) == \
+        ("yolov1-darknet", 3, 0, 256, True)
+    assert ckpt["model"]["head.0.weight"].shape[0] == 2 * 2  # one filter bank per position (S x S)
+    assert ckpt["model"]["head.4.weight"].shape == (2 * 2 * (20 + 5 * 3), 2 * 2 * 256)
+    row = json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["images"] == 16 and row["loss"] == row["loss"]  # one epoch trained, finite
+
+
+def test_extraction_conv_weights_start_train_py_backbone(tree, scripts, tmp_path):
+    """extraction.cfg at 1/16 of its filters, written by the project, cut after its 20
+    convolutions as Darknet's ``partial`` cuts extraction.conv.weights, converted by
+    darknet_convert.py: train.py --model yolov1-darknet --backbone starts from exactly
+    those convolutions."""
+    from darknet_model import Darknet
+
+    torch.manual_seed(3)
+    classifier = Darknet(num_classes=10, width=0.0625, head="conv", darknet_bn=True).eval()
+    cfg, weights = dw.write_darknet(classifier, tmp_path / "extraction", 64)
+    n_conv = sum(layer.n_weights for layer in read_cfg(cfg).layers[:24])
+    cut = tmp_path / "extraction.conv.weights"
+    cut.write_bytes(weights.read_bytes()[:20 + 4 * n_conv])
+    ok(scripts.run("darknet_convert.py", cfg, cut, "-o", tmp_path / "conv.pt"))
+    ok(scripts.run("train.py", "--model", "yolov1-darknet", "--data", tree / "train.csv", *SMALL,
+                   "--epochs", "1", "--lr", "1e-12", "--backbone", tmp_path / "conv.pt",
+                   "--project", tmp_path, "--name", "b"))
+    trained = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    for key, value in classifier.features.state_dict().items():
+        if key.endswith("weight"):  # batch norm's running statistics move in training mode
+            assert torch.allclose(trained[f"features.{key}"], value, atol=1e-6), key
