@@ -23,7 +23,7 @@ import engine
 import predict
 import runs
 from dataset import build_voc_dataset
-from loss import YoloLoss
+from loss import DarknetUpdate, YoloLoss
 from model import MODEL_NAMES, build_model, load_backbone
 from plots import TensorBoardLogger, require
 from transforms import to_float_images
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backbone", help="Darknet pretraining checkpoint for the first 20 convolutions")
     m.add_argument("--lambda-coord", type=float, default=5.0, help="paper: 5")
     m.add_argument("--lambda-noobj", type=float, default=0.5, help="paper: 0.5")
+    m.add_argument("--update", choices=("exact", "darknet"), default="exact",
+                   help="exact: equation 3's gradient (default); darknet: Darknet's update, half "
+                        "that gradient clamped to [-1, 1] per image and output (loss.DarknetUpdate; "
+                        "the darknet recipe)")
     m.add_argument("--no-rescore", action="store_true",
                    help="confidence target 1 instead of the IoU (the popular tutorial)")
     e = p.add_argument_group("evaluation")
@@ -207,6 +211,8 @@ def main(argv=None):
     state = engine.start_training(model, train_set, args, dist, "yolo", extra={"class_names": names})
     loss_fn = YoloLoss(args.S, distributed.unwrap(model).B, len(names), args.lambda_coord, args.lambda_noobj,
                        rescore=not args.no_rescore)
+    if args.update == "darknet":
+        loss_fn = DarknetUpdate(loss_fn)
     evaluate_fn = predict.detection_evaluator(val_set, args, dist) if val_set else None
     logger, on_epoch_end = tensorboard_logger(state, val_set)
     best = engine.fit(state, yolo_step(loss_fn, args.channels_last), evaluate_fn, "mAP", on_epoch_end)

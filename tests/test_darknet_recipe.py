@@ -65,3 +65,33 @@ def test_extraction_conv_weights_start_train_py_backbone(tree, scripts, tmp_path
     for key, value in classifier.features.state_dict().items():
         if key.endswith("weight"):  # batch norm's running statistics move in training mode
             assert torch.allclose(trained[f"features.{key}"], value, atol=1e-6), key
+
+
+# --------------------------------------------------------------------------- 2. Darknet's update
+def test_darknet_update_is_half_the_gradient_clamped_per_image():
+    """S = 1, B = 1, C = 1, confidence target 1, a batch of two: an image with an object and
+    an empty one. Per image, equation 3's gradient by hand (2 * lambda * (output - truth)):
+    class 2(0.2 - 1) = -1.6, confidence 2(0.4 - 1) = -1.2, x 2*5(0.9 - 0.5) = 4,
+    y 2*5(0.5 - 0.55) = -0.5, sqrt w 2*5(0.5 - 0.8) = -3, sqrt h 2*5(0.6 - 0.6) = 0; the empty
+    image's confidence 2*0.5*3 = 3. The default gives these over the batch (/2); Darknet's
+    update half of each, clamped to [-1, 1], then /2. Guards against a clamp in the units of
+    the batch mean (or of the mixed-precision loss scale) instead of Darknet's per-image delta."""
+    from loss import DarknetUpdate, YoloLoss
+
+    pred = torch.tensor([[0.2, 0.4, 0.9, 0.5, 0.5, 0.6], [0.0, 3.0, 0.5, 0.5, 0.5, 0.5]])
+    target = torch.zeros(2, 1, 1, 6)
+    target[0, 0, 0] = torch.tensor([1.0, 1.0, 0.5, 0.55, 0.64, 0.36])
+    per_image = torch.tensor([[-1.6, -1.2, 4.0, -0.5, -3.0, 0.0], [0.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    plain = YoloLoss(1, 1, 1, rescore=False)
+    darknet = DarknetUpdate(plain)
+    grads = {}
+    for name, fn in (("plain", plain), ("darknet", darknet)):
+        p = pred.clone().requires_grad_()
+        value = fn(p, target)
+        (value * 1024).backward()  # a mixed-precision loss scale multiplies both alike
+        grads[name] = p.grad / 1024
+        grads[name + " value"] = value.detach()
+    torch.testing.assert_close(grads["plain"], per_image / 2, rtol=0, atol=1e-6)
+    want = torch.tensor([[-0.8, -0.6, 1.0, -0.25, -1.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]]) / 2
+    torch.testing.assert_close(grads["darknet"], want, rtol=0, atol=1e-6)
+    assert grads["darknet value"] == grads["plain value"]  # the logged loss is still equation 3's
