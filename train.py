@@ -36,8 +36,9 @@ RECIPES = {
     # Hessian eigenvalue ~4e4 at init), so lr 1e-2 diverges within a few steps, with or
     # without --backbone; clipping the gradient norm at 10 bounds each step as Darknet does.
     "paper": {"grad_clip": 10.0},
+    # The original project keeps the first object of a shared cell (its dataset's label loop).
     "original": {"optimizer": "adam", "lr": 2e-5, "weight_decay": 0.0, "schedule": "constant",
-                 "warmup_epochs": 0.0, "batch_size": 16, "hidden": 496},
+                 "warmup_epochs": 0.0, "batch_size": 16, "hidden": 496, "cell_winner": "first"},
     # A quarter-width Fast YOLO at S = 2 (128-pixel input) on data/shapes/ (one large cross
     # or rectangle per image): about 200 times cheaper than the full YOLOv1, which trains at
     # about 0.25 images/s on a 2-core CPU, and it learns that data in a minute or two.
@@ -46,7 +47,7 @@ RECIPES = {
              "names": "data/shapes/names.txt", "model": "fast",
              "width": 0.25, "S": 2, "epochs": 20, "batch_size": 16, "lr": 3e-3, "optimizer": "adam",
              "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 1.0, "eval_every": 5,
-             "no_augment": True, "workers": 2, "name": "demo"},
+             "no_augment": True, "cell_winner": "first", "workers": 2, "name": "demo"},
 }
 
 
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-split", default="2007/val", help="VOCdevkit validation split")
     d.add_argument("--names", help="class names file, one per line (default: the 20 VOC classes)")
     d.add_argument("--no-augment", action="store_true", help="turn off the paper's augmentation")
+    d.add_argument("--cell-winner", choices=("random", "first"), default="random",
+                   help="which object a cell learns when several centres share it: random (Darknet "
+                        "shuffles each image's boxes each time it loads it; seeded by seed, epoch and "
+                        "image, so --resume stays exact; default) or first in the label file")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=tuple(MODEL_NAMES), default="yolov1",
                    help="the network (default %(default)s)")
@@ -181,6 +186,7 @@ def build_datasets(args):
     size = 64 * args.S
     train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
                                   S=args.S, img_size=size, train=not args.no_augment, uint8=True)
+    train_set.shuffle_boxes = args.cell_winner == "random"
     val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
                                  S=args.S, img_size=size) if args.val_data else None)
     return train_set, val_set
