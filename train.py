@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-split", default="2007/val", help="VOCdevkit validation split")
     d.add_argument("--names", help="class names file, one per line (default: the 20 VOC classes)")
     d.add_argument("--no-augment", action="store_true", help="turn off the paper's augmentation")
+    d.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="flip half the training images horizontally (Darknet's load_data_region; the "
+                        "paper does not mention it; default on, as in the run behind its numbers)")
     d.add_argument("--cell-winner", choices=("random", "first"), default="random",
                    help="which object a cell learns when several centres share it: random (Darknet "
                         "shuffles each image's boxes each time it loads it; seeded by seed, epoch and "
@@ -187,6 +190,8 @@ def build_datasets(args):
     train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
                                   S=args.S, img_size=size, train=not args.no_augment, uint8=True)
     train_set.shuffle_boxes = args.cell_winner == "random"
+    if train_set.augment is not None:
+        train_set.augment.flip = 0.5 if args.flip else 0.0
     val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
                                  S=args.S, img_size=size) if args.val_data else None)
     return train_set, val_set

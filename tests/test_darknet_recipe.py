@@ -129,3 +129,26 @@ def test_cell_winner_is_seeded_random_per_seed_epoch_and_image(tmp_path):
     assert set(first) == {3, 7}                      # the winner varies with the epoch
     assert winners(0, True) == first                 # and is reproducible
     assert winners(5, True) != first                 # another seed, other winners
+
+
+# --------------------------------------------------------------------------- 4. flip
+def test_flip_mirrors_image_and_boxes_exactly(tree):
+    """No jitter, the same random draws, flip probability 1 against 0: the image is the
+    mirror image pixel for pixel and each box's x edges become 1 - x (dyadic numbers, so
+    exactly). train.py --no-flip turns it off; flipping is the default (Darknet's)."""
+    import train
+    from transforms import YoloAugment
+
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    boxes, labels = torch.tensor([[0.25, 0.125, 0.5, 0.75], [0.0, 0.5, 0.375, 1.0]]), torch.tensor([4, 9])
+    out = {}
+    for flip in (0.0, 1.0):
+        torch.manual_seed(7)
+        out[flip] = YoloAugment(64, jitter=0.0, flip=flip).sample(image, boxes, labels)
+    assert torch.equal(out[0.0][0], image) and torch.equal(out[1.0][0], image.flip(-1))
+    assert torch.equal(out[0.0][1], boxes)
+    assert torch.equal(out[1.0][1], torch.tensor([[0.5, 0.125, 0.75, 0.75], [0.625, 0.5, 1.0, 1.0]]))
+    assert torch.equal(out[1.0][2], labels) and torch.equal(out[1.0][3], out[0.0][3])
+    for argv, p in (([], 0.5), (["--no-flip"], 0.0)):
+        args = train.parse_args(["--data", str(tree / "train.csv"), "--S", "2", *argv])
+        assert train.build_datasets(args)[0].augment.flip == p
