@@ -8,12 +8,15 @@
 Every setting is an argument (``--help``); ``--recipe`` fills in a whole set of defaults:
 ``paper`` (Section 2.2: SGD, momentum 0.9, weight decay 5e-4, batch 64, 135 epochs,
 warm-up 1e-3 -> 1e-2 then 1e-2 / 1e-3 / 1e-4 for 75 / 30 / 30 epochs, dropout 0.5,
-augmentation; and --grad-clip 10, which Darknet's bounded update makes unnecessary there), ``original`` (the original project: Adam, lr 2e-5) and ``demo`` (a tiny
-network on the bundled sample; what runs with no arguments at all).
+augmentation; and --grad-clip 10, which Darknet's bounded update makes unnecessary there),
+``darknet`` (Darknet's cfg/yolov1.cfg: its network, steps schedule and update; docs/darknet.md),
+``original`` (the original project: Adam, lr 2e-5) and ``demo`` (a tiny network on the bundled
+sample; what runs with no arguments at all).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -27,7 +30,7 @@ from loss import DarknetUpdate, YoloLoss
 from model import MODEL_NAMES, build_model, load_backbone
 from plots import TensorBoardLogger, require
 from transforms import to_float_images
-from utils import decode_predictions, load_checkpoint, run_cli
+from utils import UserError, decode_predictions, load_checkpoint, run_cli
 
 RECIPES = {
     # Section 2.2's rates were used in Darknet, which back-propagates half the gradient of
@@ -39,6 +42,16 @@ RECIPES = {
     # The original project keeps the first object of a shared cell (its dataset's label loop).
     "original": {"optimizer": "adam", "lr": 2e-5, "weight_decay": 0.0, "schedule": "constant",
                  "warmup_epochs": 0.0, "batch_size": 16, "hidden": 496, "cell_winner": "first"},
+    # Darknet's cfg/yolov1.cfg, the run behind the released yolov1.weights: its [net] section's
+    # learning_rate, policy=steps (the first three steps are its warm-up), momentum, decay and
+    # max_batches at batch 64, its network, Darknet's update (loss.DarknetUpdate) instead of the
+    # gradient-norm clip, flips and the shuffled cell winner (docs/darknet.md). jitter .2 and
+    # exposure / saturation 1.5 are YoloAugment's defaults; its hue .1 is not applied here.
+    "darknet": {"model": "yolov1-darknet", "optimizer": "sgd", "lr": 5e-4, "momentum": 0.9,
+                "weight_decay": 5e-4, "batch_size": 64, "schedule": "steps", "warmup_epochs": 0.0,
+                "lr_steps": [200, 400, 600, 20000, 30000], "lr_scales": [2.5, 2.0, 2.0, 0.1, 0.1],
+                "max_batches": 40000, "epochs": None, "update": "darknet", "grad_clip": 0.0, "flip": True,
+                "cell_winner": "random"},
     # A quarter-width Fast YOLO at S = 2 (128-pixel input) on data/shapes/ (one large cross
     # or rectangle per image): about 200 times cheaper than the full YOLOv1, which trains at
     # about 0.25 images/s on a 2-core CPU, and it learns that data in a minute or two.
@@ -60,7 +73,7 @@ DEMO_NOTE = ("Quick demonstration: a quarter-width Fast YOLO (S=2, 128x128 input
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
-                   help="a set of defaults: paper, original or demo (default %(default)s; "
+                   help="a set of defaults: paper, darknet, original or demo (default %(default)s; "
                         "no arguments at all runs the demo)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="data/100examples.csv",
@@ -110,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tensorboard", action="store_true",
                    help="also log to TensorBoard in <run>/tensorboard: the metrics and, with "
                         "--val-data, boxes on the first 8 validation images (pip install tensorboard)")
+    p.add_argument("--max-batches", type=int, default=0,
+                   help="without --epochs (the darknet recipe): train for this many optimiser steps, "
+                        "rounded up to whole epochs (Darknet's max_batches)")
     engine.add_training_args(p, epochs=135, batch_size=64, lr=1e-2, schedule="step",
                              warmup_epochs=2.0, project="runs/train")
     return p
@@ -197,6 +213,18 @@ def build_datasets(args):
     return train_set, val_set
 
 
+def epochs_from_max_batches(args, n_images: int, dist: distributed.Dist) -> None:
+    """The darknet recipe gives max_batches, not epochs: --max-batches optimiser steps
+    become whole epochs (the loop, its checkpoints and --resume count in epochs)."""
+    if args.epochs is not None:
+        if args.max_batches > 0 and dist.is_main:
+            print(f"warning: --max-batches ignored: --epochs {args.epochs} decides", file=sys.stderr)
+        return
+    if args.max_batches <= 0:
+        raise UserError(f"--max-batches must be positive without --epochs, got {args.max_batches}")
+    args.epochs = math.ceil(args.max_batches / math.ceil(n_images / args.batch_size))
+
+
 def tensorboard_logger(state: engine.TrainState, val_set):
     """``(logger, on_epoch_end)`` with --tensorboard on rank 0, else ``(None, None)``."""
     if not (state.args.tensorboard and state.dist.is_main):
@@ -216,6 +244,7 @@ def main(argv=None):
         print(DEMO_NOTE, flush=True)
     runs.seed_everything(args.seed)
     train_set, val_set = build_datasets(args)
+    epochs_from_max_batches(args, len(train_set), dist)
     names = list(train_set.class_names)
     # The model (and --backbone) before the run folder: a bad backbone writes nothing.
     model = make_model(args, len(names), dist)

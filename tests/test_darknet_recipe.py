@@ -152,3 +152,47 @@ def test_flip_mirrors_image_and_boxes_exactly(tree):
     for argv, p in (([], 0.5), (["--no-flip"], 0.0)):
         args = train.parse_args(["--data", str(tree / "train.csv"), "--S", "2", *argv])
         assert train.build_datasets(args)[0].augment.flip == p
+
+
+# --------------------------------------------------------------------------- 5. the darknet recipe
+def test_steps_schedule_follows_yolov1_cfg_by_hand():
+    """cfg/yolov1.cfg: learning_rate 0.0005, steps 200,400,600,20000,30000, scales
+    2.5,2,2,.1,.1. Darknet's get_current_rate at batch number b multiplies the scales of the
+    steps <= b, and the update made after optimiser step k (0-based) runs at b = k + 1
+    (train_network_datum counts the images first). Worked out by hand:
+    b 1..199: 0.0005; 200..399: 0.00125; 400..599: 0.0025; 600..19999: 0.005;
+    20000..29999: 0.0005; from 30000: 0.00005."""
+    import engine
+    import train
+
+    args = train.parse_args(["--recipe", "darknet", "--data", "x.csv"])
+    want = {0: 5e-4, 198: 5e-4, 199: 1.25e-3, 398: 1.25e-3, 399: 2.5e-3, 599: 5e-3, 19998: 5e-3,
+            19999: 5e-4, 29998: 5e-4, 29999: 5e-5, 39999: 5e-5}
+    for step, lr in want.items():
+        assert args.lr * engine.lr_factor(step / 250, args, step) == pytest.approx(lr, rel=1e-12), step
+    # the same through the optimiser's per-step scheduler
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=args.lr)
+    sched = engine.build_scheduler(opt, args, steps_per_epoch=250)
+    seen = []
+    for _ in range(601):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert (seen[198], seen[199], seen[399], seen[600]) == pytest.approx((5e-4, 1.25e-3, 2.5e-3, 5e-3))
+
+
+def test_darknet_recipe_trains_max_batches_in_whole_epochs(tree, scripts, tmp_path):
+    """16 images at batch 8 are 2 steps an epoch: --max-batches 5 rounds up to 3 epochs.
+    With steps 2,4 and scales 2,.5 the rate at the start of each epoch (steps 0, 2, 4, so
+    batch numbers 1, 3, 5) is lr, 2 lr, lr. The recipe's own choices are in config.json."""
+    ok(scripts.run("train.py", "--recipe", "darknet", "--data", tree / "train.csv", *SMALL,
+                   "--max-batches", "5", "--lr-steps", "2", "4", "--lr-scales", "2", "0.5", "--lr", "1e-4",
+                   "--project", tmp_path, "--name", "dk"))
+    rows = [json.loads(x) for x in (tmp_path / "dk" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4, 2e-4, 1e-4])
+    config = json.loads((tmp_path / "dk" / "config.json").read_text())
+    assert (config["update"], config["grad_clip"], config["flip"], config["cell_winner"]) == \
+        ("darknet", 0.0, True, "random")
+    assert load_checkpoint(tmp_path / "dk" / "last.pt")["model_config"]["B"] == 3
