@@ -173,6 +173,10 @@ class DetectionDataset(Dataset):
         # uint8 samples (image, target, photometric factors) for the training loop, which
         # finishes them with to_float_images on its device; float (image, target) otherwise.
         self.uint8 = False
+        # Which object keeps a cell that several centres share: the first in label-file order,
+        # or (True) a random one, as Darknet shuffles the boxes (randomize_boxes) each time
+        # fill_truth_region loads an image. train.py's --cell-winner sets it.
+        self.shuffle_boxes = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -187,6 +191,9 @@ class DetectionDataset(Dataset):
             image, boxes, labels, factors = self.augment.sample(image, boxes, labels)
         else:  # resize on uint8, then convert: a quarter of the bytes to interpolate
             image, factors = F.resize(image, list(size), antialias=True), photometric_factors()
+        if self.shuffle_boxes and len(labels) > 1:  # after the augmentation's draws: they stay the same
+            order = torch.randperm(len(labels))  # from (seed, epoch, index): distributed.SeededDataset
+            boxes, labels = boxes[order], labels[order]
         target = encode_target(box_convert(boxes, "xyxy", "cxcywh"), labels, self.S, len(self.class_names))
         if self.uint8:
             return image, target, factors

@@ -43,8 +43,14 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="paper: 0.0005")
-    g.add_argument("--schedule", choices=("step", "cosine", "poly", "constant"), default=schedule,
-                   help="learning-rate schedule after warm-up (default %(default)s)")
+    g.add_argument("--schedule", choices=("step", "cosine", "poly", "constant", "steps"), default=schedule,
+                   help="learning-rate schedule after warm-up (default %(default)s; steps: Darknet's "
+                        "policy=steps, in iterations, with --lr-steps and --lr-scales)")
+    g.add_argument("--lr-steps", type=int, nargs="*", default=[],
+                   help="'steps': the iterations (optimiser steps) at which the rate is multiplied "
+                        "by the matching --lr-scales (Darknet's steps=)")
+    g.add_argument("--lr-scales", type=float, nargs="*", default=[],
+                   help="'steps': the factors, one per --lr-steps entry (Darknet's scales=)")
     g.add_argument("--milestones", type=float, nargs="*", default=[75, 105],
                    help="epochs at which 'step' multiplies the rate by --gamma (paper: 75 105)")
     g.add_argument("--gamma", type=float, default=0.1, help="'step' factor (default %(default)s)")
@@ -89,6 +95,9 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if len(getattr(args, "lr_steps", [])) != len(getattr(args, "lr_scales", [])):
+        raise UserError(f"--lr-steps has {len(args.lr_steps)} values and --lr-scales {len(args.lr_scales)}: "
+                        f"give one scale per step")
 
 
 def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
@@ -104,12 +113,13 @@ def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay (paper), or Adam (the original project's setting).
 
-    Weight decay applies to weights only, not to biases and batch-norm parameters.
+    Weight decay applies to weights only, not to biases and batch-norm parameters (as
+    Darknet's update_*_layer functions decay ``l.weights`` alone).
     """
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() > 1 else no_decay).append(p)
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # a locally connected layer's bias has a dimension per position
+            (decay if p.dim() > 1 and not name.endswith("bias") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if args.optimizer == "adam":
@@ -117,13 +127,16 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
 
 
-def lr_factor(epoch: float, args) -> float:
-    """Learning rate at fractional ``epoch`` as a fraction of ``--lr``.
+def lr_factor(epoch: float, args, step: int = 0) -> float:
+    """Learning rate at fractional ``epoch`` (optimiser ``step``) as a fraction of ``--lr``.
 
     The paper raises the rate from 1e-3 to 1e-2 over the first epochs, then holds 1e-2
     for 75 epochs, 1e-3 for 30 and 1e-4 for 30: 'step' with milestones 75, 105 and
-    warm-up from 0.1. Darknet's ImageNet pretraining uses 'poly' (power 4).
+    warm-up from 0.1. Darknet's ImageNet pretraining uses 'poly' (power 4); its
+    cfg/yolov1.cfg uses 'steps' (:func:`steps_factor`), counted in iterations.
     """
+    if args.schedule == "steps" and epoch >= args.warmup_epochs:
+        return steps_factor(step, args.lr_steps, args.lr_scales)
     if epoch < args.warmup_epochs:
         t = epoch / args.warmup_epochs
         return args.warmup_factor + (1.0 - args.warmup_factor) * t
@@ -137,10 +150,24 @@ def lr_factor(epoch: float, args) -> float:
     return 1.0
 
 
+def steps_factor(step: int, steps: list[int], scales: list[float]) -> float:
+    """Darknet's ``policy=steps`` (get_current_rate, network.c): the product of the scales
+    whose step the batch number has reached. Darknet counts the images of an update before
+    making it (train_network_datum adds to ``seen`` first), so optimiser step ``step``
+    (0-based) runs at batch number ``step + 1``: with steps=200 the 200th update (step 199)
+    is the first at the new rate."""
+    factor = 1.0
+    for at, scale in zip(steps, scales):
+        if at > step + 1:
+            break
+        factor *= scale
+    return factor
+
+
 def build_scheduler(optimizer, args, steps_per_epoch: int):
     """A per-step LambdaLR following :func:`lr_factor` (the rate changes every step)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step / steps_per_epoch, args))
+        optimizer, lambda step: lr_factor(step / steps_per_epoch, args, step))
 
 
 # --------------------------------------------------------------------------- the run and its state

@@ -20,7 +20,8 @@ of the squared deltas (``mag_array``), e.g. 25 (x - x^)^2 for a coordinate.
 Learning rates do not carry over from Darknet unchanged: besides that factor of 2 its GPU
 connected layers clamp each delta to [-1, 1] (``constrain_gpu``). Here the gradient is the
 exact one of equation 3, neither halved nor clamped: the same learning rate takes steps twice
-as large as in Darknet, with nothing bounding them.
+as large as in Darknet, with nothing bounding them. :class:`DarknetUpdate`
+(train.py ``--update darknet``) gives Darknet's halved and clamped gradient instead.
 """
 from __future__ import annotations
 
@@ -95,3 +96,38 @@ class YoloLoss(nn.Module):
         terms = {k: v / n for k, v in terms.items()}
         total = sum(terms.values())
         return (total, terms) if components else total
+
+
+class DarknetUpdate(nn.Module):
+    """Darknet's training update around a :class:`YoloLoss` (train.py ``--update darknet``).
+
+    Darknet's detection layer (``forward_detection_layer``, detection_layer.c) writes
+    ``delta = scale * (truth - output)`` for each output of each image: minus *half* the
+    gradient of equation 3. ``backward_detection_layer`` adds it to the connected layer's
+    delta, and on the GPU ``backward_connected_layer_gpu`` (connected_layer.c) first clamps
+    that delta to [-1, 1] (``constrain_gpu``, blas_kernels.cu); the CPU path does not clamp.
+    The weight gradients are then summed over the batch and the update divides by the batch
+    (``update_connected_layer``), so the bound is per image.
+
+    Here the gradient reaching the network's output is exactly that: per image, half the
+    gradient of equation 3 clamped to [-bound, bound], then the batch mean, as the plain
+    loss's gradient is a batch mean. It is imposed by a surrogate whose gradient is that
+    tensor, rather than by a hook on the output's gradient: the gradient reaching a hook is
+    also multiplied by the mixed-precision loss scale and 1 / --accum-steps, which would move
+    the bound. The value returned (and logged) is still equation 3's loss.
+    """
+
+    def __init__(self, loss: YoloLoss, scale: float = 0.5, bound: float = 1.0):
+        super().__init__()
+        self.loss, self.scale, self.bound = loss, scale, bound
+
+    def forward(self, predictions: torch.Tensor, target: torch.Tensor, components: bool = False):
+        leaf = predictions.detach().requires_grad_()
+        with torch.enable_grad():
+            total, terms = self.loss(leaf, target, components=True)
+            (grad,) = torch.autograd.grad(total, leaf)
+        n = predictions.shape[0]  # total is a batch mean: n * grad is each image's own gradient
+        delta = (self.scale * n * grad.float()).clamp(-self.bound, self.bound) / n
+        surrogate = (predictions.float() * delta).sum()
+        total = total.detach() + (surrogate - surrogate.detach())
+        return (total, {k: v.detach() for k, v in terms.items()}) if components else total

@@ -8,12 +8,15 @@
 Every setting is an argument (``--help``); ``--recipe`` fills in a whole set of defaults:
 ``paper`` (Section 2.2: SGD, momentum 0.9, weight decay 5e-4, batch 64, 135 epochs,
 warm-up 1e-3 -> 1e-2 then 1e-2 / 1e-3 / 1e-4 for 75 / 30 / 30 epochs, dropout 0.5,
-augmentation; and --grad-clip 10, which Darknet's bounded update makes unnecessary there), ``original`` (the original project: Adam, lr 2e-5) and ``demo`` (a tiny
-network on the bundled sample; what runs with no arguments at all).
+augmentation; and --grad-clip 10, which Darknet's bounded update makes unnecessary there),
+``darknet`` (Darknet's cfg/yolov1.cfg: its network, steps schedule and update; docs/darknet.md),
+``original`` (the original project: Adam, lr 2e-5) and ``demo`` (a tiny network on the bundled
+sample; what runs with no arguments at all).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -23,11 +26,11 @@ import engine
 import predict
 import runs
 from dataset import build_voc_dataset
-from loss import YoloLoss
+from loss import DarknetUpdate, YoloLoss
 from model import MODEL_NAMES, build_model, load_backbone
 from plots import TensorBoardLogger, require
 from transforms import to_float_images
-from utils import decode_predictions, load_checkpoint, run_cli
+from utils import UserError, decode_predictions, load_checkpoint, run_cli
 
 RECIPES = {
     # Section 2.2's rates were used in Darknet, which back-propagates half the gradient of
@@ -36,8 +39,19 @@ RECIPES = {
     # Hessian eigenvalue ~4e4 at init), so lr 1e-2 diverges within a few steps, with or
     # without --backbone; clipping the gradient norm at 10 bounds each step as Darknet does.
     "paper": {"grad_clip": 10.0},
+    # The original project keeps the first object of a shared cell (its dataset's label loop).
     "original": {"optimizer": "adam", "lr": 2e-5, "weight_decay": 0.0, "schedule": "constant",
-                 "warmup_epochs": 0.0, "batch_size": 16, "hidden": 496},
+                 "warmup_epochs": 0.0, "batch_size": 16, "hidden": 496, "cell_winner": "first"},
+    # Darknet's cfg/yolov1.cfg, the run behind the released yolov1.weights: its [net] section's
+    # learning_rate, policy=steps (the first three steps are its warm-up), momentum, decay and
+    # max_batches at batch 64, its network, Darknet's update (loss.DarknetUpdate) instead of the
+    # gradient-norm clip, flips and the shuffled cell winner (docs/darknet.md). jitter .2 and
+    # exposure / saturation 1.5 are YoloAugment's defaults; its hue .1 is not applied here.
+    "darknet": {"model": "yolov1-darknet", "optimizer": "sgd", "lr": 5e-4, "momentum": 0.9,
+                "weight_decay": 5e-4, "batch_size": 64, "schedule": "steps", "warmup_epochs": 0.0,
+                "lr_steps": [200, 400, 600, 20000, 30000], "lr_scales": [2.5, 2.0, 2.0, 0.1, 0.1],
+                "max_batches": 40000, "epochs": None, "update": "darknet", "grad_clip": 0.0, "flip": True,
+                "cell_winner": "random"},
     # A quarter-width Fast YOLO at S = 2 (128-pixel input) on data/shapes/ (one large cross
     # or rectangle per image): about 200 times cheaper than the full YOLOv1, which trains at
     # about 0.25 images/s on a 2-core CPU, and it learns that data in a minute or two.
@@ -46,7 +60,7 @@ RECIPES = {
              "names": "data/shapes/names.txt", "model": "fast",
              "width": 0.25, "S": 2, "epochs": 20, "batch_size": 16, "lr": 3e-3, "optimizer": "adam",
              "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 1.0, "eval_every": 5,
-             "no_augment": True, "workers": 2, "name": "demo"},
+             "no_augment": True, "cell_winner": "first", "workers": 2, "name": "demo"},
 }
 
 
@@ -59,7 +73,7 @@ DEMO_NOTE = ("Quick demonstration: a quarter-width Fast YOLO (S=2, 128x128 input
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
-                   help="a set of defaults: paper, original or demo (default %(default)s; "
+                   help="a set of defaults: paper, darknet, original or demo (default %(default)s; "
                         "no arguments at all runs the demo)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="data/100examples.csv",
@@ -73,18 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-split", default="2007/val", help="VOCdevkit validation split")
     d.add_argument("--names", help="class names file, one per line (default: the 20 VOC classes)")
     d.add_argument("--no-augment", action="store_true", help="turn off the paper's augmentation")
+    d.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="flip half the training images horizontally (Darknet's load_data_region; the "
+                        "paper does not mention it; default on, as in the run behind its numbers)")
+    d.add_argument("--cell-winner", choices=("random", "first"), default="random",
+                   help="which object a cell learns when several centres share it: random (Darknet "
+                        "shuffles each image's boxes each time it loads it; seeded by seed, epoch and "
+                        "image, so --resume stays exact; default) or first in the label file")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=tuple(MODEL_NAMES), default="yolov1",
                    help="the network (default %(default)s)")
     m.add_argument("--S", type=int, default=7, help="grid size; the input is 64*S pixels (paper: 7)")
-    m.add_argument("--B", type=int, default=2, help="boxes per cell (paper: 2)")
-    m.add_argument("--hidden", type=int, default=4096, help="hidden fully connected units (paper: 4096)")
-    m.add_argument("--width", type=float, default=1.0, help="filter multiplier for small networks")
-    m.add_argument("--dropout", type=float, default=0.5, help="paper: 0.5")
-    m.add_argument("--no-batch-norm", action="store_true", help="the paper's network exactly")
+    # B, hidden, width, dropout and batch norm default to None: only what the user (or the
+    # recipe) gives overrides the network's own settings in model.MODELS (yolov1-darknet:
+    # B = 3, a locally connected layer and no hidden layer).
+    m.add_argument("--B", type=int, default=None, help="boxes per cell (default: the model's; paper: 2)")
+    m.add_argument("--hidden", type=int, default=None,
+                   help="hidden fully connected units (default: the model's; paper: 4096)")
+    m.add_argument("--width", type=float, default=None, help="filter multiplier for small networks")
+    m.add_argument("--dropout", type=float, default=None, help="default: the model's (paper: 0.5)")
+    m.add_argument("--no-batch-norm", action="store_true", default=None, help="the paper's network exactly")
     m.add_argument("--backbone", help="Darknet pretraining checkpoint for the first 20 convolutions")
     m.add_argument("--lambda-coord", type=float, default=5.0, help="paper: 5")
     m.add_argument("--lambda-noobj", type=float, default=0.5, help="paper: 0.5")
+    m.add_argument("--update", choices=("exact", "darknet"), default="exact",
+                   help="exact: equation 3's gradient (default); darknet: Darknet's update, half "
+                        "that gradient clamped to [-1, 1] per image and output (loss.DarknetUpdate; "
+                        "the darknet recipe)")
     m.add_argument("--no-rescore", action="store_true",
                    help="confidence target 1 instead of the IoU (the popular tutorial)")
     e = p.add_argument_group("evaluation")
@@ -94,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tensorboard", action="store_true",
                    help="also log to TensorBoard in <run>/tensorboard: the metrics and, with "
                         "--val-data, boxes on the first 8 validation images (pip install tensorboard)")
+    p.add_argument("--max-batches", type=int, default=0,
+                   help="without --epochs (the darknet recipe): train for this many optimiser steps, "
+                        "rounded up to whole epochs (Darknet's max_batches)")
     engine.add_training_args(p, epochs=135, batch_size=64, lr=1e-2, schedule="step",
                              warmup_epochs=2.0, project="runs/train")
     return p
@@ -109,9 +141,16 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def model_options(args, num_classes: int) -> dict:
+    """build_model's options: S and C always, the others only where given (None: the
+    registry entry's own default, model.MODELS)."""
+    given = {"B": args.B, "hidden": args.hidden, "width": args.width, "dropout": args.dropout,
+             "batch_norm": False if args.no_batch_norm else None}
+    return {"S": args.S, "C": num_classes} | {k: v for k, v in given.items() if v is not None}
+
+
 def make_model(args, num_classes: int, dist: distributed.Dist):
-    model = build_model(args.model, S=args.S, B=args.B, C=num_classes, hidden=args.hidden,
-                        batch_norm=not args.no_batch_norm, width=args.width, dropout=args.dropout)
+    model = build_model(args.model, **model_options(args, num_classes))
     if args.backbone:
         load_backbone(model, load_checkpoint(args.backbone), args.backbone)
     model = model.to(dist.device)
@@ -166,9 +205,24 @@ def build_datasets(args):
     size = 64 * args.S
     train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
                                   S=args.S, img_size=size, train=not args.no_augment, uint8=True)
+    train_set.shuffle_boxes = args.cell_winner == "random"
+    if train_set.augment is not None:
+        train_set.augment.flip = 0.5 if args.flip else 0.0
     val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
                                  S=args.S, img_size=size) if args.val_data else None)
     return train_set, val_set
+
+
+def epochs_from_max_batches(args, n_images: int, dist: distributed.Dist) -> None:
+    """The darknet recipe gives max_batches, not epochs: --max-batches optimiser steps
+    become whole epochs (the loop, its checkpoints and --resume count in epochs)."""
+    if args.epochs is not None:
+        if args.max_batches > 0 and dist.is_main:
+            print(f"warning: --max-batches ignored: --epochs {args.epochs} decides", file=sys.stderr)
+        return
+    if args.max_batches <= 0:
+        raise UserError(f"--max-batches must be positive without --epochs, got {args.max_batches}")
+    args.epochs = math.ceil(args.max_batches / math.ceil(n_images / args.batch_size))
 
 
 def tensorboard_logger(state: engine.TrainState, val_set):
@@ -190,12 +244,15 @@ def main(argv=None):
         print(DEMO_NOTE, flush=True)
     runs.seed_everything(args.seed)
     train_set, val_set = build_datasets(args)
+    epochs_from_max_batches(args, len(train_set), dist)
     names = list(train_set.class_names)
     # The model (and --backbone) before the run folder: a bad backbone writes nothing.
     model = make_model(args, len(names), dist)
     state = engine.start_training(model, train_set, args, dist, "yolo", extra={"class_names": names})
-    loss_fn = YoloLoss(args.S, args.B, len(names), args.lambda_coord, args.lambda_noobj,
+    loss_fn = YoloLoss(args.S, distributed.unwrap(model).B, len(names), args.lambda_coord, args.lambda_noobj,
                        rescore=not args.no_rescore)
+    if args.update == "darknet":
+        loss_fn = DarknetUpdate(loss_fn)
     evaluate_fn = predict.detection_evaluator(val_set, args, dist) if val_set else None
     logger, on_epoch_end = tensorboard_logger(state, val_set)
     best = engine.fit(state, yolo_step(loss_fn, args.channels_last), evaluate_fn, "mAP", on_epoch_end)

@@ -62,7 +62,9 @@ class YoloAugment:
       resize of the original image (Darknet's ``crop_image`` + ``resize_image``), which also
       does the resize to ``img_size`` on uint8 and costs a third of resize + affine.
       Uncovered area is black.
-    * Horizontal flip with probability ``flip``.
+    * Horizontal flip with probability ``flip``: Darknet's, not the paper's (Section 2.2 does not
+      mention flipping; Darknet's ``load_data_region`` flips half the images, ``rand()%2``).
+      train.py ``--no-flip`` sets it to 0.
     * Exposure and saturation scaled by up to ``exposure`` / ``saturation`` (1.5) in HSV.
 
     Drop rule: boxes are clipped to the image; a box is dropped when less than

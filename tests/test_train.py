@@ -129,7 +129,7 @@ def test_recipes_fill_defaults_and_explicit_arguments_win():
     assert (original.optimizer, original.lr, original.weight_decay) == ("adam", 2e-5, 0.0)
     paper = train.parse_args(["--data", "x.csv"])
     assert (paper.epochs, paper.batch_size, paper.lr, paper.momentum) == (135, 64, 1e-2, 0.9)
-    assert paper.milestones == [75, 105] and paper.dropout == 0.5 and paper.amp == "auto"
+    assert paper.milestones == [75, 105] and paper.dropout is None and paper.amp == "auto"  # model's 0.5
     assert paper.grad_clip == 10.0 and train.parse_args(["--grad-clip", "0"]).grad_clip == 0.0
     assert train.parse_args(["--recipe", "demo", "--epochs", "3"]).epochs == 3
 
