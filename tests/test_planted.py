@@ -368,10 +368,11 @@ def make_model(args, num_classes, dist):
     # a box centred in the cell and as large as it; its weights, scaled by 0.05, vary that
     # by a few hundredths from image to image. At S = 2 the boxes are the image's quadrants.
     model = real_make_model(args, num_classes, dist)
-    head, C = distributed.unwrap(model).head[-1], num_classes
-    bias = torch.zeros(args.S, args.S, C + 5 * args.B)
+    net = distributed.unwrap(model)
+    head, C, S, B = net.head[-1], num_classes, net.S, net.B
+    bias = torch.zeros(S, S, C + 5 * B)
     bias[..., 0] = 0.9
-    for b in range(args.B):
+    for b in range(B):
         bias[..., C + 5 * b:C + 5 * b + 5] = torch.tensor([0.9 - 0.4 * b, 0.5, 0.5, 0.5 ** 0.5, 0.5 ** 0.5])
     with torch.no_grad():
         head.weight.mul_(0.05)
