@@ -212,8 +212,8 @@ def check_option(key: str, value, source: str) -> None:
     else:  # an int is a float here; a bool is no number (True would pass as S=1)
         ok_type = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
     if not ok_type:
-        raise UserError(f"{source}: model_config {key}={value!r} is a {type(value).__name__}, "
-                        f"not a{'n' if kind is int else ''} {kind.__name__}")
+        raise UserError(f"{source}: model_config {key}={value!r} is of type {type(value).__name__}, "
+                        f"not {kind.__name__}")
     if len(limits) == 1:
         if value not in limits[0]:
             raise UserError(f"{source}: model_config {key}={value!r}: must be one of "

@@ -86,12 +86,12 @@ BAD_CONFIGS = [  # (what is wrong, the config or a function of the good one, fra
     ("no name", lambda c: {k: v for k, v in c.items() if k != "name"}, ["model_config has no 'name'"]),
     ("no S", lambda c: {k: v for k, v in c.items() if k != "S"}, ["model_config has no 'S'"]),
     ("unknown model", lambda c: c | {"name": "yolov9"}, ["name='yolov9'", "yolov1"]),
-    ("name not a string", lambda c: c | {"name": 3}, ["name=3 is a int", "str"]),
+    ("name not a string", lambda c: c | {"name": 3}, ["name=3 is of type int", "str"]),
     ("unknown option", lambda c: c | {"anchors": 5}, ["unknown option 'anchors'"]),
     ("Fast YOLO option on YOLOv1", lambda c: c | {"convs": 9}, ["unknown option 'convs'"]),
-    ("S a string", lambda c: c | {"S": "7"}, ["S='7' is a str"]),
-    ("S a bool", lambda c: c | {"S": True}, ["S=True is a bool"]),
-    ("S a float", lambda c: c | {"S": 2.0}, ["S=2.0 is a float"]),
+    ("S a string", lambda c: c | {"S": "7"}, ["S='7' is of type str"]),
+    ("S a bool", lambda c: c | {"S": True}, ["S=True is of type bool"]),
+    ("S a float", lambda c: c | {"S": 2.0}, ["S=2.0 is of type float"]),
     ("S zero", lambda c: c | {"S": 0}, ["S=0", "[1, 64]"]),
     ("B zero", lambda c: c | {"B": 0}, ["B=0"]),
     ("C negative", lambda c: c | {"C": -1}, ["C=-1"]),
@@ -100,8 +100,8 @@ BAD_CONFIGS = [  # (what is wrong, the config or a function of the good one, fra
     ("width NaN", lambda c: c | {"width": math.nan}, ["width=nan"]),
     ("width infinite", lambda c: c | {"width": math.inf}, ["width=inf"]),
     ("dropout 1.5", lambda c: c | {"dropout": 1.5}, ["dropout=1.5"]),
-    ("batch_norm a string", lambda c: c | {"batch_norm": "yes"}, ["batch_norm='yes' is a str"]),
-    ("batch_norm an int", lambda c: c | {"batch_norm": 1}, ["batch_norm=1 is a int"]),
+    ("batch_norm a string", lambda c: c | {"batch_norm": "yes"}, ["batch_norm='yes' is of type str"]),
+    ("batch_norm an int", lambda c: c | {"batch_norm": 1}, ["batch_norm=1 is of type int"]),
 ]
 
 
