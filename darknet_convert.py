@@ -28,8 +28,8 @@ from torch import nn
 from darknet_cfg import Cfg, read_cfg
 from darknet_model import HEADS, Darknet
 from darknet_weights import load_weights, model_cfg, open_weights, write_darknet
-from model import MODELS, YOLOv1, build_model, model_from_config
-from utils import VOC_CLASSES, UserError, load_checkpoint, load_state_checked, run_cli, save_checkpoint
+from model import MODELS, YOLOv1, build_checked, build_model
+from utils import VOC_CLASSES, UserError, check_finite, load_checkpoint, run_cli, save_checkpoint
 
 
 @dataclass
@@ -188,6 +188,7 @@ def convert_from_darknet(cfg_path, weights_path, out, names=None) -> str:
                 "class_names": read_names(names, model.C)}
         done = f"{match.name} (S={model.S}, B={model.B}, C={model.C})"
     ckpt["darknet"] = source | {"seen": int(header.seen)}
+    check_finite(ckpt["model"], str(weights_path))  # NaN weights would travel into every later use
     save_checkpoint(ckpt, out)
     return f"{cfg_path} + {weights_path} (seen {header.seen}) -> {out}: {done}"
 
@@ -243,12 +244,7 @@ def model_from_checkpoint(path) -> tuple[nn.Module, dict]:
                         "give a .cfg and a .weights file to convert the other way")
     if kind == "backbone" and ckpt.get("contents") != "classifier":
         raise UserError(f"{path}: holds convolutions only; a cfg needs the whole network")
-    try:
-        model = model_from_config(config) if kind == "yolo" else Darknet(**config)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{path}: its model_config cannot be built: {err}") from None
-    load_state_checked(model, ckpt["model"], str(path))
-    return model.eval(), ckpt
+    return build_checked(config, ckpt["model"], str(path), "detector" if kind == "yolo" else "darknet"), ckpt
 
 
 def convert_to_darknet(path, out, size: int | None) -> str:

@@ -154,7 +154,7 @@ def check_export(path: Path, fmt: str, module: nn.Module, size: int) -> float | 
         with jit_quietly():
             got = reference_outputs(torch.jit.load(str(path)), images)
     diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
-    if diff > ATOL:
+    if not diff <= ATOL:  # NaN compares false both ways: an output of NaN is a failure, not a match
         raise UserError(f"{path}: outputs differ from PyTorch by up to {diff:.3g} (more than {ATOL})")
     return diff
 

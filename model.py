@@ -13,14 +13,16 @@ builds one, and a checkpoint's ``model_config`` (``model.config``) rebuilds it.
 """
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from darknet_model import (DARKNET_FEATURES, MAXPOOL, LocallyConnected2d, build_layers, conv,
-                           init_weights, variance_from_darknet)
-from utils import UserError, load_checkpoint, load_state_checked
+from darknet_model import (DARKNET_FEATURES, HEADS, MAXPOOL, Darknet, LocallyConnected2d, build_layers,
+                           conv, init_weights, variance_from_darknet)
+from utils import UserError, check_state_dict, load_checkpoint, load_state_checked
 
 # Figure 3 after the 20 pretrained layers: the last two convolutions of block 5 (the
 # second with stride 2) and the two of block 6. Randomly initialised (Section 2.2).
@@ -175,9 +177,85 @@ def build_model(name: str = "yolov1", **config) -> nn.Module:
 
 
 def model_from_config(config: dict) -> nn.Module:
-    """Rebuild a model from the ``config`` dict it carried into a checkpoint."""
+    """Rebuild a model from the ``config`` dict it carried into a checkpoint (a trusted one:
+    a checkpoint's goes through :func:`check_config` first, as in :func:`build_checked`)."""
     config = dict(config)
     return build_model(config.pop("name"), **config)
+
+
+# --------------------------------------------------------------------------- checkpoint configurations
+# What a checkpoint's ``model_config`` may hold, checked before anything is built from it:
+# a foreign file whose config said S=400 once made the loader allocate 49 TB, a malformed one
+# raised a KeyError. Each option: (type, lowest, highest) or (type, allowed values). The
+# bounds are far above any real network (the paper's S=7, B=2, C=20, hidden 4096) and far
+# below what would exhaust memory before the state dict's shapes are compared.
+OPTION_LIMITS = {
+    "S": (int, 1, 64), "B": (int, 1, 64), "C": (int, 1, 100_000), "num_classes": (int, 1, 100_000),
+    "hidden": (int, 0, 65_536), "local": (int, 0, 65_536), "width": (float, 1 / 1024, 16.0),
+    "dropout": (float, 0.0, 1.0), "convs": (int, (8, 9)), "head": (str, HEADS),
+    "batch_norm": (bool, (False, True)), "darknet_bn": (bool, (False, True)), "name": (str, MODEL_NAMES),
+}
+# The options without which a configuration means nothing (the others take the class's defaults,
+# as for checkpoints saved before an option existed).
+REQUIRED = {"detector": ("name", "S", "B", "C"), "darknet": ("num_classes",)}
+
+
+def option_names(cls: type) -> set[str]:
+    """The keyword options of a network's constructor: what its ``config`` may hold."""
+    return {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
+
+
+def check_option(key: str, value, source: str) -> None:
+    kind, *limits = OPTION_LIMITS[key]
+    if kind is bool:
+        ok_type = isinstance(value, bool)
+    else:  # an int is a float here; a bool is no number (True would pass as S=1)
+        ok_type = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+    if not ok_type:
+        raise UserError(f"{source}: model_config {key}={value!r} is of type {type(value).__name__}, "
+                        f"not {kind.__name__}")
+    if len(limits) == 1:
+        if value not in limits[0]:
+            raise UserError(f"{source}: model_config {key}={value!r}: must be one of "
+                            f"{', '.join(map(repr, limits[0]))}")
+    elif not (math.isfinite(value) and limits[0] <= value <= limits[1]):  # NaN fails both
+        raise UserError(f"{source}: model_config {key}={value!r}: must be in [{limits[0]:g}, {limits[1]:g}]")
+
+
+def check_config(config, source: str, kind: str = "detector") -> dict:
+    """A checkpoint's ``model_config``, checked option by option (type, range, no unknown
+    key) before anything is built from it; ``kind`` "detector" (the registry, by ``name``)
+    or "darknet" (the classifier). Returns a copy."""
+    if not isinstance(config, dict):
+        raise UserError(f"{source}: its model_config is of type {type(config).__name__}, not a dict of options")
+    for key in REQUIRED[kind]:
+        if key not in config:
+            raise UserError(f"{source}: its model_config has no {key!r}")
+    if kind == "detector":
+        check_option("name", config["name"], source)
+    allowed = ({"name"} | option_names(MODELS[config["name"]].cls)) if kind == "detector" else option_names(Darknet)
+    for key, value in config.items():
+        if key not in allowed:
+            what = f"a {config['name']} model" if kind == "detector" else "the Darknet classifier"
+            raise UserError(f"{source}: model_config has an unknown option {key!r} for {what}")
+        check_option(key, value, source)
+    return dict(config)
+
+
+def build_checked(config, state, source: str, kind: str = "detector") -> nn.Module:
+    """The network a checkpoint describes, with its weights: the configuration is checked
+    (:func:`check_config`), the network built on the ``meta`` device (no memory), the state
+    dict's names, shapes and values compared with it (utils.load_state_checked: finite
+    floats only), and only then does the network take the checked tensors as its own.
+    Every loader of a checkpoint's network goes through here. In eval mode."""
+    config = check_config(config, source, kind)
+    try:
+        with torch.device("meta"):
+            model = model_from_config(config) if kind == "detector" else Darknet(**config)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source}: its model_config cannot be built: {err}") from None
+    load_state_checked(model, state, source, assign=True)
+    return model.eval()
 
 
 def load_backbone(model: nn.Module, checkpoint: dict, source: str = "backbone checkpoint") -> None:
@@ -191,13 +269,18 @@ def load_backbone(model: nn.Module, checkpoint: dict, source: str = "backbone ch
     """
     if not isinstance(model, YOLOv1):
         raise UserError("only the full YOLOv1 is built on the Darknet backbone; Fast YOLO has none")
-    state = checkpoint.get("model", checkpoint)
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{source}: holds a {type(checkpoint).__name__}, not a checkpoint or a state dict")
+    state = check_state_dict(checkpoint.get("model", checkpoint), source)
     features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     if not features and state and all(k.split(".", 1)[0].isdigit() for k in state):
         features = dict(state)  # a bare ``features`` state dict: keys "0.0.weight", ...
     if not features:
         raise UserError(f"{source}: holds no 'features.*' tensors; is it a Darknet pretraining checkpoint?")
-    config = checkpoint.get("model_config") if isinstance(checkpoint.get("model_config"), dict) else {}
+    config = checkpoint.get("model_config", {}) if "model" in checkpoint else {}
+    # a pretraining (or converted) classifier's, or a trained detector's whose features are reused
+    config = check_config(config, source, "detector" if isinstance(config, dict) and "name" in config
+                          else "darknet") if config else {}
     if config.get("batch_norm") is not None and config["batch_norm"] != model.config["batch_norm"]:
         flag = "without --no-batch-norm" if config["batch_norm"] else "with --no-batch-norm"
         raise UserError(f"{source}: its convolutions were trained {'with' if config['batch_norm'] else 'without'} "
@@ -213,17 +296,10 @@ def load_detector(path, device="cpu") -> tuple[nn.Module, list[str]]:
     """A trained detector from a train.py checkpoint, in eval mode, and its class names."""
     ckpt = load_checkpoint(path)
     kind = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if kind != "yolo" or "model_config" not in ckpt:
+    if kind != "yolo" or "model_config" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path}: not a train.py checkpoint (it holds {kind!r})")
-    config = ckpt["model_config"]
-    if not isinstance(config, dict) or config.get("name") not in MODELS:
-        name = config.get("name") if isinstance(config, dict) else None
-        raise UserError(f"{path}: its model_config names no known model ({name!r}); "
-                        f"known: {', '.join(MODEL_NAMES)}")
-    try:
-        model = model_from_config(config)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{path}: its model_config cannot be built: {err}") from None
-    load_state_checked(model, ckpt["model"], str(path))
-    names = list(ckpt.get("class_names") or [str(i) for i in range(model.C)])
-    return model.to(device).eval(), names
+    model = build_checked(ckpt["model_config"], ckpt["model"], str(path))
+    names = ckpt.get("class_names") or [str(i) for i in range(model.C)]
+    if not isinstance(names, (list, tuple)) or len(names) != model.C or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: its class_names are not {model.C} strings (C={model.C})")
+    return model.to(device).eval(), list(names)

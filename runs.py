@@ -16,7 +16,10 @@ import torch
 
 import plots  # stdlib only at import time: matplotlib loads when a plot is drawn
 from distributed import Dist, gather_objects
-from utils import Interrupted, UserError, load_checkpoint, save_checkpoint
+from model import check_config
+from utils import Interrupted, UserError, check_finite, check_state_dict, load_checkpoint, save_checkpoint
+
+CONFIG_KINDS = {"yolo": "detector", "darknet": "darknet"}  # a training checkpoint's kind -> its model_config's
 
 
 # --------------------------------------------------------------------------- run folder
@@ -109,19 +112,26 @@ def load_resume(args) -> tuple[dict | None, Path | None]:
     path = path / "last.pt" if path.is_dir() else path
     try:
         path = find_resume_checkpoint(str(path))
-        return load_training_state(path), path.parent
+        ckpt = load_training_state(path)
     except UserError as err:
         if not previous_path(path).is_file():
             raise
         print(f"warning: {err}; resuming from the previous checkpoint {previous_path(path)}", flush=True)
-        return load_training_state(previous_path(path)), path.parent
+        ckpt = load_training_state(previous_path(path))
+    # Not a damaged file but a run gone wrong: refused, not replaced by last_prev.pt unasked.
+    check_finite(ckpt["model"], ckpt["source"])
+    return ckpt, path.parent
 
 
 def load_training_state(path: Path) -> dict:
-    """A checkpoint to resume, with ``source``: the file it came from (for messages)."""
+    """A checkpoint to resume, with ``source``: the file it came from (for messages). Its
+    model state and configuration are checked (model.check_config) before anything is built."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path}: not a training checkpoint (no 'model' state in it)")
+    check_state_dict(ckpt["model"], str(path))
+    if ckpt.get("kind") in CONFIG_KINDS and "model_config" in ckpt:
+        check_config(ckpt["model_config"], str(path), CONFIG_KINDS[ckpt["kind"]])
     return ckpt | {"source": str(path)}
 
 

@@ -227,12 +227,39 @@ def check_archive(path: Path) -> None:
         raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {one_line(err)}") from None
 
 
-def load_state_checked(module: torch.nn.Module, state: dict, source: str) -> None:
+def check_state_dict(state, source: str) -> dict:
+    """``state`` must be a state dict: tensors by string name. Returns it."""
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{source}: its model state is {type(state).__name__}"
+                        f"{' (empty)' if isinstance(state, dict) else ''}, not a dict of named tensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{source}: model state entry {key!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+def check_finite(state: dict, source: str) -> None:
+    """Refuse NaN or infinity in any floating tensor of a state dict (weights and batch-norm
+    buffers alike): such a model gives NaN outputs, which every later step would turn into
+    silently wrong numbers (no boxes, mAP 0, an export "matching" PyTorch with NaN)."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = value[~torch.isfinite(value)].flatten()[0].item()
+            raise UserError(f"{source}: tensor {key!r} holds non-finite values ({bad}); "
+                            "refusing a model with NaN or infinite weights")
+
+
+def load_state_checked(module: torch.nn.Module, state: dict, source: str, assign: bool = False) -> None:
     """``module.load_state_dict(state)`` with one clear line when the two do not fit.
 
     A checkpoint of another configuration (other S, B, C, hidden size, width, batch
-    norm) would otherwise fail with a page of key and shape lists.
+    norm) would otherwise fail with a page of key and shape lists; a state dict that is
+    not one, or that holds NaN or infinite values, is refused (:func:`check_finite`).
+    The comparison reads shapes only, so ``module`` may live on the ``meta`` device:
+    ``assign=True`` then makes the checked tensors its own, with no second copy (a
+    tensor saved in another dtype is converted to the module's).
     """
+    check_state_dict(state, source)
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -246,4 +273,7 @@ def load_state_checked(module: torch.nn.Module, state: dict, source: str) -> Non
             raise UserError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)} but this "
                             f"model needs {tuple(value.shape)}; was it saved with another S, B, C, "
                             "hidden size or width?")
-    module.load_state_dict(state)
+    check_finite(state, source)
+    if assign:
+        state = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
+    module.load_state_dict(state, assign=assign)

@@ -412,6 +412,43 @@ def resume_a_bare_tensor(c: Context) -> tuple[list, list[str]]:
              "--resume", c.tmp / "tensor.pt"], [f"{c.tmp / 'tensor.pt'}: not a training checkpoint"])
 
 
+def foreign_checkpoint(c: Context, config: dict | None = None, nan: str | None = None) -> Path:
+    """A copy of the good checkpoint with another model_config or one NaN tensor (#14 classes 4, 10)."""
+    ckpt = utils.load_checkpoint(c.good["ckpt"])
+    ckpt["model_config"] = {**ckpt["model_config"], **(config or {})}
+    if nan:
+        ckpt["model"][nan] = ckpt["model"][nan].clone().fill_(float("nan"))
+    utils.save_checkpoint(ckpt, c.tmp / "foreign.pt")
+    return c.tmp / "foreign.pt"
+
+
+def checkpoint_cases() -> list[Case]:
+    """Checkpoints whose configuration would build a huge or broken model, or whose weights are NaN:
+    refused before anything is built or written."""
+    voc = lambda c: c.copy("voc") / "train.csv"  # noqa: E731
+    huge = lambda c: foreign_checkpoint(c, {"S": 400})  # noqa: E731
+    nan = lambda c: foreign_checkpoint(c, nan="features.0.1.running_var")  # noqa: E731
+    return [
+        Case("test.py checkpoint with S=400", "test.py", lambda c: (
+            ["test.py", huge(c), "--data", voc(c), "--device", "cpu"], [f"{c.tmp / 'foreign.pt'}: ", "S=400"])),
+        Case("detect.py checkpoint with an unknown option", "detect.py", lambda c: (
+            ["detect.py", foreign_checkpoint(c, {"anchors": 5}), c.image(), "--device", "cpu", "--project",
+             c.runs], ["foreign.pt: model_config has an unknown option 'anchors'"])),
+        Case("detect_txt.py checkpoint with NaN batch-norm variances", "detect_txt.py", lambda c: (
+            ["detect_txt.py", nan(c), "--data", voc(c), "--device", "cpu", "--project", c.runs],
+            ["foreign.pt: tensor 'features.0.1.running_var' holds non-finite values (nan)"])),
+        Case("export.py checkpoint with NaN weights", "export.py", lambda c: (
+            ["export.py", nan(c), "--include", "torchscript", "--project", c.runs],
+            ["foreign.pt: tensor 'features.0.1.running_var' holds non-finite"])),
+        Case("train.py --resume of a checkpoint with NaN weights", "train.py", lambda c: (
+            ["train.py", "--data", voc(c), *TINY_YOLO, "--project", c.runs, "--resume", nan(c)],
+            ["foreign.pt: tensor 'features.0.1.running_var' holds non-finite"])),
+        Case("train.py --backbone with NaN weights", "train.py", lambda c: (
+            ["train.py", "--data", voc(c), *TINY_YOLO, "--project", c.runs, "--backbone", nan(c)],
+            ["foreign.pt: tensor '0.1.running_var' holds non-finite"])),
+    ]
+
+
 def read_only(c: Context) -> Path:
     folder = c.tmp / "read_only"
     if not folder.exists():
@@ -423,7 +460,7 @@ def read_only(c: Context) -> Path:
 CASES = [
     *data_cases("train.py", train_args), *data_cases("test.py", evaluation_args),
     *data_cases("detect_txt.py", detect_txt_args), *devkit_cases(), *imagenet_cases(), *evaluate_cases(),
-    *image_script_cases(), *argument_cases(),
+    *image_script_cases(), *argument_cases(), *checkpoint_cases(),
 ]
 
 

@@ -154,3 +154,26 @@ def test_not_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
     err = run_cli_error([str(bad), "--include", "torchscript", "--project", str(tmp_path / "runs")], capsys)
     assert "notes.pt" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_check_after_the_export_fails_on_nan_outputs(tmp_path):
+    """Bug: the check against PyTorch passed with ``max |diff| nan`` (``diff > ATOL`` is
+    false for NaN): a model whose outputs are NaN was reported as exported correctly."""
+    model, names = load_detector(tiny_checkpoint(tmp_path / "tiny.pt"))
+    written = export.export(model, names, tmp_path, ["torchscript"], raw=True)
+    assert export.check_export(written["torchscript"], "torchscript", model, 128) <= ATOL
+    with torch.no_grad():
+        model.head[-1].bias[0] = float("nan")  # PyTorch's outputs now hold NaN, the file's do not
+    with pytest.raises(utils.UserError, match="outputs differ from PyTorch by up to nan"):
+        export.check_export(written["torchscript"], "torchscript", model, 128)
+
+
+def test_a_checkpoint_with_nan_weights_is_not_exported(tmp_path, capsys):
+    """Bug: export.py exported (and 'checked') a checkpoint whose weights were NaN."""
+    ckpt = utils.load_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt"))
+    ckpt["model"]["head.4.bias"][1] = float("nan")
+    utils.save_checkpoint(ckpt, tmp_path / "nan.pt")
+    err = run_cli_error([str(tmp_path / "nan.pt"), "--include", "torchscript", "--project",
+                         str(tmp_path / "runs")], capsys)
+    assert f"{tmp_path / 'nan.pt'}: tensor 'head.4.bias' holds non-finite values (nan)" in err
+    assert not (tmp_path / "runs").exists()
