@@ -21,10 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import resume_policy
 from distributed import (Dist, all_ranks, amp_dtype, any_rank, average_gradients, broadcast_object,
                          make_loader, reduce_sums, set_epoch, unwrap)
-from runs import (MetricsLog, RunInterrupted, check_same_checkpoint, load_resume, make_run_dir,
-                  refresh_plots, remove_stale_temporaries, rng_state, save_epoch_checkpoints,
+from runs import (MetricsLog, RunInterrupted, check_same_checkpoint, load_training_state, open_run,
+                  refresh_plots, release_locks, remove_stale_temporaries, rng_state, save_epoch_checkpoints,
                   save_with_previous, set_rng_state, write_config)
 from utils import UserError, load_state_checked
 
@@ -73,7 +74,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     r.add_argument("--project", default=project, help="parent folder of run folders (default %(default)s)")
     r.add_argument("--name", default="exp", help="run folder name; exp, exp2, ... if taken")
     r.add_argument("--resume", metavar="RUN_OR_CKPT", default=None,
-                   help="continue a run exactly: its folder or one of its .pt files")
+                   help="continue a run exactly: its folder or one of its .pt files. "
+                        f"{resume_policy.help_text()} (table: docs/training.md, Resuming)")
     r.add_argument("--auto-resume", action="store_true",
                    help="continue project/name from its last.pt if it has one, else start it (never "
                         "name2): rerun the same command after a crash or preemption, or let "
@@ -144,23 +146,34 @@ def build_scheduler(optimizer, args, steps_per_epoch: int):
 
 
 # --------------------------------------------------------------------------- the run and its state
-def start_run(args, dist: Dist, kind: str):
-    """Open the run folder (new, or the resumed run's) and record the resolved configuration.
+def start_run(args, dist: Dist, kind: str, extra: dict | None = None):
+    """Open the run folder (new, or the resumed run's), lock it for this process and
+    record the resolved configuration (runs.open_run: a resume must be the run's own).
 
-    Returns ``(run_dir, checkpoint or None)``. Only rank 0 creates and writes files; the
-    other ranks learn the folder name but never write to it.
+    Returns ``(run_dir, checkpoint or None)``. Only rank 0 creates, locks and writes
+    files; it tells the other ranks the folder and the checkpoint, or its error, so that
+    every rank stops with the same one line.
     """
     check_training_args(args)
-    ckpt, run_dir = load_resume(args)
-    if ckpt is not None and ckpt.get("kind") != kind:
-        raise UserError(f"{args.resume}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
+    run_dir, ckpt, error = None, None, None
+    if dist.is_main:
+        try:
+            run_dir, ckpt, _ = open_run(args, kind, extra or {})
+        except UserError as err:
+            if not dist.distributed:
+                raise
+            error = str(err)
+    shared = broadcast_object((error, str(run_dir), ckpt and ckpt["source"]), dist)
+    if shared[0] is not None:
+        raise UserError(shared[0])
+    run_dir = Path(shared[1])
+    if not dist.is_main and shared[2] is not None:  # the very checkpoint rank 0 resumes
+        try:
+            ckpt = load_training_state(Path(shared[2]))
+        except UserError:  # not on this node's storage: check_same_checkpoint says so on every rank
+            ckpt = None
     if dist.distributed:
         check_same_checkpoint(ckpt, dist)
-    if run_dir is None:
-        exist_ok = getattr(args, "auto_resume", False)
-        run_dir = (make_run_dir(args.project, args.name, exist_ok) if dist.is_main
-                   else Path(args.project) / args.name)
-        run_dir = Path(broadcast_object(str(run_dir), dist))  # the other ranks learn its name
     if dist.is_main:
         remove_stale_temporaries(run_dir)
         if ckpt is None:  # a resumed run records its configuration in fit(), once its state fits
@@ -233,14 +246,25 @@ def start_training(model, dataset, args, dist: Dist, kind: str, extra: dict | No
     """Open the run (:func:`start_run`), then build the training loader, optimiser,
     per-step schedule, gradient scaler and AMP dtype, restored from the run's checkpoint
     when resuming: the same for every training script."""
-    run_dir, ckpt = start_run(args, dist, kind)
+    # The training-set size travels in every checkpoint: resuming on other data is refused.
+    extra = dict(extra or {}) | {"train_images": len(dataset)}
+    run_dir, ckpt = start_run(args, dist, kind, extra)
+    try:
+        return build_state(model, dataset, args, dist, kind, extra, run_dir, ckpt)
+    except BaseException:
+        release_locks()  # a refused resume leaves the run folder as it was
+        raise
+
+
+def build_state(model, dataset, args, dist: Dist, kind: str, extra: dict, run_dir: Path, ckpt) -> TrainState:
+    """start_training's second half, once the run folder is open."""
     loader = make_loader(dataset, args.batch_size, True, args.workers, dist, args.seed)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, -(-len(loader) // args.accum_steps))
     dtype = amp_dtype(args, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     state = TrainState(model, loader, optimizer, scheduler, scaler, dist, args, run_dir, kind, dtype,
-                       resume=ckpt, extra=dict(extra or {}))
+                       resume=ckpt, extra=extra)
     if ckpt is not None:
         state.restore(ckpt)
     return state
@@ -418,6 +442,8 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
                 end_of_epoch(state, row, best, improved, log, on_epoch_end)
     finally:
         stopper.restore()
+        if dist.is_main:
+            release_locks()  # the run is over: the folder is free for the next one
     return best
 
 
