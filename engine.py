@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import argtypes
 import resume_policy
 from distributed import (Dist, all_ranks, amp_dtype, any_rank, average_gradients, broadcast_object,
                          make_loader, reduce_sums, set_epoch, unwrap)
@@ -35,26 +36,28 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                       schedule: str, warmup_epochs: float, project: str) -> None:
     """Arguments shared by all training scripts; each script passes its paper defaults."""
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs, help="epochs to train (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=batch_size,
+    g.add_argument("--epochs", type=argtypes.positive_int, default=epochs, help="epochs to train (default %(default)s)")
+    g.add_argument("--batch-size", type=argtypes.positive_int, default=batch_size,
                    help="images per optimiser step, over all processes (default %(default)s)")
-    g.add_argument("--accum-steps", type=int, default=1,
-                   help="split each batch into this many micro-batches (small GPUs); default 1")
+    g.add_argument("--accum-steps", type=argtypes.positive_int, default=1,
+                   help="split each batch into this many micro-batches, their gradients accumulated "
+                        "into one step (less memory, the same step): --batch-size 64 --accum-steps 4 "
+                        "runs 16 images at a time; must divide --batch-size (default 1)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="default %(default)s")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default %(default)s)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="paper: 0.0005")
+    g.add_argument("--lr", type=argtypes.positive_float, default=lr, help="peak learning rate (default %(default)s)")
+    g.add_argument("--momentum", type=argtypes.fraction(0, 1, hi_open=True), default=0.9, help="SGD momentum (paper: 0.9)")
+    g.add_argument("--weight-decay", type=argtypes.nonneg_float, default=5e-4, help="paper: 0.0005")
     g.add_argument("--schedule", choices=("step", "cosine", "poly", "constant"), default=schedule,
                    help="learning-rate schedule after warm-up (default %(default)s)")
-    g.add_argument("--milestones", type=float, nargs="*", default=[75, 105],
+    g.add_argument("--milestones", type=argtypes.nonneg_float, nargs="*", default=[75, 105],
                    help="epochs at which 'step' multiplies the rate by --gamma (paper: 75 105)")
-    g.add_argument("--gamma", type=float, default=0.1, help="'step' factor (default %(default)s)")
-    g.add_argument("--poly-power", type=float, default=4.0, help="'poly' exponent (Darknet: 4)")
-    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs,
+    g.add_argument("--gamma", type=argtypes.positive_float, default=0.1, help="'step' factor (default %(default)s)")
+    g.add_argument("--poly-power", type=argtypes.nonneg_float, default=4.0, help="'poly' exponent (Darknet: 4)")
+    g.add_argument("--warmup-epochs", type=argtypes.nonneg_float, default=warmup_epochs,
                    help="epochs of linear warm-up from --warmup-factor x lr (default %(default)s)")
-    g.add_argument("--warmup-factor", type=float, default=0.1,
+    g.add_argument("--warmup-factor", type=argtypes.fraction(0, 1), default=0.1,
                    help="warm-up starts at this fraction of --lr (paper: 1e-3 -> 1e-2, so 0.1)")
-    g.add_argument("--grad-clip", type=float, default=0.0,
+    g.add_argument("--grad-clip", type=argtypes.nonneg_float, default=0.0,
                    help="clip the gradient norm (0: off; train.py's paper recipe uses 10: the exact "
                         "gradient of equation 3 diverges at the paper's learning rate without it)")
     g.add_argument("--skip-nonfinite", action="store_true",
@@ -69,8 +72,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the network (GPU: fused kernels, see BENCHMARKS.md; the "
                         "first steps are slow while it compiles)")
-    r.add_argument("--workers", type=int, default=2, help="data-loading processes (default %(default)s)")
-    r.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    r.add_argument("--workers", type=argtypes.nonneg_int, default=2, help="data-loading processes (default %(default)s)")
+    r.add_argument("--seed", type=argtypes.nonneg_int, default=0, help="random seed (default %(default)s)")
     r.add_argument("--project", default=project, help="parent folder of run folders (default %(default)s)")
     r.add_argument("--name", default="exp", help="run folder name; exp, exp2, ... if taken")
     r.add_argument("--resume", metavar="RUN_OR_CKPT", default=None,
@@ -87,6 +90,9 @@ def check_training_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "accum_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.batch_size % args.accum_steps:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by --accum-steps {args.accum_steps}: "
+                        "each optimiser step is --accum-steps micro-batches of equal size")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.workers < 0:
@@ -258,7 +264,8 @@ def start_training(model, dataset, args, dist: Dist, kind: str, extra: dict | No
 
 def build_state(model, dataset, args, dist: Dist, kind: str, extra: dict, run_dir: Path, ckpt) -> TrainState:
     """start_training's second half, once the run folder is open."""
-    loader = make_loader(dataset, args.batch_size, True, args.workers, dist, args.seed)
+    # --batch-size images per optimiser step, in --accum-steps micro-batches (train_one_epoch)
+    loader = make_loader(dataset, args.batch_size // args.accum_steps, True, args.workers, dist, args.seed)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, -(-len(loader) // args.accum_steps))
     dtype = amp_dtype(args, dist.device)

@@ -245,9 +245,15 @@ def check_fresh_folder(run_dir: Path, args) -> None:
     what = f"holds a previous run ({', '.join(files[:5])}{', ...' if len(files) > 5 else ''}) and no last.pt"
     if saved is None:
         raise UserError(f"{run_dir}: {what}: choose another --name or --project (nothing was changed)")
-    differ = resume_policy.differences(saved, vars(args))[0]
+    # The same run: every argument that must match is recorded there, with this value
+    # (a config.json that lacks one is another program's, or another version's).
+    now = vars(args)
+    missing = [f"--{k.replace('_', '-')} not recorded" for k in sorted(now)
+               if k not in saved and resume_policy.decision(k) == resume_policy.MATCH]
+    differ = missing + resume_policy.differences(saved, now)[0]
     if differ:
-        raise UserError(f"{run_dir}: {what}, and other arguments ({'; '.join(differ)}): choose another "
+        listed = "; ".join(differ[:6]) + ("; ..." if len(differ) > 6 else "")
+        raise UserError(f"{run_dir}: {what}, and other arguments ({listed}): choose another "
                         "--name or --project (nothing was changed)")
     print(f"note: {run_dir} has no last.pt: restarting the same run (its config.json matches) "
           "from the first epoch", flush=True)
