@@ -250,7 +250,7 @@ def check_fresh_folder(run_dir: Path, args) -> None:
     now = vars(args)
     missing = [f"--{k.replace('_', '-')} not recorded" for k in sorted(now)
                if k not in saved and resume_policy.decision(k) == resume_policy.MATCH]
-    differ = missing + resume_policy.differences(saved, now)[0]
+    differ = resume_policy.differences(saved, now)[0] + missing
     if differ:
         listed = "; ".join(differ[:6]) + ("; ..." if len(differ) > 6 else "")
         raise UserError(f"{run_dir}: {what}, and other arguments ({listed}): choose another "
