@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+import argtypes
 from box_files import read_det_dir, read_gt_dir
 from errors import UserError
 from evaluate import box_iou
@@ -244,7 +245,7 @@ def pie_figure(results: list[dict], labels):
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argtypes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gt", required=True, help="ground-truth folder (as evaluate.py reads it)")
     p.add_argument("--det", required=True, help="detections folder (per-image txt or comp4 files)")
     p.add_argument("--det2", help="a second detector's detections, analysed beside the first")

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import argtypes
 import distributed
 import engine
 import runs
@@ -47,7 +48,7 @@ preemption.
 # --------------------------------------------------------------------------- arguments
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The one parser of the three scripts; each passes its own docstring for --help."""
-    p = argparse.ArgumentParser(description=description, epilog=RECIPE,
+    p = argtypes.ArgumentParser(description=description, epilog=RECIPE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data (ImageNet 2012 layout)")
     d.add_argument("--train-dir", default="data/imagenet/train",
@@ -58,16 +59,16 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     d.add_argument("--val-labels", help="labels of a flat --val-dir: Kaggle's LOC_val_solution.csv or "
                                         "'image wnid' lines (default: LOC_val_solution.csv found in "
                                         "or beside --val-dir)")
-    d.add_argument("--img-size", type=int, default=224, help="training crop side (paper: 224)")
+    d.add_argument("--img-size", type=argtypes.at_least(32), default=224, help="training crop side (paper: 224)")
     d.add_argument("--no-augment", action="store_true",
                    help="train on the validation transform (resize + centre crop) instead of "
                         "random resized crops and flips: for debugging and exact comparisons")
     m = p.add_argument_group("model")
-    m.add_argument("--width", type=float, default=1.0, help="filter multiplier (1/16 for CPU tests)")
+    m.add_argument("--width", type=argtypes.positive_float, default=1.0, help="filter multiplier (1/16 for CPU tests)")
     m.add_argument("--no-batch-norm", action="store_true",
                    help="no batch norm, as in the paper and extraction.cfg (default: batch norm "
                         "after every convolution, as in Darknet's later cfg files)")
-    m.add_argument("--label-smoothing", type=float, default=0.0,
+    m.add_argument("--label-smoothing", type=argtypes.fraction(0, 1, hi_open=True), default=0.0,
                    help="cross-entropy label smoothing, e.g. 0.1 (default 0: Darknet has none)")
     engine.add_training_args(p, epochs=50, batch_size=128, lr=0.1, schedule="poly",
                              warmup_epochs=0.1, project="runs/darknet")

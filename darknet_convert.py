@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import argtypes
 from darknet_cfg import Cfg, read_cfg
 from darknet_model import HEADS, Darknet
 from darknet_weights import load_weights, model_cfg, open_weights, write_darknet
@@ -263,13 +264,13 @@ def convert_to_darknet(path, out, size: int | None) -> str:
 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argtypes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="FILE",
                    help="CFG WEIGHTS (Darknet -> checkpoint) or CHECKPOINT (checkpoint -> Darknet)")
     p.add_argument("-o", "--output", required=True,
                    help="the checkpoint to write, or the Darknet files' path without suffix")
     p.add_argument("--names", help="class names, one per line (default: VOC's 20 when the cfg has 20)")
-    p.add_argument("--size", type=int, help="a classifier's input side in its cfg (default: as converted, "
+    p.add_argument("--size", type=argtypes.at_least(32), help="a classifier's input side in its cfg (default: as converted, "
                                             "or 224 as extraction.cfg)")
     args = p.parse_args(argv)
     if len(args.inputs) > 2:

@@ -1,7 +1,7 @@
 """Run a trained detector on an image, a folder of images or a video, and draw its boxes.
 
     python detect.py runs/train/demo/best.pt photo.jpg
-    python detect.py best.pt photos/ --save-txt --save-json
+    python detect.py best.pt photos/ a.jpg b.png --save-txt --save-json   # several sources
     python detect.py best.pt clip.mp4 --conf-threshold 0.3
 
 Everything goes to a new folder, runs/detect/exp (then exp2, exp3 ...):
@@ -34,6 +34,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+import argtypes
 import predict
 import runs
 from box_files import refuse_name_clashes
@@ -47,14 +48,14 @@ RGB_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argtypes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_inference_args(p, conf_threshold=0.2, batch_size=8,
                                conf_help="keep boxes scoring above this (for display)")
-    p.add_argument("source", help="an image, a folder of images and videos, or a video file")
-    p.add_argument("--max-det", type=int, default=100, help="at most this many boxes per image")
+    p.add_argument("source", nargs="+", help="images, folders of images and videos, or video files")
+    p.add_argument("--max-det", type=argtypes.positive_int, default=100, help="at most this many boxes per image")
     p.add_argument("--save-txt", action="store_true", help="write labels/<image>.txt per image")
     p.add_argument("--save-json", action="store_true", help="write detections.json")
-    p.add_argument("--line-width", type=int, help="box line width in pixels (default: from the image size)")
+    p.add_argument("--line-width", type=argtypes.positive_int, help="box line width in pixels (default: from the image size)")
     p.add_argument("--project", default="runs/detect", help="parent of the output folder")
     p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")
     return p
@@ -268,7 +269,8 @@ def detect_frames(model, frames, first: int, path: Path, outputs: Outputs, write
 def main(argv=None):
     args = build_parser().parse_args(argv)
     predict.check_inference_args(args)
-    images, videos = list_sources(args.source)
+    found = [list_sources(source) for source in args.source]  # each checked before any work
+    images, videos = ([*dict.fromkeys(p for f in found for p in f[k])] for k in (0, 1))
     if videos:
         require("av", "av", "reading videos")
     refuse_name_clashes(output_files(images, videos, args.save_txt))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import argtypes
 import predict
 import runs
 from dataset import build_image_dataset, build_voc_dataset
@@ -29,7 +30,7 @@ from voc_results import unwritable, write_results
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argtypes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_inference_args(p, conf_threshold=0.005, batch_size=16,
                                conf_help="keep boxes scoring above this (the mAP needs almost all)")
     predict.add_dataset_args(p, "a csv of image,label pairs, a VOCdevkit folder, or a folder of images "

@@ -21,10 +21,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import argtypes
+import resume_policy
 from distributed import (Dist, all_ranks, amp_dtype, any_rank, average_gradients, broadcast_object,
                          make_loader, reduce_sums, set_epoch, sync_buffers, unwrap)
-from runs import (MetricsLog, RunInterrupted, check_same_checkpoint, load_resume, make_run_dir,
-                  refresh_plots, remove_stale_temporaries, rng_state, save_epoch_checkpoints,
+from runs import (MetricsLog, RunInterrupted, check_same_checkpoint, load_training_state, open_run,
+                  refresh_plots, release_locks, remove_stale_temporaries, rng_state, save_epoch_checkpoints,
                   save_with_previous, set_rng_state, write_config)
 from utils import UserError, load_state_checked
 
@@ -34,32 +36,34 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                       schedule: str, warmup_epochs: float, project: str) -> None:
     """Arguments shared by all training scripts; each script passes its paper defaults."""
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs, help="epochs to train (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=batch_size,
+    g.add_argument("--epochs", type=argtypes.positive_int, default=epochs, help="epochs to train (default %(default)s)")
+    g.add_argument("--batch-size", type=argtypes.positive_int, default=batch_size,
                    help="images per optimiser step, over all processes (default %(default)s)")
-    g.add_argument("--accum-steps", type=int, default=1,
-                   help="split each batch into this many micro-batches (small GPUs); default 1")
+    g.add_argument("--accum-steps", type=argtypes.positive_int, default=1,
+                   help="split each batch into this many micro-batches, their gradients accumulated "
+                        "into one step (less memory, the same step): --batch-size 64 --accum-steps 4 "
+                        "runs 16 images at a time; must divide --batch-size (default 1)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="default %(default)s")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default %(default)s)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="paper: 0.0005")
+    g.add_argument("--lr", type=argtypes.positive_float, default=lr, help="peak learning rate (default %(default)s)")
+    g.add_argument("--momentum", type=argtypes.fraction(0, 1, hi_open=True), default=0.9, help="SGD momentum (paper: 0.9)")
+    g.add_argument("--weight-decay", type=argtypes.nonneg_float, default=5e-4, help="paper: 0.0005")
     g.add_argument("--schedule", choices=("step", "cosine", "poly", "constant", "steps"), default=schedule,
                    help="learning-rate schedule after warm-up (default %(default)s; steps: Darknet's "
                         "policy=steps, in iterations, with --lr-steps and --lr-scales)")
-    g.add_argument("--lr-steps", type=int, nargs="*", default=[],
+    g.add_argument("--lr-steps", type=argtypes.nonneg_int, nargs="*", default=[],
                    help="'steps': the iterations (optimiser steps) at which the rate is multiplied "
                         "by the matching --lr-scales (Darknet's steps=)")
-    g.add_argument("--lr-scales", type=float, nargs="*", default=[],
+    g.add_argument("--lr-scales", type=argtypes.positive_float, nargs="*", default=[],
                    help="'steps': the factors, one per --lr-steps entry (Darknet's scales=)")
-    g.add_argument("--milestones", type=float, nargs="*", default=[75, 105],
+    g.add_argument("--milestones", type=argtypes.nonneg_float, nargs="*", default=[75, 105],
                    help="epochs at which 'step' multiplies the rate by --gamma (paper: 75 105)")
-    g.add_argument("--gamma", type=float, default=0.1, help="'step' factor (default %(default)s)")
-    g.add_argument("--poly-power", type=float, default=4.0, help="'poly' exponent (Darknet: 4)")
-    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs,
+    g.add_argument("--gamma", type=argtypes.positive_float, default=0.1, help="'step' factor (default %(default)s)")
+    g.add_argument("--poly-power", type=argtypes.nonneg_float, default=4.0, help="'poly' exponent (Darknet: 4)")
+    g.add_argument("--warmup-epochs", type=argtypes.nonneg_float, default=warmup_epochs,
                    help="epochs of linear warm-up from --warmup-factor x lr (default %(default)s)")
-    g.add_argument("--warmup-factor", type=float, default=0.1,
+    g.add_argument("--warmup-factor", type=argtypes.fraction(0, 1), default=0.1,
                    help="warm-up starts at this fraction of --lr (paper: 1e-3 -> 1e-2, so 0.1)")
-    g.add_argument("--grad-clip", type=float, default=0.0,
+    g.add_argument("--grad-clip", type=argtypes.nonneg_float, default=0.0,
                    help="clip the gradient norm (0: off; train.py's paper recipe uses 10: the exact "
                         "gradient of equation 3 diverges at the paper's learning rate without it)")
     g.add_argument("--skip-nonfinite", action="store_true",
@@ -74,12 +78,13 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the network (GPU: fused kernels, see BENCHMARKS.md; the "
                         "first steps are slow while it compiles)")
-    r.add_argument("--workers", type=int, default=2, help="data-loading processes (default %(default)s)")
-    r.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    r.add_argument("--workers", type=argtypes.nonneg_int, default=2, help="data-loading processes (default %(default)s)")
+    r.add_argument("--seed", type=argtypes.nonneg_int, default=0, help="random seed (default %(default)s)")
     r.add_argument("--project", default=project, help="parent folder of run folders (default %(default)s)")
     r.add_argument("--name", default="exp", help="run folder name; exp, exp2, ... if taken")
     r.add_argument("--resume", metavar="RUN_OR_CKPT", default=None,
-                   help="continue a run exactly: its folder or one of its .pt files")
+                   help="continue a run exactly: its folder or one of its .pt files. "
+                        f"{resume_policy.help_text()} (table: docs/training.md, Resuming)")
     r.add_argument("--auto-resume", action="store_true",
                    help="continue project/name from its last.pt if it has one, else start it (never "
                         "name2): rerun the same command after a crash or preemption, or let "
@@ -91,6 +96,9 @@ def check_training_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "accum_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.batch_size % args.accum_steps:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by --accum-steps {args.accum_steps}: "
+                        "each optimiser step is --accum-steps micro-batches of equal size")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.workers < 0:
@@ -171,23 +179,34 @@ def build_scheduler(optimizer, args, steps_per_epoch: int):
 
 
 # --------------------------------------------------------------------------- the run and its state
-def start_run(args, dist: Dist, kind: str):
-    """Open the run folder (new, or the resumed run's) and record the resolved configuration.
+def start_run(args, dist: Dist, kind: str, extra: dict | None = None):
+    """Open the run folder (new, or the resumed run's), lock it for this process and
+    record the resolved configuration (runs.open_run: a resume must be the run's own).
 
-    Returns ``(run_dir, checkpoint or None)``. Only rank 0 creates and writes files; the
-    other ranks learn the folder name but never write to it.
+    Returns ``(run_dir, checkpoint or None)``. Only rank 0 creates, locks and writes
+    files; it tells the other ranks the folder and the checkpoint, or its error, so that
+    every rank stops with the same one line.
     """
     check_training_args(args)
-    ckpt, run_dir = load_resume(args)
-    if ckpt is not None and ckpt.get("kind") != kind:
-        raise UserError(f"{args.resume}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
+    run_dir, ckpt, error = None, None, None
+    if dist.is_main:
+        try:
+            run_dir, ckpt, _ = open_run(args, kind, extra or {})
+        except UserError as err:
+            if not dist.distributed:
+                raise
+            error = str(err)
+    shared = broadcast_object((error, str(run_dir), ckpt and ckpt["source"]), dist)
+    if shared[0] is not None:
+        raise UserError(shared[0])
+    run_dir = Path(shared[1])
+    if not dist.is_main and shared[2] is not None:  # the very checkpoint rank 0 resumes
+        try:
+            ckpt = load_training_state(Path(shared[2]))
+        except UserError:  # not on this node's storage: check_same_checkpoint says so on every rank
+            ckpt = None
     if dist.distributed:
         check_same_checkpoint(ckpt, dist)
-    if run_dir is None:
-        exist_ok = getattr(args, "auto_resume", False)
-        run_dir = (make_run_dir(args.project, args.name, exist_ok) if dist.is_main
-                   else Path(args.project) / args.name)
-        run_dir = Path(broadcast_object(str(run_dir), dist))  # the other ranks learn its name
     if dist.is_main:
         remove_stale_temporaries(run_dir)
         if ckpt is None:  # a resumed run records its configuration in fit(), once its state fits
@@ -260,14 +279,26 @@ def start_training(model, dataset, args, dist: Dist, kind: str, extra: dict | No
     """Open the run (:func:`start_run`), then build the training loader, optimiser,
     per-step schedule, gradient scaler and AMP dtype, restored from the run's checkpoint
     when resuming: the same for every training script."""
-    run_dir, ckpt = start_run(args, dist, kind)
-    loader = make_loader(dataset, args.batch_size, True, args.workers, dist, args.seed)
+    # The training-set size travels in every checkpoint: resuming on other data is refused.
+    extra = dict(extra or {}) | {"train_images": len(dataset)}
+    run_dir, ckpt = start_run(args, dist, kind, extra)
+    try:
+        return build_state(model, dataset, args, dist, kind, extra, run_dir, ckpt)
+    except BaseException:
+        release_locks()  # a refused resume leaves the run folder as it was
+        raise
+
+
+def build_state(model, dataset, args, dist: Dist, kind: str, extra: dict, run_dir: Path, ckpt) -> TrainState:
+    """start_training's second half, once the run folder is open."""
+    # --batch-size images per optimiser step, in --accum-steps micro-batches (train_one_epoch)
+    loader = make_loader(dataset, args.batch_size // args.accum_steps, True, args.workers, dist, args.seed)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, -(-len(loader) // args.accum_steps))
     dtype = amp_dtype(args, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     state = TrainState(model, loader, optimizer, scheduler, scaler, dist, args, run_dir, kind, dtype,
-                       resume=ckpt, extra=dict(extra or {}))
+                       resume=ckpt, extra=extra)
     if ckpt is not None:
         state.restore(ckpt)
     return state
@@ -448,6 +479,8 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
                 end_of_epoch(state, row, best, improved, log, on_epoch_end)
     finally:
         stopper.restore()
+        if dist.is_main:
+            release_locks()  # the run is over: the folder is free for the next one
     return best
 
 

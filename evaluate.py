@@ -455,13 +455,9 @@ def _add_class_results(result, labels, ranked_class, tp, scores, return_curves):
 def _parse_args(argv):
     import argparse
 
-    def iou(text):
-        value = float(text)
-        if not 0 < value <= 1:
-            raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-        return value
+    import argtypes  # standard library only, as this module
 
-    parser = argparse.ArgumentParser(
+    parser = argtypes.ArgumentParser(
         prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="PASCAL VOC average precision per class and mAP; the same numbers as "
                     "Padilla's Object-Detection-Metrics (pascalvoc.py -gtformat xyrb "
@@ -477,7 +473,7 @@ def _parse_args(argv):
                "Padilla's toolkit:         --interp all  (files without difficult flags)")
     parser.add_argument("--gt", required=True, metavar="GT_DIR", help="ground-truth folder")
     parser.add_argument("--det", required=True, metavar="DET_DIR", help="detection folder")
-    parser.add_argument("--iou", type=iou, default=0.5,
+    parser.add_argument("--iou", type=argtypes.fraction(0, 1, lo_open=True), default=0.5,
                         help="IoU threshold for a true positive, IoU >= threshold (default 0.5)")
     parser.add_argument("--interp", choices=INTERPOLATIONS, default="all",
                         help="all: every-point interpolation (VOC2010+, default); "

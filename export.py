@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import argtypes
 import runs
 from model import load_detector
 from plots import require
@@ -53,13 +54,13 @@ ATOL = 1e-4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argtypes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
     p.add_argument("--include", nargs="+", choices=FORMATS, default=list(FORMATS),
                    help="formats to write (default: both)")
     p.add_argument("--raw", action="store_true",
                    help="export the bare network output instead of decoded boxes and scores")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset version (default %(default)s)")
+    p.add_argument("--opset", type=argtypes.at_least(7), default=18, help="ONNX opset version (default %(default)s)")
     p.add_argument("--no-check", action="store_true",
                    help="skip running the exported files against PyTorch after the export")
     p.add_argument("--project", default="runs/export", help="parent of the output folder")

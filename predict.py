@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as F
 
+import argtypes
 from distributed import Dist, amp_dtype, gather_objects, resolve_device, unwrap
 from evaluate import evaluate_detections
 from model import load_detector
@@ -26,11 +27,11 @@ def add_inference_args(parser: argparse.ArgumentParser, *, conf_threshold: float
     """The arguments of every script that runs a trained detector (test.py, detect_txt.py,
     detect.py); each passes its own default score threshold and batch size."""
     parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
-    parser.add_argument("--conf-threshold", type=float, default=conf_threshold,
+    parser.add_argument("--conf-threshold", type=argtypes.fraction(0, 1), default=conf_threshold,
                         help=f"{conf_help} (default %(default)s)")
-    parser.add_argument("--nms-iou", type=float, default=0.5,
+    parser.add_argument("--nms-iou", type=argtypes.fraction(0, 1), default=0.5,
                         help="per-class non-maximum suppression IoU (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
+    parser.add_argument("--batch-size", type=argtypes.positive_int, default=batch_size,
                         help="images per forward pass (default %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 

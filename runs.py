@@ -7,6 +7,8 @@ comes through distributed.py.
 """
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
 import os
 import random
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 import plots  # stdlib only at import time: matplotlib loads when a plot is drawn
+import resume_policy
 from distributed import Dist, gather_objects
 from model import check_config
 from utils import Interrupted, UserError, check_finite, check_state_dict, load_checkpoint, save_checkpoint
@@ -25,18 +28,84 @@ CONFIG_KINDS = {"yolo": "detector", "darknet": "darknet"}  # a training checkpoi
 # --------------------------------------------------------------------------- run folder
 def make_run_dir(project: str, name: str, exist_ok: bool = False) -> Path:
     """``project/name``, or ``name2``, ``name3``... if it is taken (as YOLOv5 does);
-    with ``exist_ok``, ``project/name`` whether or not it exists."""
+    with ``exist_ok``, ``project/name`` whether or not it exists. Two runs starting at
+    once never share a folder: ``mkdir`` is atomic, and the loser takes the next name."""
     root = Path(project)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder")
     candidate, k = root / name, 2
-    while candidate.exists() and not exist_ok:
-        candidate, k = root / f"{name}{k}", k + 1
-    try:
-        candidate.mkdir(parents=True, exist_ok=exist_ok)
-    except OSError as err:
-        raise UserError(f"{candidate}: cannot create the run folder: {err.strerror}") from None
-    return candidate
+    while True:
+        try:
+            candidate.mkdir(parents=True, exist_ok=exist_ok)
+            return candidate
+        except FileExistsError:
+            candidate, k = root / f"{name}{k}", k + 1
+        except OSError as err:
+            raise UserError(f"{candidate}: cannot create the run folder: {err.strerror}") from None
+
+
+class RunLock:
+    """A run folder belongs to one process at a time: ``<run>/.lock``, held with
+    ``fcntl.flock`` for the life of the process (the kernel drops it when the process
+    dies, however it dies), holding the holder's pid for the message of a second run.
+
+    The file is removed on release; a process that opened it just before (and then got
+    the lock of a removed file) sees that its inode is no longer the path's and tries again.
+    """
+    held: list["RunLock"] = []  # kept open for the life of the process
+
+    def __init__(self, run_dir: Path, fd: int):
+        self.run_dir, self.path, self.fd = run_dir, run_dir / ".lock", fd
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> "RunLock":
+        path = run_dir / ".lock"
+        for _ in range(100):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise UserError(f"{run_dir}: cannot lock the run folder: {err.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"{run_dir}: in use by another run (pid {holder}); wait for it to end, "
+                                "or choose another --name") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                lock = cls(run_dir, fd)
+                cls.held.append(lock)
+                return lock
+            os.close(fd)  # released and removed between our open and our flock: try again
+        raise UserError(f"{run_dir}: cannot lock the run folder (it keeps changing)")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still holding it: see the class docstring
+        os.close(self.fd)
+        self.fd = None
+        if self in RunLock.held:
+            RunLock.held.remove(self)
+
+
+@atexit.register
+def release_locks() -> None:
+    """The run is over (engine.fit returned or raised, or the process exits)."""
+    for lock in list(RunLock.held):
+        lock.release()
+
+
+# Files a run folder may hold and still be "empty": its lock, temporaries of a killed save.
+def previous_run_files(run_dir: Path) -> list[str]:
+    """The files of a previous run in ``run_dir`` (not the lock nor temporaries)."""
+    return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
 
 
 def write_json(path: Path, obj) -> None:
@@ -96,20 +165,24 @@ def find_resume_checkpoint(resume: str) -> Path:
     return path
 
 
-def load_resume(args) -> tuple[dict | None, Path | None]:
-    """The checkpoint to resume and its run folder, or (None, None) for a new run.
+def resume_target(args) -> Path | None:
+    """The checkpoint file to resume, or None for a new run (nothing is read yet).
 
-    ``--auto-resume`` becomes ``--resume project/name/last.pt`` when that file exists. A
-    damaged or missing last.pt falls back to last_prev.pt, saying so.
-    """
+    ``--auto-resume`` becomes ``--resume project/name/last.pt`` when that file (or the
+    previous one) exists."""
     last = Path(args.project) / args.name / "last.pt"
     if not args.resume and getattr(args, "auto_resume", False) and (
             last.is_file() or previous_path(last).is_file()):
         args.resume = str(last)
     if not args.resume:
-        return None, None
+        return None
     path = Path(args.resume)
-    path = path / "last.pt" if path.is_dir() else path
+    return path / "last.pt" if path.is_dir() else path
+
+
+def load_resume_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path``; a damaged or missing one falls back to its
+    ``_prev`` twin, saying so."""
     try:
         path = find_resume_checkpoint(str(path))
         ckpt = load_training_state(path)
@@ -120,7 +193,85 @@ def load_resume(args) -> tuple[dict | None, Path | None]:
         ckpt = load_training_state(previous_path(path))
     # Not a damaged file but a run gone wrong: refused, not replaced by last_prev.pt unasked.
     check_finite(ckpt["model"], ckpt["source"])
-    return ckpt, path.parent
+    return ckpt
+
+
+def load_resume(args) -> tuple[dict | None, Path | None]:
+    """The checkpoint to resume and its run folder, or (None, None) for a new run."""
+    path = resume_target(args)
+    return (None, None) if path is None else (load_resume_checkpoint(path), path.parent)
+
+
+def open_run(args, kind: str, extra: dict) -> tuple[Path, dict | None, RunLock]:
+    """Rank 0: the run folder (new, or the resumed run's), locked for this process, and
+    the checkpoint to resume (None for a new run), checked against this command.
+
+    Nothing a previous run wrote is replaced unless that run is the one resumed: a
+    resume must keep the run's own arguments (resume_policy), and ``--auto-resume`` into
+    a folder without last.pt starts there only if it is empty or holds the same run,
+    killed before its first last.pt (its config.json matches). On any error the lock is
+    released and the folder left as it was."""
+    path = resume_target(args)
+    if path is not None:
+        run_dir = path.parent
+    else:
+        run_dir = make_run_dir(args.project, args.name, getattr(args, "auto_resume", False))
+    lock = RunLock.acquire(run_dir)
+    try:
+        ckpt = load_resume_checkpoint(path) if path is not None else None
+        if ckpt is not None:
+            check_resume(ckpt, args, kind, extra, run_dir)
+        else:
+            check_fresh_folder(run_dir, args)
+        return run_dir, ckpt, lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def check_resume(ckpt: dict, args, kind: str, extra: dict, run_dir: Path) -> None:
+    """The checkpoint is of this script's kind, and this command is the run's own
+    (resume_policy.POLICY): refuse in one line, else print what changes."""
+    source = ckpt.get("source", args.resume)
+    if ckpt.get("kind") != kind:
+        raise UserError(f"{source}: a {ckpt.get('kind', 'unknown')!r} checkpoint, not a {kind!r} one")
+    saved = ckpt.get("args")
+    if not isinstance(saved, dict):
+        saved = read_config(run_dir / "config.json") or {}
+    for note in resume_policy.compare(saved, vars(args), source):
+        print(note, flush=True)
+    resume_policy.compare_extra({k: ckpt[k] for k in extra if k in ckpt}, extra, source)
+
+
+def check_fresh_folder(run_dir: Path, args) -> None:
+    """A new run in an existing folder (``--auto-resume`` without a last.pt)."""
+    files = previous_run_files(run_dir)
+    if not files:
+        return
+    saved = read_config(run_dir / "config.json")
+    what = f"holds a previous run ({', '.join(files[:5])}{', ...' if len(files) > 5 else ''}) and no last.pt"
+    if saved is None:
+        raise UserError(f"{run_dir}: {what}: choose another --name or --project (nothing was changed)")
+    # The same run: every argument that must match is recorded there, with this value
+    # (a config.json that lacks one is another program's, or another version's).
+    now = vars(args)
+    missing = [f"--{k.replace('_', '-')} not recorded" for k in sorted(now)
+               if k not in saved and resume_policy.decision(k) == resume_policy.MATCH]
+    differ = resume_policy.differences(saved, now)[0] + missing
+    if differ:
+        listed = "; ".join(differ[:6]) + ("; ..." if len(differ) > 6 else "")
+        raise UserError(f"{run_dir}: {what}, and other arguments ({listed}): choose another "
+                        "--name or --project (nothing was changed)")
+    print(f"note: {run_dir} has no last.pt: restarting the same run (its config.json matches) "
+          "from the first epoch", flush=True)
+
+
+def read_config(path: Path) -> dict | None:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def load_training_state(path: Path) -> dict:

@@ -20,7 +20,6 @@ scikit-image, a generation-only dependency; ``--no-photos`` leaves them out).
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+import argtypes
 from dataset import write_csv, write_label_file
 from utils import VOC_CLASSES, UserError, run_cli
 
@@ -382,11 +382,11 @@ def write_easy_shapes(out: Path, n_train: int = 480, n_val: int = 64, n_test: in
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Regenerate the bundled sample data (data/).")
+    parser = argtypes.ArgumentParser(description="Regenerate the bundled sample data (data/).")
     parser.add_argument("--out", default="data", help="output folder (default: data)")
     parser.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
-    parser.add_argument("--n-train", type=int, default=296, help="synthetic training images")
-    parser.add_argument("--n-test", type=int, default=100, help="synthetic test images")
+    parser.add_argument("--n-train", type=argtypes.positive_int, default=296, help="synthetic training images")
+    parser.add_argument("--n-test", type=argtypes.positive_int, default=100, help="synthetic test images")
     args = parser.parse_args(argv)
     write_bundled_sample(args.out, not args.no_photos, args.n_train, args.n_test)
     print(f"wrote the sample to {args.out}/")

@@ -17,6 +17,7 @@ import argparse
 import math
 from pathlib import Path
 
+import argtypes
 import predict
 import runs
 from dataset import build_voc_dataset
@@ -25,11 +26,11 @@ from original_metric import DESCRIPTION as ORIGINAL_METRIC, original_project_map
 from utils import UserError, run_cli
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argtypes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_inference_args(p, conf_threshold=0.005, batch_size=16,
                                conf_help="keep boxes scoring above this for the VOC mAP")
     predict.add_dataset_args(p, "csv of image,label pairs or a VOCdevkit folder")
-    p.add_argument("--iou", type=float, default=0.5, help="IoU for a true positive (default %(default)s)")
+    p.add_argument("--iou", type=argtypes.fraction(0, 1, lo_open=True), default=0.5, help="IoU for a true positive (default %(default)s)")
     p.add_argument("--voc07", action="store_true",
                    help="official VOC2007 protocol: 11-point AP, difficult objects ignored")
     p.add_argument("--json", help="write both metrics and the per-class APs to this file")

@@ -21,9 +21,11 @@ import sys
 
 import torch
 
+import argtypes
 import distributed
 import engine
 import predict
+import resume_policy
 import runs
 from dataset import build_voc_dataset
 from loss import DarknetUpdate, YoloLoss
@@ -70,8 +72,19 @@ DEMO_NOTE = ("Quick demonstration: a quarter-width Fast YOLO (S=2, 128x128 input
              "for the paper's run.")
 
 
+def demo_banner(args) -> str:
+    """DEMO_NOTE when the run is the demonstration it describes; otherwise a line naming
+    the demo recipe's values that the command overrides (the note would not be true)."""
+    # what changes the run's result (resume_policy: workers, the run's name... do not)
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, v in RECIPES["demo"].items()
+               if getattr(args, k) != v and resume_policy.decision(k) == resume_policy.MATCH]
+    if not changed:
+        return DEMO_NOTE
+    return f"The demo recipe with {', '.join(changed)} instead of its own values."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argtypes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
                    help="a set of defaults: paper, darknet, original or demo (default %(default)s; "
                         "no arguments at all runs the demo)")
@@ -97,19 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=tuple(MODEL_NAMES), default="yolov1",
                    help="the network (default %(default)s)")
-    m.add_argument("--S", type=int, default=7, help="grid size; the input is 64*S pixels (paper: 7)")
+    m.add_argument("--S", type=argtypes.positive_int, default=7, help="grid size; the input is 64*S pixels (paper: 7)")
     # B, hidden, width, dropout and batch norm default to None: only what the user (or the
     # recipe) gives overrides the network's own settings in model.MODELS (yolov1-darknet:
     # B = 3, a locally connected layer and no hidden layer).
-    m.add_argument("--B", type=int, default=None, help="boxes per cell (default: the model's; paper: 2)")
-    m.add_argument("--hidden", type=int, default=None,
+    m.add_argument("--B", type=argtypes.positive_int, default=None,
+                   help="boxes per cell (default: the model's; paper: 2)")
+    m.add_argument("--hidden", type=argtypes.positive_int, default=None,
                    help="hidden fully connected units (default: the model's; paper: 4096)")
-    m.add_argument("--width", type=float, default=None, help="filter multiplier for small networks")
-    m.add_argument("--dropout", type=float, default=None, help="default: the model's (paper: 0.5)")
+    m.add_argument("--width", type=argtypes.positive_float, default=None, help="filter multiplier for small networks")
+    m.add_argument("--dropout", type=argtypes.fraction(0, 1, hi_open=True), default=None,
+                   help="default: the model's (paper: 0.5)")
     m.add_argument("--no-batch-norm", action="store_true", default=None, help="the paper's network exactly")
     m.add_argument("--backbone", help="Darknet pretraining checkpoint for the first 20 convolutions")
-    m.add_argument("--lambda-coord", type=float, default=5.0, help="paper: 5")
-    m.add_argument("--lambda-noobj", type=float, default=0.5, help="paper: 0.5")
+    m.add_argument("--lambda-coord", type=argtypes.nonneg_float, default=5.0, help="paper: 5")
+    m.add_argument("--lambda-noobj", type=argtypes.nonneg_float, default=0.5, help="paper: 0.5")
     m.add_argument("--update", choices=("exact", "darknet"), default="exact",
                    help="exact: equation 3's gradient (default); darknet: Darknet's update, half "
                         "that gradient clamped to [-1, 1] per image and output (loss.DarknetUpdate; "
@@ -117,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-rescore", action="store_true",
                    help="confidence target 1 instead of the IoU (the popular tutorial)")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-every", type=int, default=5, help="validate every N epochs (and the last)")
-    e.add_argument("--conf-threshold", type=float, default=0.005, help="for the VOC mAP")
-    e.add_argument("--nms-iou", type=float, default=0.5, help="per-class NMS IoU")
+    e.add_argument("--eval-every", type=argtypes.positive_int, default=5, help="validate every N epochs (and the last)")
+    e.add_argument("--conf-threshold", type=argtypes.fraction(0, 1), default=0.005, help="for the VOC mAP")
+    e.add_argument("--nms-iou", type=argtypes.fraction(0, 1), default=0.5, help="per-class NMS IoU")
     e.add_argument("--tensorboard", action="store_true",
                    help="also log to TensorBoard in <run>/tensorboard: the metrics and, with "
                         "--val-data, boxes on the first 8 validation images (pip install tensorboard)")
@@ -241,7 +256,7 @@ def main(argv=None):
         require("tensorboard", "tensorboard", "--tensorboard")
     dist = distributed.setup_distributed(args.device)
     if args.recipe == "demo" and dist.is_main:
-        print(DEMO_NOTE, flush=True)
+        print(demo_banner(args), flush=True)
     runs.seed_everything(args.seed)
     train_set, val_set = build_datasets(args)
     epochs_from_max_batches(args, len(train_set), dist)
@@ -259,7 +274,8 @@ def main(argv=None):
     if logger is not None:
         logger.close()
     if dist.is_main:
-        print(f"done: best validation mAP {best:.4f}; checkpoints in {state.run_dir}")
+        print(f"done: best validation mAP {best:.4f}; checkpoints in {state.run_dir}" if val_set else
+              f"done: no validation data (--val-data), so no best.pt: last.pt in {state.run_dir}")
     distributed.cleanup_distributed()
 
 

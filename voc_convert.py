@@ -17,14 +17,15 @@ writes into OUT:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dataset import load_class_names, parse_split, read_devkit_split, write_csv, write_label_file
+import argtypes
+from dataset import (load_class_names, parse_split, read_devkit_split, voc_year_dir, write_csv,
+                     write_label_file)
 from utils import UserError, run_cli
 
 
@@ -43,14 +44,39 @@ def place_image(source: Path, target: Path, link: str) -> None:
         shutil.copyfile(source, target)
 
 
-def convert_split(devkit: Path, year: str, image_set: str, out: Path, class_names, link: str,
-                  seen: dict[str, Path]) -> list[tuple[str, str]]:
-    """Write one year/set into ``out``; returns its csv rows."""
+DEFAULT_SETS = ("2007/trainval", "2012/trainval", "2007/test")
+
+
+def read_splits(devkit: Path, splits, class_names, explicit: bool) -> dict[tuple[str, str], list]:
+    """Every image and annotation of every split, read before anything is written: a bad
+    file, a missing split or an image id in two splits stops the conversion with nothing
+    written. Without --sets, a year the devkit lacks (a VOC2007-only tree) is skipped,
+    saying so; a --sets entry it lacks is an error."""
+    read, seen = {}, {}
+    for year, image_set in splits:
+        if not explicit and not has_year(devkit, year):
+            print(f"note: {devkit}: no VOC{year}, skipping {year}/{image_set} (--sets chooses the sets)")
+            continue
+        read[year, image_set] = items = read_devkit_split(devkit, year, image_set, class_names)
+        for image_id, image_path, _ in items:
+            if seen.setdefault(image_id, image_path) != image_path:
+                raise UserError(f"{image_path}: image id {image_id} also comes from {seen[image_id]}")
+    if not read:
+        raise UserError(f"{devkit}: none of the sets {', '.join(map('/'.join, splits))} is there")
+    return read
+
+
+def has_year(devkit: Path, year: str) -> bool:
+    try:
+        return voc_year_dir(devkit, year).is_dir()
+    except UserError:
+        return False
+
+
+def convert_split(items, out: Path, link: str, name: str) -> list[tuple[str, str]]:
+    """Write one year/set's ``items`` (read_devkit_split) into ``out``; returns its csv rows."""
     rows = []
-    items = read_devkit_split(devkit, year, image_set, class_names)
-    for image_id, image_path, ann in tqdm(items, desc=f"{year}/{image_set}", unit="img", leave=False):
-        if seen.setdefault(image_id, image_path) != image_path:
-            raise UserError(f"{image_path}: image id {image_id} also comes from {seen[image_id]}")
+    for image_id, image_path, ann in tqdm(items, desc=name, unit="img", leave=False):
         place_image(image_path, out / "images" / f"{image_id}.jpg", link)
         easy, hard = ~ann["difficult"], ann["difficult"]
         size = (ann["width"], ann["height"])
@@ -88,10 +114,11 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="VOCdevkit -> YOLO txt layout (images/, labels/, csv files).")
+    parser = argtypes.ArgumentParser(description="VOCdevkit -> YOLO txt layout (images/, labels/, csv files).")
     parser.add_argument("--devkit", required=True, help="VOCdevkit folder (holding VOC2007, VOC2012)")
-    parser.add_argument("--sets", nargs="+", default=["2007/trainval", "2012/trainval", "2007/test"],
-                        help="YEAR/SET entries; sets named 'test' go to test.csv, the rest to train.csv")
+    parser.add_argument("--sets", nargs="+",
+                        help="YEAR/SET entries; sets named 'test' go to test.csv, the rest to train.csv "
+                             f"(default: {' '.join(DEFAULT_SETS)}, those the devkit has)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--link", choices=("hard", "symlink", "copy"), default="hard",
                         help="how images get into OUT/images (default: hard link, else copy)")
@@ -104,7 +131,8 @@ def main(argv=None) -> None:
     if not devkit.is_dir():
         raise UserError(f"{devkit}: VOCdevkit folder not found")
     class_names = load_class_names(args.names)
-    splits = [pair for entry in args.sets for pair in parse_split(entry)]
+    splits = [pair for entry in args.sets or DEFAULT_SETS for pair in parse_split(entry)]
+    read = read_splits(devkit, splits, class_names, explicit=args.sets is not None)
     try:
         prepare_out(out, args.overwrite)
         for sub in ("images", "labels", "labels_difficult"):
@@ -112,9 +140,8 @@ def main(argv=None) -> None:
     except OSError as err:
         raise UserError(f"{out}: cannot create the output folders ({err.strerror})") from None
     csv_rows = {"train.csv": [], "test.csv": []}
-    seen: dict[str, Path] = {}
-    for year, image_set in splits:
-        rows = convert_split(devkit, year, image_set, out, class_names, args.link, seen)
+    for (year, image_set), items in read.items():
+        rows = convert_split(items, out, args.link, f"{year}/{image_set}")
         csv_rows["test.csv" if image_set == "test" else "train.csv"].extend(rows)
         print(f"{year}/{image_set}: {len(rows)} images")
     for name, rows in csv_rows.items():

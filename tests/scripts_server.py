@@ -262,5 +262,7 @@ def one_line_error(result: Result, *fragments: str) -> str:
 
 
 def hashes(folder: Path) -> dict[str, str]:
+    """Every file's hash, but the run folder's lock (runs.RunLock: a killed run leaves its
+    own, which the next run takes over and removes)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}

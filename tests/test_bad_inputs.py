@@ -35,6 +35,7 @@ import pytest
 import torch
 from PIL import Image
 
+import train
 import utils
 from model import build_model
 from synthetic import write_imagenet_tree, write_voc_txt_tree, write_vocdevkit_tree
@@ -406,6 +407,65 @@ def argument_cases() -> list[Case]:
     return cases
 
 
+def range_cases() -> list[Case]:
+    """#14 class 3: numeric arguments out of range, refused when parsed (argtypes.py);
+    tests/test_argtypes.py tries every numeric option of every script the same way."""
+    yolo = lambda c, *extra: ["train.py", "--data", c.copy("voc") / "train.csv", *TINY_YOLO,  # noqa: E731
+                              "--project", c.runs, "--name", "exp", *extra]
+    rows = [("--lr", "nan", "--lr must be a finite number, got 'nan'"),
+            ("--gamma", "-1", "--gamma must be positive, got -1"),
+            ("--weight-decay", "-1", "--weight-decay must be at least 0, got -1"),
+            ("--width", "0", "--width must be positive, got 0"),
+            ("--hidden", "0", "--hidden must be at least 1, got 0"),
+            ("--S", "0", "--S must be at least 1, got 0"),
+            ("--B", "0", "--B must be at least 1, got 0"),
+            ("--dropout", "1.5", "--dropout must be in [0, 1), got 1.5"),
+            ("--momentum", "-1", "--momentum must be in [0, 1), got -1"),
+            ("--poly-power", "-1", "--poly-power must be at least 0, got -1")]
+    cases = [Case(f"train.py {flag} {value}", "train.py",
+                  lambda c, f=flag, v=value, m=message: (yolo(c, f, v), [m])) for flag, value, message in rows]
+    cases.append(Case("test.py --iou 0", "test.py", lambda c: (
+        [*evaluation_args(c, c.copy("voc") / "train.csv"), "--iou", "0"], ["--iou must be in (0, 1], got 0"])))
+    cases.append(Case("darknet_train.py --lr inf", "darknet_train.py", lambda c: (
+        darknet_args(c, "--lr", "inf"), ["--lr must be a finite number, got 'inf'"])))
+    return cases
+
+
+def run_folder_cases() -> list[Case]:
+    """#14 classes 1, 2 and 9: run folders, resumes and options that did not do what they said."""
+    yolo = lambda c, *extra: ["train.py", "--data", c.copy("voc") / "train.csv", *TINY_YOLO,  # noqa: E731
+                              "--project", c.runs, "--name", "exp", *extra]
+
+    def another_runs_folder(c):
+        c.ckpt.unlink()  # a finished or foreign run without last.pt: --auto-resume replaced its files
+        return yolo(c, "--auto-resume"), [f"{c.runs / 'exp'}: holds a previous run", "no last.pt",
+                                          "choose another --name"]
+
+    def resume_with_another_optimizer(c):
+        ckpt = utils.load_checkpoint(c.ckpt)
+        args = train.parse_args([str(a) for a in yolo(c, "--optimizer", "adam")[1:]])
+        utils.save_checkpoint(ckpt | {"args": vars(args)}, c.ckpt)
+        return yolo(c, "--resume", c.runs / "exp", "--optimizer", "sgd"), [
+            f"{c.ckpt}: cannot resume with other arguments", "--optimizer 'adam' -> 'sgd'"]
+
+    def devkit_without_a_listed_year(c):
+        return (["voc_convert.py", "--devkit", c.copy("devkit"), "--sets", "2007/trainval", "2012/trainval",
+                 "--out", c.runs / "exp" / "converted"], ["no VOC2012/Annotations folder"])
+
+    def detect_one_missing_source(c):
+        return (["detect.py", c.ckpt, c.image(0), c.tmp / "nope.jpg", c.image(1), "--device", "cpu",
+                 "--project", c.runs], [f"{c.tmp / 'nope.jpg'}: no such file or folder"])
+
+    return [
+        Case("train.py --auto-resume into another run's folder without last.pt", "train.py", another_runs_folder),
+        Case("train.py --resume with another --optimizer", "train.py", resume_with_another_optimizer),
+        Case("train.py --batch-size 2 --accum-steps 3", "train.py", lambda c: (
+            yolo(c, "--accum-steps", "3"), ["--batch-size 2 is not divisible by --accum-steps 3"])),
+        Case("voc_convert.py --sets naming a year the devkit lacks", "voc_convert.py", devkit_without_a_listed_year),
+        Case("detect.py several sources, one missing", "detect.py", detect_one_missing_source),
+    ]
+
+
 def resume_a_bare_tensor(c: Context) -> tuple[list, list[str]]:
     torch.save(torch.zeros(3), c.tmp / "tensor.pt")
     return (["train.py", "--data", c.copy("voc") / "train.csv", *TINY_YOLO, "--project", c.runs,
@@ -460,7 +520,8 @@ def read_only(c: Context) -> Path:
 CASES = [
     *data_cases("train.py", train_args), *data_cases("test.py", evaluation_args),
     *data_cases("detect_txt.py", detect_txt_args), *devkit_cases(), *imagenet_cases(), *evaluate_cases(),
-    *image_script_cases(), *argument_cases(), *checkpoint_cases(),
+    *image_script_cases(), *argument_cases(), *checkpoint_cases(), *range_cases(),
+    *run_folder_cases(),
 ]
 
 
