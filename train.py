@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tensorboard", action="store_true",
                    help="also log to TensorBoard in <run>/tensorboard: the metrics and, with "
                         "--val-data, boxes on the first 8 validation images (pip install tensorboard)")
-    p.add_argument("--max-batches", type=int, default=0,
+    p.add_argument("--max-batches", type=argtypes.nonneg_int, default=0,
                    help="without --epochs (the darknet recipe): train for this many optimiser steps, "
                         "rounded up to whole epochs (Darknet's max_batches)")
     engine.add_training_args(p, epochs=135, batch_size=64, lr=1e-2, schedule="step",
