@@ -329,7 +329,9 @@ def train_one_epoch(state: TrainState, step_fn, epoch: int, start_batch: int = 0
                dynamic_ncols=True, leave=False, initial=start_batch, total=total)
     for i, batch in enumerate(bar, start=start_batch):
         last_micro = (i + 1) % micro == 0 or i + 1 == total
-        loss, synced = forward_backward(state, step_fn, batch, epoch, last_micro, acc)
+        # an epoch's last step may hold fewer micro-batches: its gradient averages over those
+        in_step = min(micro, total - i // micro * micro)
+        loss, synced = forward_backward(state, step_fn, batch, (epoch, in_step), last_micro, acc)
         if last_micro:
             # DDP averaged the gradients in the backward pass of this micro-batch, if it ran
             if dist.distributed and not synced:
@@ -343,12 +345,14 @@ def train_one_epoch(state: TrainState, step_fn, epoch: int, start_batch: int = 0
     return epoch_means(acc, dist, time.perf_counter() - start)
 
 
-def forward_backward(state: TrainState, step_fn, batch, epoch: int, last_micro: bool, acc: dict):
+def forward_backward(state: TrainState, step_fn, batch, where: tuple[int, int], last_micro: bool,
+                     acc: dict):
     """One micro-batch: the forward pass, the loss check and, for a finite loss, the
-    backward pass adding this batch's share to the step's gradients. Returns
-    ``(loss, finite)``; a skipped batch (--skip-nonfinite) is counted in ``acc``."""
+    backward pass adding this batch's share (1 / the step's micro-batches, ``where`` =
+    (epoch, micro-batches in this step)) to the step's gradients. Returns ``(loss, finite)``;
+    a skipped batch (--skip-nonfinite) is counted in ``acc``."""
     model, dist, args = state.model, state.dist, state.args
-    micro = max(1, args.accum_steps)
+    epoch, micro = where
     sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
     with sync:
         # The forward pass of a batch that --skip-nonfinite skips has already moved batch

@@ -324,6 +324,22 @@ def test_accumulated_micro_batches_step_like_one_batch_of_their_images(tmp_path)
         torch.testing.assert_close(accumulated.model.state_dict()[key], value, rtol=0, atol=1e-6)
 
 
+def test_an_epochs_short_last_step_is_averaged_over_its_own_micro_batches(tmp_path):
+    """Bug found while writing the test above: when an epoch's last optimiser step has fewer
+    micro-batches than --accum-steps, its gradient was still divided by --accum-steps, so
+    that step was too small. 16 points, --batch-size 12 --accum-steps 3: micro-batches of 4,
+    steps of 3 micro-batches and then 1; plain batches of 12 then 4 give the same weights."""
+    accumulated = start(tmp_path, "accum", "--batch-size", 12, "--accum-steps", 3)
+    set_epoch(accumulated.loader, 0)
+    engine.train_one_epoch(accumulated, regression_step(), 0)
+    plain = start(tmp_path, "plain", "--batch-size", 12, "--accum-steps", 1)
+    set_epoch(plain.loader, 0)
+    engine.train_one_epoch(plain, regression_step(), 0)
+    assert accumulated.scheduler.last_epoch == plain.scheduler.last_epoch == 2
+    for key, value in plain.model.state_dict().items():
+        torch.testing.assert_close(accumulated.model.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- 8. resume position
 def test_resume_continues_at_the_saved_batch_of_the_epoch(tmp_path, monkeypatch):
     """Planted bug: a run resumed in the middle of an epoch starts again at batch 0 of that
