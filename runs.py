@@ -238,6 +238,9 @@ def check_resume(ckpt: dict, args, kind: str, extra: dict, run_dir: Path) -> Non
     saved = ckpt.get("args")
     if not isinstance(saved, dict):
         saved = read_config(run_dir / "config.json") or {}
+    # The run continues where its checkpoint is, which may have been moved since it was
+    # saved: --project and --name are compared with that folder, not the saved values.
+    saved = {**saved, "project": str(run_dir.parent), "name": run_dir.name}
     for note in resume_policy.compare(saved, vars(args), source):
         print(note, flush=True)
     resume_policy.compare_extra({k: ckpt[k] for k in extra if k in ckpt}, extra, source)
