@@ -522,7 +522,7 @@ OTHER_CONFIGURATIONS = [  # train.py arguments of the resuming command -> what t
     (["--B", "1"], ["--B None -> 1"]),  # None: the network's own B (train.py passes only what was given)
     (["--hidden", "32"], ["--hidden 16 -> 32"]),
     (["--width", "0.125"], ["--width 0.0625 -> 0.125"]),
-    (["--no-batch-norm"], ["--no-batch-norm False -> True"]),
+    (["--no-batch-norm"], ["--no-batch-norm None -> True"]),
     (["--names", "NAMES21"], ["--names None -> ", "names21.txt"]),
     (["--model", "fast"], ["--model 'yolov1' -> 'fast'"]),
 ]
