@@ -17,14 +17,13 @@ that order. Every line is parsed on its own (``bytes.split`` and ``float``); a m
 one-line UserError ``path:line: what is wrong``. numpy and the standard library only.
 """
 import json
-import math
 import os
 import sys
 
 import numpy as np
 
 import voc_results  # numpy only: the VOC server's comp4_det_test_<class>.txt files
-from errors import UserError
+from errors import UserError, finite_number
 from voc_xml import read_annotation, to_continuous
 
 GT_LINE = "class left top right bottom"
@@ -218,7 +217,7 @@ def _parse_line(tokens, is_gt, where):
         label = tokens[0].decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{where}: class name is not valid UTF-8") from None
-    values = [_parse_number(t, f, where) for t, f in zip(tokens[1:], GT_FIELDS if is_gt else DET_FIELDS)]
+    values = [finite_number(t, f, where) for t, f in zip(tokens[1:], GT_FIELDS if is_gt else DET_FIELDS)]
     x1, y1, x2, y2 = values[-4:]
     if x2 < x1:
         raise UserError(f"{where}: right ({x2:g}) is smaller than left ({x1:g})")
@@ -231,16 +230,6 @@ def _parse_line(tokens, is_gt, where):
         raise UserError(f"{where}: 6th value (difficult) must be 0, 1 or 'difficult', "
                         f"got {flag.decode(errors='replace')!r}")
     return label, flag != b"0", x1, y1, x2, y2
-
-
-def _parse_number(token, field, where):
-    try:
-        value = float(token)
-    except ValueError:
-        raise UserError(f"{where}: {field} is not a number: {token.decode(errors='replace')!r}") from None
-    if not math.isfinite(value):
-        raise UserError(f"{where}: {field} must be a finite number, got {value}")
-    return value
 
 
 def _read_xml_dir(directory, names):

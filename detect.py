@@ -38,7 +38,7 @@ import argtypes
 import predict
 import runs
 from box_files import refuse_name_clashes
-from dataset import load_image
+from images import load_image
 from plots import draw_detections, require
 from utils import UserError, run_cli
 

@@ -7,6 +7,7 @@ imports the standard library only, so that ``evaluate.py`` (numpy only) shares i
 """
 from __future__ import annotations
 
+import math
 import sys
 
 
@@ -30,6 +31,20 @@ def one_line(err: BaseException) -> str:
         text = text.splitlines()[-1]
         text = text.split(": ", 1)[1] if text.split(": ", 1)[0].endswith(type(err).__name__) else text
     return " ".join(text.split()) or type(err).__name__
+
+
+def finite_number(text, what: str, where: str) -> float:
+    """A number read from a user's file (``text``: str or bytes), or a one-line UserError
+    naming the place and the field: ``where: what is not a number: '...'``. NaN and
+    infinities are refused: no file the project reads has a use for them."""
+    shown = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{where}: {what} is not a number: {shown[:40]!r}") from None
+    if not math.isfinite(value):
+        raise UserError(f"{where}: {what} must be a finite number, got {shown[:40]}")
+    return value
 
 
 def run_cli(main, argv=None):

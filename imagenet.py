@@ -1,6 +1,6 @@
 """ImageNet for Darknet pretraining: class folders, flat validation with a label file.
 
-Images are read by :func:`dataset.load_image` (RGB, EXIF orientation applied), in [0, 1]
+Images are read by :func:`images.load_image` (RGB, EXIF orientation applied), in [0, 1]
 without mean/std normalisation, like the detection input the backbone is moved to.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms import v2
 
-from dataset import load_image
+from images import load_image
 from utils import UserError, one_line
 
 

@@ -33,14 +33,13 @@ Errors are :class:`UserError`, one line naming the file and line.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from decimal import Decimal
 
 import numpy as np
 
-from errors import UserError
+from errors import UserError, finite_number
 
 # VOCopts.detrespath: '<competition>_det_<image set>_<class>.txt'; the competition id may carry
 # py-faster-rcnn's salt (comp4_<uuid>); image sets (test, val, trainval) have no underscore.
@@ -141,15 +140,7 @@ def _check_folder(directory, found, others) -> None:
 def _parse_line(fields: list[str], where: str) -> tuple[float, ...]:
     if len(fields) != 6:
         raise UserError(f"{where}: expected 6 values '{RESULTS_LINE}', got {len(fields)}")
-    values = []
-    for field, name in zip(fields[1:], RESULTS_LINE.split()[1:]):
-        try:
-            value = float(field)
-        except ValueError:
-            raise UserError(f"{where}: {name} {field[:40]!r} is not a number") from None
-        if not math.isfinite(value):
-            raise UserError(f"{where}: {name} {field[:40]!r} is not a finite number")
-        values.append(value)
+    values = [finite_number(field, name, where) for field, name in zip(fields[1:], RESULTS_LINE.split()[1:])]
     score, left, top, right, bottom = values
     # Back to continuous extents: the devkit's first pixel 1 is the extent's start 0.
     x1, y1 = (max(minus_one(text, value), 0.0) for text, value in ((fields[2], left), (fields[3], top)))

@@ -18,13 +18,12 @@ metric's convention (Padilla's toolkit, the devkit), applied to whatever numbers
 """
 from __future__ import annotations
 
-import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 import numpy as np
 
-from errors import UserError, one_line
+from errors import UserError, finite_number, one_line
 
 BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -84,13 +83,7 @@ def _number(node: ET.Element, tag: str, where: str) -> float:
     text = (node.findtext(tag) or "").strip()
     if not text:
         raise UserError(f"{where}: missing <{tag.split('/')[-1]}>")
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"{where}: <{tag.split('/')[-1]}> is not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise UserError(f"{where}: <{tag.split('/')[-1]}> must be a finite number, got {text}")
-    return value
+    return finite_number(text, f"<{tag.split('/')[-1]}>", where)
 
 
 def _read_size(root: ET.Element, path) -> tuple[float, float]:

@@ -6,7 +6,7 @@ Builds synthetic trees in a temporary folder: VOC-sized JPEGs (500 x 375) for th
 per-sample times, and ``--files`` label files / XML annotations (VOC 2007+2012 trainval
 has 16,551) for the start-up times, which parse every annotation. Per sample: medians of
 ``--repeats`` runs in one thread, as a DataLoader worker runs; JPEG decoding alone by PIL
-(as dataset.load_image) and by ``torchvision.io.decode_jpeg``. Per loader: images/s of a
+(as images.load_image) and by ``torchvision.io.decode_jpeg``. Per loader: images/s of a
 ``torch.utils.data.DataLoader`` (batch ``--batch``) over the training set (the paper's
 augmentation and target encoding) and the ImageNet training transform at 224, for each
 worker count in ``--workers``, in the steady state (worker start-up and prefetch excluded).
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 import dataset  # noqa: E402
+import images  # noqa: E402
 from imagenet import build_imagenet  # noqa: E402
 import synthetic  # noqa: E402
 from machine import load_average, machine  # noqa: E402
@@ -92,9 +93,9 @@ def loader_rate(data, workers: int, batch: int, batches: int) -> float:
 
 
 def decode_times(paths: list[Path], repeats: int) -> dict:
-    """Seconds per JPEG: PIL (dataset.load_image, as the datasets decode) and torchvision.io."""
+    """Seconds per JPEG: PIL (images.load_image, as the datasets decode) and torchvision.io."""
     from torchvision.io import decode_jpeg, read_file
-    pil = median_seconds(lambda: [dataset.load_image(p) for p in paths], repeats) / len(paths)
+    pil = median_seconds(lambda: [images.load_image(p) for p in paths], repeats) / len(paths)
     with warnings.catch_warnings():  # torchvision >= 0.29 deprecates its image decoders
         warnings.simplefilter("ignore", DeprecationWarning)
         tv = median_seconds(lambda: [decode_jpeg(read_file(str(p))) for p in paths], repeats) / len(paths)

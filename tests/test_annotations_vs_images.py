@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import voc_convert
-from dataset import (EXIF_ORIENTATION, VOCDevkitDataset, image_size, load_image, orient_boxes,
-                     read_header, read_label_file)
+from dataset import VOCDevkitDataset, read_label_file
+from images import EXIF_ORIENTATION, image_size, load_image, orient_boxes, read_header
 from utils import UserError
 
 STORED = (60, 40)                    # width, height of the pixels as the files store them

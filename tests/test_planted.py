@@ -18,7 +18,7 @@ from PIL import Image
 import distributed
 import engine
 import transforms
-from dataset import image_size, load_image
+from images import image_size, load_image
 from distributed import Dist, EpochSampler, make_loader, set_epoch
 
 
@@ -147,7 +147,7 @@ def test_exposure_and_saturation_jitter_go_both_ways_within_1_5():
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_image_size_turns_with_every_exif_orientation(tmp_path, orientation):
     """Planted bug: EXIF orientations 5 and 7 (transpose and transverse: a mirror plus a
-    quarter turn) do not swap width and height in dataset.image_size, so every box of such
+    quarter turn) do not swap width and height in images.image_size, so every box of such
     a photo is scaled to the wrong sides in evaluation.
 
     A real 40 x 20 JPEG with each orientation 1-8: 5, 6, 7 and 8 are seen 20 x 40, the

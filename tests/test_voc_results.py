@@ -169,8 +169,8 @@ def test_salted_names_of_py_faster_rcnn_are_read(tmp_path):
     ("mixed", "holds VOC results files (comp4_det_test_cat.txt) and other .txt files (000001.txt)"),
     ("two sets", "results of several runs or image sets (comp4_det_test, comp4_det_val)"),
     ("five values", "comp4_det_test_dog.txt:2: expected 6 values"),
-    ("not a number", "comp4_det_test_dog.txt:1: confidence 'high' is not a number"),
-    ("nan", "comp4_det_test_dog.txt:1: right 'nan' is not a finite number"),
+    ("not a number", "comp4_det_test_dog.txt:1: confidence is not a number: 'high'"),
+    ("nan", "comp4_det_test_dog.txt:1: right must be a finite number, got nan"),
     ("inverted", "comp4_det_test_dog.txt:1: box left 10 top 1 right 5 bottom 10 is inverted"),
     ("latin-1", "comp4_det_test_dog.txt:3: not UTF-8 text"),
 ])

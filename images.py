@@ -1,0 +1,96 @@
+"""Reading images: the one decode path and what a file's header says.
+
+Every image the project reads goes through :func:`load_image`: any Pillow mode becomes RGB
+and the EXIF orientation is applied first, so label coordinates refer to the image as a
+viewer shows it (the transposed image), not to the stored pixel grid. :func:`read_header`
+tells the stored size and orientation without decoding, for checking annotations against
+their images (dataset.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from errors import UserError, one_line
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB.
+
+    16-bit greyscale (``I;16*``, and ``I`` as Pillow opens 16-bit PNGs) is scaled to 8 bits:
+    Pillow's own conversion clips it at 255, which turns most of the image white. Alpha is
+    dropped, as Darknet's loader does (it asks stb_image for 3 channels).
+    """
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Decode an image as RGB with its EXIF orientation applied: the one decode path of
+    training, test.py, detect_txt.py and detect.py.
+
+    Always at full size: JPEG's reduced-size "draft" decode (DCT scaling) gives other
+    pixels than decoding and then resizing with antialiasing, so a draft decode in the
+    datasets but not in detect.py gave one checkpoint two mAPs (#14). Unreadable or
+    truncated files raise a one-line :class:`UserError`.
+    """
+    try:
+        with Image.open(path) as image:
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says: its stored pixel grid and its EXIF orientation."""
+    stored: tuple[int, int]      # (width, height) of the pixels as the file stores them
+    orientation: int             # EXIF orientation 1..8; 1 when absent or not a valid value
+
+    @property
+    def displayed(self) -> tuple[int, int]:
+        """``(width, height)`` as a viewer shows the image (and :func:`load_image` returns it):
+        orientations 5-8 turn it by 90 degrees."""
+        width, height = self.stored
+        return (height, width) if self.orientation in (5, 6, 7, 8) else (width, height)
+
+
+def read_header(path) -> ImageHeader:
+    """The stored size and EXIF orientation of an image, without decoding its pixels.
+
+    Pillow's TIFF reader already reports (and later loads) a TIFF with orientation 5-8
+    turned, so its stored size is the reported one swapped back; counting the turn again
+    on top of Pillow's gave TIFFs their size rotated twice (#14).
+    """
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            orientation = orientation if orientation in range(1, 9) else 1
+            width, height = image.size
+            if image.format == "TIFF" and orientation in (5, 6, 7, 8):
+                width, height = height, width
+            return ImageHeader((width, height), orientation)
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
+
+
+def image_size(path) -> tuple[int, int]:
+    """``(width, height)`` as :func:`load_image` returns it, read from the header only."""
+    return read_header(path).displayed
+
+
+def orient_boxes(boxes: np.ndarray, orientation: int, stored: tuple[int, int]) -> np.ndarray:
+    """Boxes (K, 4) xyxy in continuous pixels of the stored grid -> the same boxes in the
+    image as shown (:func:`load_image`), for EXIF orientation 1..8: each corner moves as
+    Pillow's ``ImageOps.exif_transpose`` moves that pixel."""
+    width, height = stored
+    x, y = boxes[:, [0, 2]], boxes[:, [1, 3]]
+    nx, ny = {1: (x, y), 2: (width - x, y), 3: (width - x, height - y), 4: (x, height - y),
+              5: (y, x), 6: (height - y, x), 7: (height - y, width - x), 8: (y, width - x)}[orientation]
+    return np.stack((nx.min(1), ny.min(1), nx.max(1), ny.max(1)), axis=1).astype(boxes.dtype)
