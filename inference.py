@@ -98,7 +98,9 @@ class Runner:
             images = torch.cat((images, images.new_zeros(self._largest - n, *images.shape[1:])))
         self._largest = max(self._largest, n)
         with torch.inference_mode():
-            return self.forward(images)[:n].float()
+            out = self.forward(images)[:n].float()
+        # CUDA graphs hand back the same output buffer at every call: copy it out.
+        return out.clone() if self.pad_batches else out
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -149,20 +151,27 @@ def torch_runner(model: nn.Module, names, device: torch.device, backend: Backend
 
 
 # --------------------------------------------------------------------------- onnxruntime
+def onnx_providers(device: torch.device) -> list:
+    """onnxruntime's execution providers for ``device``; a UserError if it cannot run there."""
+    require("onnxruntime", "onnxruntime", "running an ONNX model")
+    import onnxruntime as ort
+
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UserError(f"running an ONNX model on {device} needs onnxruntime's CUDA provider: "
+                        "pip install onnxruntime-gpu")
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+
+
 def onnx_session(path: Path, device: torch.device):
     """An onnxruntime session with every graph optimisation and torch's thread count."""
-    require("onnxruntime", "onnxruntime", "running an ONNX model")
+    providers = onnx_providers(device)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UserError(f"{path}: running ONNX on {device} needs onnxruntime's CUDA provider: "
-                            "pip install onnxruntime-gpu")
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # onnxruntime raises its own (Fail, InvalidProtobuf, ...) classes

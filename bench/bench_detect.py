@@ -29,7 +29,9 @@ On a GPU ``cudnn.benchmark`` is on, and the timings synchronise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import math
 import statistics
@@ -131,9 +133,11 @@ def make_runner(variant: str, model, device: torch.device, onnx_dir: Path):
         if spec == "onnx":
             import export
 
+            inference.onnx_providers(device)  # before the export: onnxruntime-gpu may be missing
             path = onnx_dir / "model.onnx"
-            if not path.exists():  # one export per model, shared by its batch sizes
-                export.export(copy.deepcopy(model).cpu(), names, onnx_dir, ["onnx"], raw=True, check=False)
+            if not path.exists():
+                with contextlib.redirect_stdout(io.StringIO()):  # export's "onnx: path" line
+                    export.export(copy.deepcopy(model).cpu(), names, onnx_dir, ["onnx"], raw=True, check=False)
             return inference.load(path, device)
         return inference.torch_runner(model.to(device), names, device, spec)
     except UserError as err:
