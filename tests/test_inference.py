@@ -116,12 +116,21 @@ def test_backend_gives_eager_boxes(name, backend):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="inductor's CPU code needs a C++ compiler")
-def test_compiled_backend_gives_eager_boxes_also_for_a_short_last_batch():
+def test_compiled_backend_packs_the_weights_and_gives_eager_boxes_also_for_a_short_batch():
+    """Guards against torch.compile(options={"freezing": True}), which compiles without
+    freezing: the convolutions stay plain aten ones, repacking their weights at every call."""
+    from torch.profiler import profile
+
     model = tiny_model("fast")
     x = images(5)
     want = boxes(model(x).detach())
     runner = inference.torch_runner(model, NAMES, torch.device("cpu"), Backend(compile=True))
-    assert_same_boxes(boxes(runner(x[:3])) + boxes(runner(x[3:])), want)
+    got = boxes(runner(x[:3]))
+    with profile() as prof:
+        got += boxes(runner(x[3:]))
+    assert_same_boxes(got, want)
+    ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in ops and "aten::mkldnn_convolution" not in ops
 
 
 def test_a_short_batch_is_padded_to_the_largest_seen_and_trimmed():
