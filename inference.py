@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -85,18 +85,26 @@ class Runner:
     channels_last: bool = False
     pad_batches: bool = False    # compiled graphs: pad a short batch rather than recompile
     input_device: torch.device | None = None  # where the input goes (onnxruntime: the host)
-    _largest: int = 0
+    _sizes: set = field(default_factory=set)   # batch sizes compiled so far
+
+    def batch_size_for(self, n: int) -> int:
+        """The batch size to run ``n`` images at: with compiled graphs (one per batch size),
+        the smallest already compiled that holds them, so that the last, shorter batch of a
+        folder does not compile again (a minute on the CPU); zeros fill the rest."""
+        if not self.pad_batches or n in self._sizes:
+            return n
+        size = min((s for s in self._sizes if s > n), default=n)
+        self._sizes.add(size)
+        return size
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         n = len(images)
         images = images.to(self.input_device or self.device, self.dtype, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.pad_batches and 0 < n < self._largest:
-            # A compiled graph is specialised to its batch size: the last, shorter batch
-            # of a folder would compile again (a minute on the CPU). Zeros fill the rest.
-            images = torch.cat((images, images.new_zeros(self._largest - n, *images.shape[1:])))
-        self._largest = max(self._largest, n)
+        size = self.batch_size_for(n)
+        if size > n:
+            images = torch.cat((images, images.new_zeros(size - n, *images.shape[1:])))
         with torch.inference_mode():
             out = self.forward(images)[:n].float()
         # CUDA graphs hand back the same output buffer at every call: copy it out.

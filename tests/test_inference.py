@@ -133,9 +133,10 @@ def test_compiled_backend_packs_the_weights_and_gives_eager_boxes_also_for_a_sho
     assert "mkldnn::_convolution_pointwise" in ops and "aten::mkldnn_convolution" not in ops
 
 
-def test_a_short_batch_is_padded_to_the_largest_seen_and_trimmed():
+def test_a_short_batch_is_padded_to_the_smallest_compiled_size_and_trimmed():
     """A compiled graph is specialised to its batch size: the last, shorter batch of a
-    folder must reuse it (padded), not compile again."""
+    folder must reuse it (padded), not compile again; a size already compiled runs as it
+    is (guards against padding every single image to a batch of 8 seen once)."""
     seen = []
 
     def forward(x):
@@ -147,7 +148,14 @@ def test_a_short_batch_is_padded_to_the_largest_seen_and_trimmed():
     assert torch.equal(runner(x[:4]), x[:4].flatten(1)[:, :4] * 2)
     assert torch.equal(runner(x[:3]), x[:3].flatten(1)[:, :4] * 2)
     runner(x)
-    assert seen == [4, 4, 5]
+    runner(x[:1])
+    runner(x[:4])
+    assert seen == [4, 4, 5, 4, 4]
+    seen.clear()
+    runner = Runner(forward, 2, 2, 3, 128, NAMES, torch.device("cpu"), "test", pad_batches=True)
+    for n in (1, 5, 1, 3, 2):
+        runner(x[:n])
+    assert seen == [1, 5, 1, 5, 5]
 
 
 def test_half_on_the_cpu_is_a_user_error():
