@@ -22,6 +22,8 @@ does exactly that on onnxruntime's numpy outputs, with the same NMS code.
 
 With ``--raw`` the single output ``output`` is the network's (N, S*S*(C+5B)); per cell
 ``[C class scores | conf, x, y, sqrt_w, sqrt_h for each of the B predictors]`` (model.py).
+This is the file detect.py runs in place of a checkpoint (``python detect.py model.onnx
+photos/``: onnxruntime with every graph optimisation, inference.py), with the same boxes.
 
 Both files carry the class names, S, B, C and the input size: the ONNX file in its
 metadata (onnxruntime: ``session.get_modelmeta().custom_metadata_map``), the TorchScript
@@ -207,6 +209,8 @@ def main(argv=None):
           + ("output: (N, S*S*(C+5B)) raw" if args.raw else
              f"outputs: boxes (N, {model.S ** 2 * model.B}, 4), scores (N, {model.S ** 2 * model.B}, "
              f"{model.C}); NMS is the caller's job (export.postprocess)"))
+    if args.raw and "onnx" in formats:
+        print(f"detect.py runs it with onnxruntime: python detect.py {out_dir / 'model.onnx'} IMAGES")
 
 
 if __name__ == "__main__":

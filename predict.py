@@ -102,7 +102,9 @@ def predict_images(model, images: list[torch.Tensor], args) -> list[torch.Tensor
     """
     size = [model.input_size, model.input_size]
     batch = torch.stack([F.resize(image, size, antialias=True) for image in images])
-    batch = F.to_dtype(batch, torch.float32, scale=True).to(next(model.parameters()).device)
+    # a module, or an inference.Runner (which moves the batch to its own device)
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    batch = F.to_dtype(batch, torch.float32, scale=True).to(device)
     out = model(batch)
     dets = decode_predictions(out, model.S, model.B, model.C, args.conf_threshold, args.nms_iou,
                               args.max_det)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement in BENCHMARKS.md, in one go (about 4 minutes on an H100, machine start not counted):
+# Every GPU measurement in BENCHMARKS.md, in one go (parts 1-4 about 4 minutes on an H100, part 5
+# about 5 more; machine start not counted):
 #
 #     bash bench/gpu_suite.sh                 # results in bench/results/gpu/
 #     OUT=/somewhere bash bench/gpu_suite.sh
@@ -12,12 +13,16 @@
 # 3. train.py end to end on 6,400 VOC-sized synthetic JPEGs (augmentation on), bf16 +
 #    channels_last + --compile, 14 workers: epoch 2's images/s is what a VOC epoch gets.
 # 4. Smoke runs of the GPU-only paths: DDP over NCCL (torchrun), DataParallel's script, AMP.
+# 5. bench_detect.py: detection frames per second, JPEG file to boxes and the network alone, batch
+#    1 and 256, YOLOv1 and Fast YOLO: float32 eager, channels_last, batch norm folded, torch.compile
+#    (CUDA graphs), float16, bfloat16, onnxruntime-gpu when installed; every variant's boxes
+#    against eager float32's. About 5 minutes.
 # Each step has its own time limit, so one failure does not cost the others.
 set -u
 OUT=${OUT:-bench/results/gpu}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
-PARTS=${PARTS:-1 2 3 4}
+PARTS=${PARTS:-1 2 3 4 5}
 part() { [[ " $PARTS " == *" $1 "* ]] && echo "=== $1. $2 ($(date +%T))"; }
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -88,6 +93,10 @@ td.destroy_process_group()
 NCCL
 fi
 timeout 60 python darknet_train_multigpu.py $SMALL --project "$WORK/runs" --name dp 2>&1 | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -3
+fi
+if part 5 "detection speed"; then
+if [ -n "$QUICK" ]; then DETECT_ARGS="--quick"; else DETECT_ARGS="--budget 20"; fi
+timeout 480 python bench/bench_detect.py --device "$DEVICE" $DETECT_ARGS --json "$OUT/detect.json"
 fi
 log done
 rm -rf "$WORK"

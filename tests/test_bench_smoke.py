@@ -78,5 +78,34 @@ def test_bench_memory_quick(tmp_path):
     assert report["largest_batch"] > 0
 
 
+def test_bench_detect_quick(tmp_path):
+    """Frames per second from JPEG files to boxes and of the network alone, and every
+    variant's boxes checked against eager float32's (the GPU ones skipped, with the reason)."""
+    import torch
+
+    out = tmp_path / "detect.json"
+    threads = torch.get_num_threads()
+    try:
+        assert load("bench_detect").main(["--quick", "--models", "fast", "--threads", "1", "--variants",
+                                          "eager,channels_last,default,float16", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    rows = [r for r in report["rows"] if "skipped" not in r]
+    assert {(r["variant"], r["batch"]) for r in rows} == {
+        (v, b) for v in ("eager", "channels_last", "default") for b in (1, 2)}
+    assert [r["skipped"] for r in report["rows"] if "skipped" in r] == ["not on cpu"]
+    for r in rows:
+        assert r["file_to_boxes"]["fps"] > 0 and r["network"]["fps"] > r["file_to_boxes"]["fps"]
+        assert r["network"]["p99_s"] >= r["network"]["median_s"] > 0
+        assert 0 < r["fraction_of_matmul"] < math.inf and r["flops_per_image"] > 1e6
+        check = r["check"]
+        assert check["same_boxes_and_classes"] and check["boxes"] > 10
+        assert check["max_box_px"] < 0.1
+        if r["variant"] != "channels_last":  # folding batch norm moves the last bits
+            assert (check["max_box_px"] == 0) == (r["variant"] == "eager")
+    assert all(r["matmul_flops_per_s"] > 0 for r in rows) and report["machine"]["cores"] >= 1
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])

@@ -220,3 +220,29 @@ def test_video_without_pyav_is_a_one_line_error_before_any_output(checkpoint, tm
     assert exc.value.code == 2
     assert capsys.readouterr().err == "error: reading videos needs the 'av' package: pip install av\n"
     assert not (tmp_path / "runs").exists()
+
+
+def test_video_is_read_and_written_frame_by_frame(checkpoint, tmp_path, monkeypatch, capsys):
+    """A video is never held whole in memory: when the network gets a batch, only that
+    batch has been decoded (guards against reading every frame first), and the frames
+    per second are printed."""
+    pytest.importorskip("av")
+    make_video(tmp_path / "clip.mp4", frames=7)
+    decoded, at_predict = [], []
+    real_frames, real_predict = detect.video_frames, detect.predict
+
+    def counting_frames(*args):
+        for frame in real_frames(*args):
+            decoded.append(frame.shape)
+            yield frame
+
+    def recording_predict(model, images, args):
+        at_predict.append((len(decoded), len(images)))
+        return real_predict(model, images, args)
+
+    monkeypatch.setattr(detect, "video_frames", counting_frames)
+    monkeypatch.setattr(detect, "predict", recording_predict)
+    out = run(checkpoint, tmp_path / "clip.mp4", tmp_path, "--batch-size", "2")
+    assert at_predict == [(2, 2), (4, 2), (6, 2), (7, 1)]
+    assert len(read_video(out / "clip.mp4")) == 7
+    assert "frames/s end to end" in capsys.readouterr().out

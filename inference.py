@@ -1,0 +1,244 @@
+"""Inference backends: a trained detector as a fast callable for one device.
+
+    runner = inference.load("best.pt", "cpu")                     # the default for the device
+    runner = inference.load("best.pt", "cuda", Backend(dtype=torch.float16, compile=True))
+    runner = inference.load("model.onnx", "cpu")                  # onnxruntime (export.py --raw)
+    raw = runner(images)   # float (N, 3, size, size) RGB in [0, 1] -> float32 (N, S*S*(C+5B))
+
+A runner also carries what decoding needs (``S``, ``B``, ``C``, ``input_size``, ``names``,
+``device``), so ``utils.decode_predictions(runner(x), runner.S, runner.B, runner.C)`` gives
+the boxes. Every backend computes the same network; bench/bench_detect.py measures them
+and checks each one's boxes against eager float32 (BENCHMARKS.md, "Detection speed").
+
+* eager: the model as trained (``model.load_detector``): the reference.
+* the default: batch norm folded into the convolutions before it (its running
+  statistics are constants at test time) and the channels_last memory layout, which
+  oneDNN's and cuDNN's convolutions prefer. Same numbers up to float32 rounding.
+* ``compile=True``: ``torch.compile`` of the fused model; inductor's freezing folds the
+  weights into constants and pre-packs them for oneDNN. On a GPU, mode
+  ``reduce-overhead`` (CUDA graphs: one launch per batch instead of one per layer).
+  Minutes of start-up on the CPU: for long videos and folders.
+* ``dtype=torch.float16`` or ``bfloat16`` (GPU only; detect.py ``--half``: float16).
+* an ``.onnx`` file: onnxruntime with all graph optimisations, as many intra-op threads
+  as torch uses, and the CUDA provider on a GPU (``pip install onnxruntime-gpu``).
+  The file must hold the raw network output (``python export.py CKPT --include onnx --raw``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from model import load_detector
+from plots import require
+from utils import UserError
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to run a checkpoint (the default: :func:`default_backend`'s choice)."""
+
+    fold_bn: bool = True         # batch norm folded into the convolutions
+    channels_last: bool = True   # the NHWC memory layout oneDNN and cuDNN prefer
+    compile: bool = False        # torch.compile (GPU: CUDA graphs)
+    dtype: torch.dtype = torch.float32  # float16 / bfloat16: GPU only
+    compile_mode: str | None = None  # override torch.compile's mode (None: per device)
+
+    def describe(self) -> str:
+        parts = [str(self.dtype).removeprefix("torch.")]
+        parts += ["batch norm folded"] if self.fold_bn else []
+        parts += ["channels_last"] if self.channels_last else []
+        parts += [f"torch.compile ({self.compile_mode or 'default'})"] if self.compile else []
+        return " + ".join(parts) if len(parts) > 1 else parts[0] + " eager"
+
+
+EAGER = Backend(fold_bn=False, channels_last=False)  # the reference
+
+
+def default_backend(device: torch.device) -> Backend:
+    """The fastest correct path that starts at once: fused float32 on every device.
+
+    ``compile`` is faster per image but costs a minute or more of start-up on the CPU;
+    ``half`` on a GPU moves boxes by float16 rounding: both are asked for, not assumed.
+    """
+    return Backend()
+
+
+@dataclass
+class Runner:
+    """``runner(images)`` -> raw predictions ``(N, S*S*(C+5B))`` float32 on ``device``."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    S: int
+    B: int
+    C: int
+    input_size: int
+    names: list
+    device: torch.device
+    description: str
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    pad_batches: bool = False    # compiled graphs: pad a short batch rather than recompile
+    input_device: torch.device | None = None  # where the input goes (onnxruntime: the host)
+    _sizes: set = field(default_factory=set)   # batch sizes compiled so far
+
+    def batch_size_for(self, n: int) -> int:
+        """The batch size to run ``n`` images at: with compiled graphs (one per batch size),
+        the smallest already compiled that holds them, so that the last, shorter batch of a
+        folder does not compile again (a minute on the CPU); zeros fill the rest."""
+        if not self.pad_batches or n in self._sizes:
+            return n
+        size = min((s for s in self._sizes if s > n), default=n)
+        self._sizes.add(size)
+        return size
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        n = len(images)
+        images = images.to(self.input_device or self.device, self.dtype, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        size = self.batch_size_for(n)
+        if size > n:
+            images = torch.cat((images, images.new_zeros(size - n, *images.shape[1:])))
+        with torch.inference_mode():
+            out = self.forward(images)[:n].float()
+        # CUDA graphs hand back the same output buffer at every call: copy it out.
+        return out.clone() if self.pad_batches else out
+
+
+# --------------------------------------------------------------------------- PyTorch
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each Conv2d -> BatchNorm2d pair (darknet_model.conv_block)
+    folded into one convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``)."""
+    model = copy.deepcopy(model).eval()
+    for block in model.modules():
+        if not isinstance(block, nn.Sequential):
+            continue
+        for i in range(len(block) - 1):
+            if isinstance(block[i], nn.Conv2d) and isinstance(block[i + 1], nn.BatchNorm2d):
+                block[i] = torch.nn.utils.fusion.fuse_conv_bn_eval(block[i], block[i + 1])
+                block[i + 1] = nn.Identity()
+    return model
+
+
+def compile_model(model: nn.Module, device: torch.device, mode: str | None = None) -> Callable:
+    """``torch.compile`` for inference: CUDA graphs on a GPU; on the CPU inductor's freezing
+    (weights become constants: oneDNN packs them once instead of at every call, and the
+    leaky ReLU runs inside the convolution)."""
+    # dynamic=False: one static graph per batch size (Runner pads a short last batch);
+    # a dynamic batch axis would cost the static graph's speed.
+    if device.type == "cuda":
+        return torch.compile(model, mode=mode or "reduce-overhead", dynamic=False)
+    compiled = torch.compile(model, mode=mode, dynamic=False)
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        # Compilation happens at a call (the first, or a new batch size). Freezing must be
+        # set in inductor's config then: torch.compile(options={"freezing": True}) does not
+        # reach the pass that packs the weights (measured: 0 packed convolutions, 2x slower).
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(images)
+    return forward
+
+
+def torch_runner(model: nn.Module, names, device: torch.device, backend: Backend) -> Runner:
+    """A :class:`Runner` of a loaded float32 model (in eval mode) with ``backend``."""
+    if backend.dtype != torch.float32 and device.type != "cuda":
+        # The project never computes in reduced precision on the CPU: this AVX2 CPU has no
+        # float16/bfloat16 arithmetic, so it is slower than float32 as well as less exact.
+        raise UserError("--half needs a GPU: on the CPU float16 is slower than float32")
+    if backend.fold_bn:
+        net = fold_batch_norm(model)
+    elif backend.channels_last or backend.dtype != torch.float32:
+        net = copy.deepcopy(model)  # .to() below changes a module in place: leave the caller's alone
+    else:
+        net = model
+    net = net.to(device, backend.dtype)
+    if backend.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    forward = compile_model(net, device, backend.compile_mode) if backend.compile else net
+    return Runner(forward, model.S, model.B, model.C, model.input_size, list(names), device,
+                  backend.describe(), backend.dtype, backend.channels_last, pad_batches=backend.compile)
+
+
+# --------------------------------------------------------------------------- onnxruntime
+def onnx_providers(device: torch.device) -> list:
+    """onnxruntime's execution providers for ``device``; a UserError if it cannot run there."""
+    require("onnxruntime", "onnxruntime", "running an ONNX model")
+    import onnxruntime as ort
+
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UserError(f"running an ONNX model on {device} needs onnxruntime's CUDA provider: "
+                        "pip install onnxruntime-gpu")
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+
+
+def onnx_session(path: Path, device: torch.device):
+    """An onnxruntime session with every graph optimisation and torch's thread count."""
+    providers = onnx_providers(device)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own (Fail, InvalidProtobuf, ...) classes
+        raise UserError(f"{path}: not a loadable ONNX model ({' '.join(str(err).split())[:200]})") from None
+
+
+def onnx_layout(path: Path, session) -> dict:
+    """S, B, C, input size and class names from export.py's metadata, checked against the
+    graph's input and output shapes."""
+    meta = session.get_modelmeta().custom_metadata_map
+    try:
+        S, B, C, size = (int(meta[k]) for k in ("S", "B", "C", "input_size"))
+        names = json.loads(meta["class_names"])
+    except (KeyError, ValueError) as err:
+        raise UserError(f"{path}: no S, B, C, input_size and class_names metadata ({err}): "
+                        "export the model with export.py") from None
+    outputs = [o.name for o in session.get_outputs()]
+    if outputs != ["output"]:
+        raise UserError(f"{path}: outputs {', '.join(outputs)} (decoded boxes); running it needs "
+                        "the raw network output: python export.py CHECKPOINT --include onnx --raw")
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    if list(inp.shape[1:]) != [3, size, size] or out.shape[1:] != [S * S * (C + 5 * B)]:
+        raise UserError(f"{path}: input {inp.shape} and output {out.shape} do not fit S={S}, B={B}, "
+                        f"C={C}: expected (N, 3, {size}, {size}) and (N, {S * S * (C + 5 * B)})")
+    if len(names) != C:
+        raise UserError(f"{path}: {len(names)} class names for C={C} classes")
+    return {"S": S, "B": B, "C": C, "input_size": size, "names": names}
+
+
+def onnx_runner(path: Path, device: torch.device) -> Runner:
+    session = onnx_session(path, device)
+    layout = onnx_layout(path, session)
+    name = session.get_inputs()[0].name
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        (out,) = session.run(None, {name: images.cpu().numpy()})
+        return torch.from_numpy(out).to(device)
+
+    provider = session.get_providers()[0].replace("ExecutionProvider", "")
+    return Runner(forward, layout["S"], layout["B"], layout["C"], layout["input_size"], layout["names"],
+                  device, f"onnxruntime ({provider}, {path.name})", input_device=torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- entry point
+def load(path, device="cpu", backend: Backend | None = None) -> Runner:
+    """A :class:`Runner` of a train.py checkpoint or a raw ONNX file (by its suffix)."""
+    device, path = torch.device(device), Path(path)
+    if path.suffix.lower() == ".onnx":
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        if backend is not None and (backend.compile or backend.dtype != torch.float32):
+            raise UserError(f"{path}: --compile and --half apply to a checkpoint, not an ONNX model")
+        return onnx_runner(path, device)
+    model, names = load_detector(path, device)
+    return torch_runner(model, names, device, backend or default_backend(device))
