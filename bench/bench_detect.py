@@ -9,7 +9,7 @@ For every model (``MODELS``: one line each), variant (``VARIANTS``: an inference
 the exported ONNX file under onnxruntime) and batch size, two timings:
 
 * ``file``: what detect.py does per batch of images, from the encoded files: decode
-  (``dataset.load_image``: Pillow, EXIF orientation), then ``detect.predict`` (antialiased
+  (``images.load_image``: Pillow, EXIF orientation), then ``predict.predict_images`` (antialiased
   resize of the uint8 pixels, [0, 1] floats, the network, ``utils.decode_predictions``
   with per-class NMS at detect.py's defaults, boxes scaled to pixels). The files are the
   four bundled photographs (``data/images``: astronaut, camera, chelsea, coffee; 300-600
@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 import inference  # noqa: E402
-from dataset import load_image  # noqa: E402
-from detect import predict  # noqa: E402
+from images import load_image  # noqa: E402
+from predict import predict_images  # noqa: E402
 from inference import Backend  # noqa: E402
 from machine import load_average, machine  # noqa: E402
 from model import build_model  # noqa: E402
@@ -150,7 +150,7 @@ def make_runner(variant: str, model, device: torch.device, onnx_dir: Path):
 def file_batch(runner, paths, args_like):
     """detect.py's work for one batch of files: decode, then predict (resize ... NMS)."""
     images = [F.pil_to_tensor(load_image(p)) for p in paths]
-    return predict(runner, images, args_like)
+    return predict_images(runner, images, args_like)
 
 
 def network_call(runner, x, device):

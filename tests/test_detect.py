@@ -229,7 +229,7 @@ def test_video_is_read_and_written_frame_by_frame(checkpoint, tmp_path, monkeypa
     pytest.importorskip("av")
     make_video(tmp_path / "clip.mp4", frames=7)
     decoded, at_predict = [], []
-    real_frames, real_predict = detect.video_frames, detect.predict
+    real_frames, real_predict = detect.video_frames, detect.predict.predict_images
 
     def counting_frames(*args):
         for frame in real_frames(*args):
@@ -241,7 +241,7 @@ def test_video_is_read_and_written_frame_by_frame(checkpoint, tmp_path, monkeypa
         return real_predict(model, images, args)
 
     monkeypatch.setattr(detect, "video_frames", counting_frames)
-    monkeypatch.setattr(detect, "predict", recording_predict)
+    monkeypatch.setattr(detect.predict, "predict_images", recording_predict)
     out = run(checkpoint, tmp_path / "clip.mp4", tmp_path, "--batch-size", "2")
     assert at_predict == [(2, 2), (4, 2), (6, 2), (7, 1)]
     assert len(read_video(out / "clip.mp4")) == 7
