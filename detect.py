@@ -99,6 +99,7 @@ def list_sources(source: str) -> tuple[list[Path], list[Path]]:
 
 # --------------------------------------------------------------------------- prediction
 @torch.no_grad()
+@inference.intra_op_threads(1)  # resize, NMS: faster on one thread; the network keeps its own
 def predict(model, images: list[torch.Tensor], args) -> list[torch.Tensor]:
     """Detections ``(M, 6)``: ``class, score, x1, y1, x2, y2`` in pixels of each uint8 image.
 
