@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as F
 
 import argtypes
+import inference
 from distributed import Dist, amp_dtype, gather_objects, resolve_device, unwrap
 from evaluate import evaluate_detections
 from model import load_detector
@@ -93,6 +94,7 @@ def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold:
 
 
 @torch.no_grad()
+@inference.intra_op_threads(1)  # resize, NMS: faster on one thread; an inference.Runner keeps its own
 def predict_images(model, images: list[torch.Tensor], args) -> list[torch.Tensor]:
     """Detections ``(M, 6)``: ``class, score, x1, y1, x2, y2`` in pixels of each uint8 image
     (detect.py; ``args``: its --conf-threshold, --nms-iou and --max-det).

@@ -158,6 +158,28 @@ def test_a_short_batch_is_padded_to_the_smallest_compiled_size_and_trimmed():
     assert seen == [1, 5, 1, 5, 5]
 
 
+def test_the_network_keeps_its_threads_while_detect_py_runs_the_rest_on_one(monkeypatch):
+    """Resize and NMS are faster on one thread (a second one costs a scheduler slice per
+    operation on a loaded machine); the network runs on the threads the runner was made with."""
+    seen = {}
+
+    def forward(x):
+        seen["network"] = torch.get_num_threads()
+        return torch.zeros(len(x), 2 * 2 * 13)
+
+    def decode(*args, **kwargs):
+        seen["decode"] = torch.get_num_threads()
+        return decode_predictions(*args, **kwargs)
+
+    monkeypatch.setattr(detect, "decode_predictions", decode)
+    runner = Runner(forward, 2, 2, 3, 128, NAMES, torch.device("cpu"), "test", threads=2)
+    args = type("Args", (), {"conf_threshold": 0.2, "nms_iou": 0.5, "max_det": 10})
+    with inference.intra_op_threads(2):
+        detect.predict(runner, [torch.zeros(3, 40, 60, dtype=torch.uint8)], args)
+        assert torch.get_num_threads() == 2
+    assert seen == {"network": 2, "decode": 1}
+
+
 def test_half_on_the_cpu_is_a_user_error():
     with pytest.raises(UserError, match="--half needs a GPU"):
         inference.torch_runner(tiny_model(), NAMES, torch.device("cpu"), Backend(dtype=torch.float16))
