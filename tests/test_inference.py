@@ -17,6 +17,7 @@ from torch import nn
 
 import detect
 import export
+import predict
 import inference
 import utils
 from inference import Backend, Runner, fold_batch_norm
@@ -171,11 +172,11 @@ def test_the_network_keeps_its_threads_while_detect_py_runs_the_rest_on_one(monk
         seen["decode"] = torch.get_num_threads()
         return decode_predictions(*args, **kwargs)
 
-    monkeypatch.setattr(detect, "decode_predictions", decode)
+    monkeypatch.setattr(predict, "decode_predictions", decode)
     runner = Runner(forward, 2, 2, 3, 128, NAMES, torch.device("cpu"), "test", threads=2)
     args = type("Args", (), {"conf_threshold": 0.2, "nms_iou": 0.5, "max_det": 10})
     with inference.intra_op_threads(2):
-        detect.predict(runner, [torch.zeros(3, 40, 60, dtype=torch.uint8)], args)
+        predict.predict_images(runner, [torch.zeros(3, 40, 60, dtype=torch.uint8)], args)
         assert torch.get_num_threads() == 2
     assert seen == {"network": 2, "decode": 1}
 
