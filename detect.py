@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images or frames per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (CPU: a minute or more of start-up; GPU: CUDA graphs)")
+                   help="torch.compile the network (CPU: 20-40 s of start-up the first time; GPU: CUDA graphs)")
     p.add_argument("--half", action="store_true", help="float16 on a GPU")
     p.add_argument("--project", default="runs/detect", help="parent of the output folder")
     p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")

@@ -312,6 +312,9 @@ def print_report(report: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_detect: skipped, --device cuda but torch.cuda.is_available() is False")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.type == "cuda":
