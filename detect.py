@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-json", action="store_true", help="write detections.json")
     p.add_argument("--line-width", type=argtypes.positive_int, help="box line width in pixels (default: from the image size)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (CPU: a minute or more of start-up; GPU: CUDA graphs)")
+                   help="torch.compile the network (CPU: 20-40 s of start-up the first time; GPU: CUDA graphs)")
     p.add_argument("--half", action="store_true", help="float16 on a GPU")
     p.add_argument("--project", default="runs/detect", help="parent of the output folder")
     p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")

@@ -17,7 +17,8 @@ and checks each one's boxes against eager float32 (BENCHMARKS.md, "Detection spe
 * ``compile=True``: ``torch.compile`` of the fused model; inductor's freezing folds the
   weights into constants and pre-packs them for oneDNN. On a GPU, mode
   ``reduce-overhead`` (CUDA graphs: one launch per batch instead of one per layer).
-  Minutes of start-up on the CPU: for long videos and folders.
+  Start-up on the CPU 20-40 s the first time, seconds from inductor's cache: for videos
+  and folders.
 * ``dtype=torch.float16`` or ``bfloat16`` (GPU only; detect.py ``--half``: float16).
 * an ``.onnx`` file: onnxruntime with all graph optimisations, as many intra-op threads
   as torch uses, and the CUDA provider on a GPU (``pip install onnxruntime-gpu``).
@@ -62,10 +63,11 @@ EAGER = Backend(fold_bn=False, channels_last=False)  # the reference
 
 
 def default_backend(device: torch.device) -> Backend:
-    """The fastest correct path that starts at once: fused float32 on every device.
+    """The fastest correct path that starts at once: batch norm folded, channels_last,
+    float32, on every device (1.4-1.5x eager float32 on the CPU: BENCHMARKS.md section 6).
 
-    ``compile`` is faster per image but costs a minute or more of start-up on the CPU;
-    ``half`` on a GPU moves boxes by float16 rounding: both are asked for, not assumed.
+    ``compile`` is 1.9x faster again per image but costs 20-40 s of start-up on the CPU the
+    first time; float16 on a GPU moves boxes by its rounding: both are asked for, not assumed.
     """
     return Backend()
 

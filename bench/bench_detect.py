@@ -16,8 +16,8 @@ the exported ONNX file under onnxruntime) and batch size, two timings:
   px, one greyscale), cycled.
 * ``network``: the runner alone on a ready float batch (on the device).
 
-Variants are timed round-robin, one call each per round, so that a shared machine's load
-falls on all of them alike: compare same-run ratios. Reported: median and 99th-percentile
+Variants are timed round-robin (at batch 1 three consecutive calls each per round), so
+that a shared machine's load falls on all of them alike: compare same-run ratios. Reported: median and 99th-percentile
 (nearest rank) latency per call, the fastest call (on a shared machine, the closest to
 an idle one), frames per second (batch / median), for the network its
 GFLOP/s and percentage of the float32 matrix-multiply rate (a ``torch.mm`` timed in the
@@ -165,9 +165,12 @@ def percentile(times: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def time_round_robin(calls: dict, rounds: int, warmup: int, budget: float) -> dict:
+def time_round_robin(calls: dict, rounds: int, warmup: int, budget: float, per_turn: int = 1) -> dict:
     """``{name: [seconds per call]}``: ``warmup`` untimed calls each (the first timed as
-    start-up), then one call of each per round until ``rounds`` or ``budget`` seconds."""
+    start-up), then ``per_turn`` consecutive calls of each per round until ``rounds`` or
+    ``budget`` seconds. Consecutive calls are what a program using one backend sees: the
+    first after another backend's can find the cores still held by that one's spinning
+    threads (OpenMP's, onnxruntime's)."""
     startup = {}
     for name, call in calls.items():
         start = time.perf_counter()
@@ -179,9 +182,10 @@ def time_round_robin(calls: dict, rounds: int, warmup: int, budget: float) -> di
     began = time.perf_counter()
     for r in range(rounds):
         for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(per_turn):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
         if time.perf_counter() - began > budget and r >= 2:
             break
     return {"startup": startup, "times": times}
@@ -219,11 +223,12 @@ def bench_model(name: str, args, device: torch.device, photos: list[Path]) -> li
             files = [photos[i % len(photos)] for i in range(batch)]
             x = torch.rand(batch, 3, model.input_size, model.input_size).to(device)
             calls = {v: (lambda r=r: network_call(r, x, device)) for v, r in runners.items()}
+            per_turn = 3 if batch == 1 else 1   # large batches: seconds a call on the CPU
             net = time_round_robin(calls | {MATMUL: matmul_call(device, args.mm_size)},
-                                   args.rounds, args.warmup, args.budget)
+                                   args.rounds, args.warmup, args.budget, per_turn)
             mm_rate = 2 * args.mm_size ** 3 / statistics.median(net["times"][MATMUL])
             end = time_round_robin({v: (lambda r=r: file_batch(r, files, DETECT)) for v, r in runners.items()},
-                                   args.rounds, args.warmup, args.budget)
+                                   args.rounds, args.warmup, args.budget, per_turn)
             timings.append((batch, net, end, mm_rate))
         # After the timings: a compiled graph is then run at a batch size it already has.
         reference = file_batch(runners["eager"], photos, CHECK) if "eager" in runners else None
@@ -254,7 +259,8 @@ def parse_args(argv):
     p.add_argument("--variants", default=None, help="comma-separated (default: all for the device): "
                    + ", ".join(VARIANTS))
     p.add_argument("--batches", default=None, help="batch sizes (default 1,8 on the CPU, 1,256 on a GPU)")
-    p.add_argument("--rounds", type=int, default=None, help="timed calls per variant (default 20 CPU, 100 GPU)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of timed calls (default 20 CPU, 100 GPU; batch 1: 3 calls a round)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (the first one is the start-up)")
     p.add_argument("--budget", type=float, default=60.0, help="seconds per timing before fewer rounds")
     p.add_argument("--images", default=None, help="a folder of JPEGs to use (its first 8) instead of "
@@ -306,6 +312,9 @@ def print_report(report: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_detect: skipped, --device cuda but torch.cuda.is_available() is False")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.type == "cuda":
@@ -314,16 +323,17 @@ def main(argv=None) -> int:
               [ROOT / "data" / "images" / f"{name}.jpg" for name in PHOTOS])
     if not photos:
         raise SystemExit(f"{args.images}: no .jpg files")
-    load_before = load_average()
-    rows = [row for name in args.models for row in bench_model(name, args, args.device, photos)]
     report = {"machine": machine(args.device), "device": str(args.device), "quick": args.quick,
-              "load_average_before": load_before, "load_average_after": load_average(),
-              "mm_size": args.mm_size, "rounds": args.rounds,
-              "photos": [p.name for p in photos], "rows": rows}
-    print_report(report)
+              "load_average_before": load_average(), "mm_size": args.mm_size, "rounds": args.rounds,
+              "photos": [p.name for p in photos], "rows": []}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    for name in args.models:  # table and JSON after each model: a time limit keeps what was measured
+        rows = bench_model(name, args, args.device, photos)
+        report["rows"] += rows
+        report["load_average_after"] = load_average()
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print_report(report | {"rows": rows})
     return 0
 
 
