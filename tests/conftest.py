@@ -22,3 +22,14 @@ def darknet(tmp_path_factory):
         return build_darknet(tmp_path_factory.mktemp("darknet-build"))
     except DarknetUnavailable as err:
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: waking a second intra-op thread costs more than it saves."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

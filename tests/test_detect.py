@@ -24,13 +24,7 @@ NAMES = ["cat", "dog", "person"]
 DOG, PERSON = (0.0, 0.0, 0.5, 0.5), (0.65, 0.55, 0.85, 0.95)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: waking a second intra-op thread costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread
 
 
 @pytest.fixture(scope="module")
