@@ -3,7 +3,10 @@
     python bench/bench_memory.py [--batches 1,2,4] [--check 8] [--ram-gb 24]
 
 Each batch size runs in a fresh process (one step: forward + loss + backward + SGD step,
-as bench_train.py), whose peak resident memory (``ru_maxrss``) is the measurement. A
+as bench_train.py), whose peak resident memory is the measurement. On Linux the peak is reset
+(``/proc/self/clear_refs``) once the network and batch are built, so that the transient peak
+of importing torch, which can exceed a small network's whole step, does not hide the step;
+elsewhere it is ``ru_maxrss``, the whole process's peak. A
 straight line through the ``--batches`` points (weights, gradients and momentum are the
 intercept, activations the slope) predicts the largest batch whose step fits in
 ``--ram-gb``; ``--check`` runs one more batch size and compares it with the prediction.
@@ -25,16 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 from machine import load_average, machine  # noqa: E402
 
 STEP = """
-import resource, sys, torch
+import re, resource, sys, torch
 sys.path[:0] = [{root!r}, {bench!r}]
 from bench_train import yolo_case
 from engine import build_optimizer
 from types import SimpleNamespace
 model, x, y, loss_fn = yolo_case({batch}, {width}, torch.device("cpu"))
 opt = build_optimizer(model, SimpleNamespace(optimizer="sgd", lr=1e-4, momentum=0.9, weight_decay=5e-4))
+try:  # reset the high-water mark to the current RSS (Linux >= 4.0), then read it back as VmHWM
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
 loss_fn(model(x), y).backward()
 opt.step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+try:
+    with open("/proc/self/status") as f:
+        print(int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1)) * 1024)
+except (OSError, AttributeError):
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
@@ -56,15 +68,19 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     peaks = [peak_rss(b, args.width) for b in batches]
     slope, intercept = np.polyfit(batches, peaks, 1)
-    largest = int((args.ram_gb * 1e9 - intercept) // slope)
+    # A batch's activations must cost something: a flat or falling line (under 100 kB per
+    # image, below the noise of RSS pages) means the points are too close to tell apart, and
+    # no largest batch follows from them.
+    largest = int((args.ram_gb * 1e9 - intercept) // slope) if slope > 1e5 else None
     report = {"machine": machine(), "load_average": load_average(), "width": args.width,
               "points": dict(zip(batches, peaks)), "bytes_per_image": slope, "fixed_bytes": intercept,
               "ram_gb": args.ram_gb, "largest_batch": largest}
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; YOLOv1 @448 width {args.width:g}")
     for b, p in zip(batches, peaks):
         print(f"batch {b:>4}: peak RSS {p / 1e9:6.2f} GB")
-    print(f"fit: {intercept / 1e9:.2f} GB + {slope / 1e9:.3f} GB per image -> largest batch in "
-          f"{args.ram_gb:g} GB: {largest}")
+    print(f"fit: {intercept / 1e9:.2f} GB + {slope / 1e9:.4f} GB per image -> largest batch in "
+          f"{args.ram_gb:g} GB: " + (str(largest) if largest is not None else
+                                     "unknown (peaks do not grow with the batch: use larger batches)"))
     if args.check:
         measured = peak_rss(args.check, args.width)
         predicted = intercept + slope * args.check
