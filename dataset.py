@@ -119,6 +119,14 @@ class DetectionDataset(Dataset):
             return image, target, factors
         return to_float_images(image[None], factors[None] if self.augment else None)[0], target
 
+    def target(self, index: int) -> torch.Tensor:
+        """The encoded target ``(S, S, C+5)`` of an unaugmented sample (difficult objects
+        left out), without decoding the image: test.py's original-project metric."""
+        record = self.records[index]
+        keep = ~record.difficult
+        boxes = box_convert(torch.from_numpy(record.boxes[keep]), "xyxy", "cxcywh")
+        return encode_target(boxes, torch.from_numpy(record.labels[keep]), self.S, len(self.class_names))
+
     def image_size(self, index: int) -> tuple[int, int]:
         """Original ``(width, height)`` (after EXIF orientation), without decoding pixels."""
         record = self.records[index]

@@ -40,10 +40,8 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 import argtypes
-import inference
 import predict
 import runs
-from distributed import resolve_device
 from box_files import refuse_name_clashes
 from images import load_image
 from plots import draw_detections, require
@@ -63,9 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-txt", action="store_true", help="write labels/<image>.txt per image")
     p.add_argument("--save-json", action="store_true", help="write detections.json")
     p.add_argument("--line-width", type=argtypes.positive_int, help="box line width in pixels (default: from the image size)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (CPU: 20-40 s of start-up the first time; GPU: CUDA graphs)")
-    p.add_argument("--half", action="store_true", help="float16 on a GPU")
     p.add_argument("--project", default="runs/detect", help="parent of the output folder")
     p.add_argument("--name", default="exp", help="output folder name; exp2, exp3 ... if taken")
     return p
@@ -284,8 +279,7 @@ def main(argv=None):
     if videos:
         require("av", "av", "reading videos")
     refuse_name_clashes(output_files(images, videos, args.save_txt))
-    backend = inference.Backend(compile=args.compile, dtype=torch.float16 if args.half else torch.float32)
-    model = inference.load(args.checkpoint, resolve_device(args.device), backend)
+    model = predict.open_runner(args)
     names, start = model.names, time.perf_counter()
     outputs = Outputs(runs.make_run_dir(args.project, args.name), names, args)
     errors = detect_images(model, images, outputs, args) if images else []

@@ -67,13 +67,14 @@ def load_data(args, names, model):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     predict.check_inference_args(args)
-    model, names, dist = predict.open_detector(args)
+    model = predict.open_runner(args)
+    names = model.names
     dataset, labelled = load_data(args, names, model)
     ids = [dataset.annotation(i)["image_id"] for i in range(len(dataset))]
     refuse_name_clashes((f"{image_id}.txt", record.path) for image_id, record in zip(ids, dataset.records))
     if args.format == "voc" and unwritable(names, ids):
         raise UserError(f"{args.checkpoint}, {args.data}: {unwritable(names, ids)}")
-    dets = predict.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
+    dets, _ = predict.predict_files(model, [record.path for record in dataset.records], args)
     out = runs.make_run_dir(args.project, args.name)
     if args.format == "voc":  # also the per-image files below: evaluate.py scores either
         write_results(out / "results", [(ids[i], dets[i]) for i in range(len(dataset))], names)

@@ -52,6 +52,8 @@ class ImageHeader:
     """What an image file's header says: its stored pixel grid and its EXIF orientation."""
     stored: tuple[int, int]      # (width, height) of the pixels as the file stores them
     orientation: int             # EXIF orientation 1..8; 1 when absent or not a valid value
+    format: str = ""             # Pillow's name of the file format ("JPEG", "PNG" ...)
+    mode: str = ""               # Pillow's pixel mode as stored ("RGB", "L", "CMYK" ...)
 
     @property
     def displayed(self) -> tuple[int, int]:
@@ -75,7 +77,7 @@ def read_header(path) -> ImageHeader:
             width, height = image.size
             if image.format == "TIFF" and orientation in (5, 6, 7, 8):
                 width, height = height, width
-            return ImageHeader((width, height), orientation)
+            return ImageHeader((width, height), orientation, image.format or "", image.mode)
     except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as err:
         raise UserError(f"{path}: unreadable image ({one_line(err)})") from None
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from utils import split_predictions
 
@@ -122,20 +121,3 @@ def original_project_metric(outputs: torch.Tensor, targets: torch.Tensor, S: int
         aps[c] = trapezoid_ap(tp, npos)
     mean = float(np.mean(list(aps.values()))) if aps else float("nan")
     return {"mAP": mean, "AP": aps}
-
-
-@torch.no_grad()
-def original_project_map(model, dataset, batch_size: int, device) -> dict:
-    """:func:`original_project_metric` of ``model`` on every image of ``dataset`` (whose
-    items are ``(image, encoded target)``), one process."""
-    bare = getattr(model, "module", model)
-    was_training = bare.training
-    bare.eval()
-    outputs, targets = [], []
-    for images, target in DataLoader(dataset, batch_size=batch_size):
-        outputs.append(bare(images.to(device)).float().cpu())
-        targets.append(target)
-    bare.train(was_training)
-    if not outputs:
-        return {"mAP": float("nan"), "AP": {}}
-    return original_project_metric(torch.cat(outputs), torch.cat(targets), bare.S, bare.B, bare.C)

@@ -2,8 +2,9 @@
 boxes for a batch of images or a whole dataset in pixels of the original images, and
 the ground truth and detections as the evaluator's tables.
 
-train.py's validation (detection_evaluator), test.py, detect_txt.py and detect.py all
-predict through here, so they score the same boxes.
+train.py's validation (detection_evaluator, the training model as it is), test.py and
+detect_txt.py (predict_files: an inference.Runner fed by encoded_images.py) and detect.py
+(predict_images) all decode and scale boxes through here, so they score the same boxes.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
 
 import argtypes
 import inference
 from distributed import Dist, amp_dtype, gather_objects, resolve_device, unwrap
+from encoded_images import EncodedImages, decode_batch
 from evaluate import evaluate_detections
-from model import load_detector
 from utils import UserError, decode_predictions
 
 
@@ -35,6 +37,9 @@ def add_inference_args(parser: argparse.ArgumentParser, *, conf_threshold: float
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=batch_size,
                         help="images per forward pass (default %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (CPU: 20-40 s of start-up the first time; GPU: CUDA graphs)")
+    parser.add_argument("--half", action="store_true", help="float16 on a GPU")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser, data_help: str) -> None:
@@ -43,6 +48,12 @@ def add_dataset_args(parser: argparse.ArgumentParser, data_help: str) -> None:
     parser.add_argument("--img-dir", help="images folder of the csv layout (default: images/ beside it)")
     parser.add_argument("--label-dir", help="labels folder of the csv layout (default: labels/ beside it)")
     parser.add_argument("--split", default="2007/test", help="VOCdevkit year/split (default %(default)s)")
+    parser.add_argument("--workers", type=argtypes.nonneg_int,
+                        help="image-reading processes (default: 8 on a GPU, none on the CPU)")
+    parser.add_argument("--decode", choices=("auto", "device", "host"), default="auto",
+                        help="where JPEGs are decoded and resized: on the network's device, a batch at a "
+                             "time (nvJPEG on a GPU), or by the reading processes; auto: device on a GPU, "
+                             "host on the CPU (encoded_images.py)")
 
 
 def check_inference_args(args) -> None:
@@ -55,11 +66,11 @@ def check_inference_args(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
-def open_detector(args):
-    """``(model, class names, dist)``: --checkpoint's detector on --device, one process."""
-    dist = Dist(device=resolve_device(args.device))
-    model, names = load_detector(args.checkpoint, dist.device)
-    return model, names, dist
+def open_runner(args) -> inference.Runner:
+    """--checkpoint (a train.py checkpoint, or an ONNX file from ``export.py --raw``) on
+    --device, on inference.py's fastest correct path, with --compile and --half."""
+    backend = inference.Backend(compile=args.compile, dtype=torch.float16 if args.half else torch.float32)
+    return inference.load(args.checkpoint, resolve_device(args.device), backend)
 
 
 # --------------------------------------------------------------------------- detection evaluation
@@ -91,6 +102,33 @@ def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold:
     if dist.distributed:
         results = {k: v for part in gather_objects(results, dist) for k, v in part.items()}
     return results
+
+
+@torch.no_grad()
+def predict_files(runner: inference.Runner, paths, args, keep_outputs: bool = False):
+    """test.py's and detect_txt.py's pass over a dataset's images: ``(detections, outputs)``,
+    detections as :func:`predict_dataset` gives them (index -> ``(M, 6)`` array in pixels of
+    the original image), outputs the raw network outputs ``(N, S*S*(C+5B))`` on the host
+    (with ``keep_outputs``, for the original project's metric) or None.
+
+    ``args``: --batch-size, --workers, --decode, --conf-threshold and --nms-iou. Images are
+    read by encoded_images.py: on a GPU the JPEGs are decoded there, a batch per call.
+    """
+    device = runner.input_device or runner.device
+    on_device = args.decode == "device" or (args.decode == "auto" and device.type == "cuda")
+    workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
+    loader = DataLoader(EncodedImages(paths, runner.input_size, on_device), batch_size=args.batch_size,
+                        num_workers=workers, collate_fn=list)
+    results, outputs = {}, []
+    for items in tqdm(loader, desc="detect", unit="batch", leave=False, disable=len(loader) < 2):
+        images = decode_batch(items, runner.input_size, device)
+        out = runner(F.to_dtype(images, torch.float32, scale=True))
+        with inference.intra_op_threads(1):  # small per-box operations: see intra_op_threads
+            dets = decode_predictions(out, runner.S, runner.B, runner.C, args.conf_threshold, args.nms_iou)
+        results.update(zip([item.index for item in items], scale_to_pixels(dets, [item.size for item in items])))
+        if keep_outputs:
+            outputs.append(out.cpu())
+    return results, (torch.cat(outputs) if outputs else None)
 
 
 @torch.no_grad()

@@ -17,12 +17,14 @@ import argparse
 import math
 from pathlib import Path
 
+import torch
+
 import argtypes
 import predict
 import runs
 from dataset import build_voc_dataset
 from evaluate import format_report, match_detections, summarize_matches
-from original_metric import DESCRIPTION as ORIGINAL_METRIC, original_project_map
+from original_metric import DESCRIPTION as ORIGINAL_METRIC, original_project_metric
 from utils import UserError, run_cli
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,17 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_checkpoint(args) -> dict:
-    model, names, dist = predict.open_detector(args)
-    dataset = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, names,
-                                S=model.S, img_size=model.input_size)
-    dets = predict.predict_dataset(model, dataset, args.batch_size, dist, args.conf_threshold, args.nms_iou)
-    gt = predict.ground_truth_table(dataset, names)
+    """Both metrics from one pass of the network over the data."""
+    runner = predict.open_runner(args)
+    dataset = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, runner.names,
+                                S=runner.S, img_size=runner.input_size)
+    dets, outputs = predict.predict_files(runner, [r.path for r in dataset.records], args, keep_outputs=True)
+    gt = predict.ground_truth_table(dataset, runner.names)
     interp, difficult = ("11", "ignore") if args.voc07 else ("all", "ignore")
-    table = predict.detection_table(dets, names)
-    matches = match_detections(gt, table, args.iou, difficult)
+    matches = match_detections(gt, predict.detection_table(dets, runner.names), args.iou, difficult)
     real = summarize_matches(matches, interp)
-    fixed = original_project_map(model, dataset, args.batch_size, dist.device)
-    return {"images": len(dataset), "fixed": fixed, "voc": real}
+    fixed = original_project_map(outputs, dataset, runner)
+    return {"images": len(dataset), "fixed": fixed, "voc": real, "backend": runner.description}
+
+
+def original_project_map(outputs, dataset, runner) -> dict:
+    """The original project's metric (original_metric.py) of the same raw outputs."""
+    if outputs is None:
+        return {"mAP": float("nan"), "AP": {}}
+    targets = torch.stack([dataset.target(i) for i in range(len(dataset))])
+    return original_project_metric(outputs, targets, runner.S, runner.B, runner.C)
 
 
 def main(argv=None):
@@ -57,7 +67,7 @@ def main(argv=None):
     if args.json and not Path(args.json).parent.is_dir():  # before the evaluation, not after it
         raise UserError(f"--json {args.json}: {Path(args.json).parent} is not a folder")
     results = evaluate_checkpoint(args)
-    print(f"{results['images']} images from {args.data}")
+    print(f"{results['images']} images from {args.data} ({results['backend']})")
     print(f"{ORIGINAL_METRIC}: {results['fixed']['mAP']:.4f}")
     print(f"VOC mAP (score > {args.conf_threshold}, per-class NMS at {args.nms_iou}):")
     print(format_report(results["voc"]))

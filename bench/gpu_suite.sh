@@ -17,12 +17,14 @@
 #    1 and 256, YOLOv1 and Fast YOLO: float32 eager, channels_last, batch norm folded, torch.compile
 #    (CUDA graphs), float16, bfloat16, onnxruntime-gpu when installed; every variant's boxes
 #    against eager float32's. About 6-8 minutes (the CUDA-graph compilations take most of it).
+# 6. bench_eval.py: test.py end to end on 4,952 VOC-sized JPEGs (YOLOv1): host decode, nvJPEG
+#    decode, float16, float16 + CUDA graphs; boxes against the host-decode float32 run's.
 # Each step has its own time limit, so one failure does not cost the others.
 set -u
 OUT=${OUT:-bench/results/gpu}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
-PARTS=${PARTS:-1 2 3 4 5}
+PARTS=${PARTS:-1 2 3 4 5 6}
 part() { [[ " $PARTS " == *" $1 "* ]] && echo "=== $1. $2 ($(date +%T))"; }
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -97,6 +99,10 @@ fi
 if part 5 "detection speed"; then
 if [ -n "$QUICK" ]; then DETECT_ARGS="--quick"; else DETECT_ARGS="--budget 20"; fi
 timeout 540 python bench/bench_detect.py --device "$DEVICE" $DETECT_ARGS --json "$OUT/detect.json"
+fi
+if part 6 "test.py end to end (4,952 images)"; then
+if [ -n "$QUICK" ]; then EVAL_ARGS="--quick"; else EVAL_ARGS=""; fi
+timeout 300 python bench/bench_eval.py --device "$DEVICE" $EVAL_ARGS --json "$OUT/eval.json" 2>&1 | grep -v '%|'
 fi
 log done
 rm -rf "$WORK"

@@ -120,5 +120,18 @@ def test_bench_detect_quick(tmp_path):
     assert all(r["matmul_flops_per_s"] > 0 for r in rows) and report["machine"]["cores"] >= 1
 
 
+
+def test_bench_eval_quick(tmp_path):
+    """test.py end to end with either decode: timings, and the same boxes from both."""
+    out = tmp_path / "eval.json"
+    assert load("bench_eval").main(["--quick", "--batch-size", "16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 64 and list(report["rows"]) == ["host decode, float32", "device decode, float32"]
+    for row in report["rows"].values():
+        assert row["seconds"] > 0 and row["images_per_s"] == pytest.approx(64 / row["seconds"])
+        assert row["check"]["same_boxes_and_classes"] and row["check"]["boxes"] > 1000
+        assert row["check"]["max_box_px"] == 0  # libjpeg-turbo both ways: the same pixels
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])

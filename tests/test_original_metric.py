@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from original_metric import nms, original_project_map, original_project_metric, trapezoid_ap
+from original_metric import nms, original_project_metric, trapezoid_ap
 
 S, B, C = 2, 2, 2
 EXACT = (0.5, 0.5, 0.6, 0.6)   # x, y (cell), sqrt_w, sqrt_h: the ground-truth box of its cell
@@ -105,22 +104,28 @@ def test_no_ground_truth_gives_nan():
     assert result["AP"] == {} and np.isnan(result["mAP"])
 
 
-class Replay(nn.Module):
-    """A "model" giving image k's hand-worked outputs for an input filled with k."""
+class Targets:
+    """A dataset's encoded targets (DetectionDataset.target), without images."""
 
-    def __init__(self, outputs):
-        super().__init__()
-        self.S, self.B, self.C, self.outputs = S, B, C, outputs.float()
+    def __init__(self, targets):
+        self.targets = targets
 
-    def forward(self, images):
-        return self.outputs[images[:, 0, 0, 0].long()]
+    def __len__(self):
+        return len(self.targets)
+
+    def target(self, index):
+        return self.targets[index]
 
 
-def test_over_a_dataset_in_batches():
-    """original_project_map (test.py's entry) gathers outputs and targets batch by batch."""
+def test_test_py_scores_the_same_outputs():
+    """test.py's original_project_map takes the raw outputs of its one pass and the
+    dataset's targets: the hand-worked APs, and NaN when nothing was predicted."""
+    from types import SimpleNamespace
+
+    import test as test_script
+
     pred, target = hand_case()
-    dataset = [(torch.full((3, 4, 4), float(k)), target[k]) for k in range(2)]
-    model = Replay(pred)
-    result = original_project_map(model, dataset, batch_size=1, device="cpu")
+    runner = SimpleNamespace(S=S, B=B, C=C)
+    result = test_script.original_project_map(pred, Targets(target), runner)
     assert result["mAP"] == pytest.approx((AP0 + AP1) / 2, abs=2e-6)
-    assert model.training  # restored
+    assert np.isnan(test_script.original_project_map(None, Targets(target[:0]), runner)["mAP"])
