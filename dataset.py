@@ -31,8 +31,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as F
 
-from images import image_size, load_image, orient_boxes, read_header
-from transforms import YoloAugment, photometric_factors, to_float_images
+from images import EncodedImage, image_size, load_image, orient_boxes, read_bytes, read_header
+from transforms import YoloAugment, identity_draw, photometric_factors, to_float_images
 from utils import VOC_CLASSES, UserError, encode_target, one_line
 from voc_xml import object_place, read_annotation, to_continuous
 
@@ -93,6 +93,10 @@ class DetectionDataset(Dataset):
         # uint8 samples (image, target, photometric factors) for the training loop, which
         # finishes them with to_float_images on its device; float (image, target) otherwise.
         self.uint8 = False
+        # encoded samples (images.EncodedImage, target, factors): JPEG bytes decoded and
+        # augmented on the training device (train.py --decode device; encoded_images.py),
+        # batched by collate_fn (engine.build_state gives it to the loader).
+        self.collate_fn = None
         # Which object keeps a cell that several centres share: the first in label-file order,
         # or (True) a random one, as Darknet shuffles the boxes (randomize_boxes) each time
         # fill_truth_region loads an image. train.py's --cell-winner sets it.
@@ -102,30 +106,70 @@ class DetectionDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int):
-        record = self.records[index]
-        size = (self.img_size, self.img_size)
-        image = F.pil_to_tensor(load_image(record.path))
-        keep = torch.from_numpy(~record.difficult)
-        boxes, labels = torch.from_numpy(record.boxes)[keep], torch.from_numpy(record.labels)[keep]
-        if self.augment is not None:
-            image, boxes, labels, factors = self.augment.sample(image, boxes, labels)
-        else:  # resize on uint8, then convert: a quarter of the bytes to interpolate
-            image, factors = F.resize(image, list(size), antialias=True), photometric_factors()
-        if self.shuffle_boxes and len(labels) > 1:  # after the augmentation's draws: they stay the same
-            order = torch.randperm(len(labels))  # from (seed, epoch, index): distributed.SeededDataset
-            boxes, labels = boxes[order], labels[order]
-        target = encode_target(box_convert(boxes, "xyxy", "cxcywh"), labels, self.S, len(self.class_names))
+        if self.encoded:
+            return self.encoded_sample(index)
+        image, target, factors = self.uint8_sample(index)
         if self.uint8:
             return image, target, factors
         return to_float_images(image[None], factors[None] if self.augment else None)[0], target
 
-    def target(self, index: int) -> torch.Tensor:
-        """The encoded target ``(S, S, C+5)`` of an unaugmented sample (difficult objects
-        left out), without decoding the image: test.py's original-project metric."""
+    @property
+    def encoded(self) -> bool:
+        return self.collate_fn is collate_encoded
+
+    @encoded.setter
+    def encoded(self, on: bool) -> None:
+        self.collate_fn = collate_encoded if on else None
+
+    def uint8_sample(self, index: int):
+        """``(uint8 image at img_size, target, photometric factors)``, decoded and augmented here."""
         record = self.records[index]
-        keep = ~record.difficult
-        boxes = box_convert(torch.from_numpy(record.boxes[keep]), "xyxy", "cxcywh")
-        return encode_target(boxes, torch.from_numpy(record.labels[keep]), self.S, len(self.class_names))
+        size = (self.img_size, self.img_size)
+        image = F.pil_to_tensor(load_image(record.path))
+        boxes, labels = self.objects(index)
+        if self.augment is not None:
+            image, boxes, labels, factors = self.augment.sample(image, boxes, labels)
+        else:  # resize on uint8, then convert: a quarter of the bytes to interpolate
+            image, factors = F.resize(image, list(size), antialias=True), photometric_factors()
+        return image, self.encode(boxes, labels), factors
+
+    def encoded_sample(self, index: int):
+        """``(images.EncodedImage, target, factors)``: a plain JPEG's bytes and its
+        augmentation's draw, for encoded_images.decode_batch on the training device (the
+        draws in the order uint8_sample makes them: the same sample either way); any other
+        file decoded and augmented here."""
+        record = self.records[index]
+        header = read_header(record.path)
+        if not header.plain_jpeg:
+            image, target, factors = self.uint8_sample(index)
+            return EncodedImage(index, record.path, image, header.displayed, decoded=True), target, factors
+        width, height = header.displayed
+        boxes, labels = self.objects(index)
+        if self.augment is not None:
+            draw = self.augment.draw(width, height)
+            boxes, labels = self.augment.move_boxes(boxes, labels, width, height, draw)
+        else:
+            draw = identity_draw(width, height)
+        image = EncodedImage(index, record.path, read_bytes(record.path), (width, height), False, draw)
+        return image, self.encode(boxes, labels), draw.factors
+
+    def encode(self, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Relative xyxy boxes -> the ``(S, S, C+5)`` target, in --cell-winner's order."""
+        if self.shuffle_boxes and len(labels) > 1:  # after the augmentation's draws: they stay the same
+            order = torch.randperm(len(labels))  # from (seed, epoch, index): distributed.SeededDataset
+            boxes, labels = boxes[order], labels[order]
+        return encode_target(box_convert(boxes, "xyxy", "cxcywh"), labels, self.S, len(self.class_names))
+
+    def objects(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Relative xyxy boxes and labels of the objects training sees (not the difficult ones)."""
+        record = self.records[index]
+        keep = torch.from_numpy(~record.difficult)
+        return torch.from_numpy(record.boxes)[keep], torch.from_numpy(record.labels)[keep]
+
+    def target(self, index: int) -> torch.Tensor:
+        """The encoded target ``(S, S, C+5)`` of an unaugmented sample, without decoding the
+        image: test.py's original-project metric."""
+        return self.encode(*self.objects(index))
 
     def image_size(self, index: int) -> tuple[int, int]:
         """Original ``(width, height)`` (after EXIF orientation), without decoding pixels."""
@@ -146,6 +190,13 @@ class DetectionDataset(Dataset):
         return {"image_id": record.path.stem, "path": str(record.path), "width": width,
                 "height": height, "boxes": torch.from_numpy(record.boxes) * scale,
                 "labels": torch.from_numpy(record.labels), "difficult": torch.from_numpy(record.difficult)}
+
+
+def collate_encoded(samples: list) -> tuple:
+    """A batch of ``(EncodedImage, target, factors)`` samples: the images as a list (for
+    encoded_images.decode_batch on the training device), the rest stacked."""
+    items, targets, factors = zip(*samples)
+    return list(items), torch.stack(targets), torch.stack(factors)
 
 
 # --------------------------------------------------------------------------- YOLO txt layout

@@ -1,10 +1,12 @@
-"""Evaluation input decoded where the network runs: JPEG files are read as bytes by the
-loader's workers and decoded a whole batch at a time on the device (nvJPEG on a GPU).
+"""Images decoded where the network runs: JPEG files are read as bytes by the loader's
+workers and decoded a whole batch at a time on the device (nvJPEG on a GPU), then resized
+there, or cropped, resized and flipped by the training augmentation's draw.
 
-test.py and detect_txt.py read their images through here. The images are the ones
-dataset.py's evaluation samples hold (an antialiased resize of the uint8 RGB pixels to the
-network's square input, EXIF orientation applied), without a decode and a resize per image
-on the host's cores, which bound a GPU's evaluation (BENCHMARKS.md section 6):
+test.py and detect_txt.py (EncodedImages) and train.py (dataset.py's ``encoded`` samples,
+``--decode device``) read their images through here. The pixels are the ones dataset.py's
+samples hold (EXIF orientation applied, an antialiased resize of the uint8 RGB pixels),
+without a decode and a resize per image on the host's cores, which bound a GPU
+(BENCHMARKS.md sections 5 and 6):
 
 * a baseline JPEG in RGB or greyscale without an EXIF turn (every VOC photo) travels as its
   bytes and is decoded with ``torchvision.io.decode_jpeg`` on the device, the batch in one
@@ -16,9 +18,6 @@ on the host's cores, which bound a GPU's evaluation (BENCHMARKS.md section 6):
 """
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,25 +25,14 @@ from torch.utils.data import Dataset
 from torchvision import io
 from torchvision.transforms.v2 import functional as F
 
-from images import load_image, read_header
-
-
-@dataclass
-class EncodedImage:
-    """One image of a batch: the file's bytes (``decoded`` False) or its pixels already at
-    the network's size (uint8 ``(3, size, size)``), and the displayed ``(width, height)``."""
-    index: int
-    path: Path
-    data: torch.Tensor
-    size: tuple[int, int]
-    decoded: bool
+from images import EncodedImage, codecs_quietly, load_image, read_bytes, read_header
+from transforms import apply_geometry, identity_draw
 
 
 def device_decodes(path: Path) -> tuple[bool, tuple[int, int]]:
     """Whether ``decode_jpeg`` gives load_image's pixels for this file, and its displayed size."""
     header = read_header(path)
-    plain = header.format == "JPEG" and header.mode in ("RGB", "L") and header.orientation == 1
-    return plain, header.displayed
+    return header.plain_jpeg, header.displayed
 
 
 class EncodedImages(Dataset):
@@ -61,18 +49,8 @@ class EncodedImages(Dataset):
         path = self.paths[index]
         plain, size = device_decodes(path)
         if plain and self.decode_on_device:
-            with codecs_quietly():
-                return EncodedImage(index, path, io.read_file(str(path)), size, decoded=False)
+            return EncodedImage(index, path, read_bytes(path), size, decoded=False)
         return EncodedImage(index, path, resized_pixels(path, self.size), size, decoded=True)
-
-
-@contextmanager
-def codecs_quietly():
-    """torchvision 0.29 deprecates its image codecs for TorchCodec, which has no batched
-    nvJPEG decode yet: keep them, without the warning at every call, until it does."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
 
 
 def resized_pixels(path: Path, size: int) -> torch.Tensor:
@@ -99,10 +77,16 @@ def decode_jpegs(items: list[EncodedImage], device: torch.device) -> list[torch.
 
 
 def decode_batch(items: list[EncodedImage], size: int, device: torch.device) -> torch.Tensor:
-    """uint8 ``(N, 3, size, size)`` on ``device``, in the items' order."""
+    """uint8 ``(N, 3, size, size)`` on ``device``, in the items' order: each JPEG decoded,
+    then through its ``draw`` (transforms.apply_geometry: the training augmentation's crop,
+    resize and flip) or resized whole."""
     encoded = [item for item in items if not item.decoded]
-    pixels = dict(zip((item.index for item in encoded), decode_jpegs(encoded, device) if encoded else []))
-    for index, image in pixels.items():
-        pixels[index] = F.resize(image, [size, size], antialias=True)
-    return torch.stack([item.data.to(device, non_blocking=True) if item.decoded else pixels[item.index]
-                        for item in items])
+    decoded = iter(decode_jpegs(encoded, device) if encoded else [])
+    out = []
+    for item in items:
+        if item.decoded:
+            out.append(item.data.to(device, non_blocking=True))
+            continue
+        draw = item.draw or identity_draw(*item.size)
+        out.append(apply_geometry(next(decoded), draw, size))
+    return torch.stack(out)

@@ -292,7 +292,8 @@ def start_training(model, dataset, args, dist: Dist, kind: str, extra: dict | No
 def build_state(model, dataset, args, dist: Dist, kind: str, extra: dict, run_dir: Path, ckpt) -> TrainState:
     """start_training's second half, once the run folder is open."""
     # --batch-size images per optimiser step, in --accum-steps micro-batches (train_one_epoch)
-    loader = make_loader(dataset, args.batch_size // args.accum_steps, True, args.workers, dist, args.seed)
+    loader = make_loader(dataset, args.batch_size // args.accum_steps, True, args.workers, dist, args.seed,
+                         getattr(dataset, "collate_fn", None))
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, -(-len(loader) // args.accum_steps))
     dtype = amp_dtype(args, dist.device)

@@ -8,12 +8,21 @@ their images (dataset.py).
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from errors import UserError, one_line
+
+if TYPE_CHECKING:  # annotations only: reading headers needs neither
+    import torch
+
+    from transforms import Draw
 
 EXIF_ORIENTATION = 0x0112
 
@@ -56,6 +65,12 @@ class ImageHeader:
     mode: str = ""               # Pillow's pixel mode as stored ("RGB", "L", "CMYK" ...)
 
     @property
+    def plain_jpeg(self) -> bool:
+        """A JPEG that ``torchvision.io.decode_jpeg`` turns into :func:`load_image`'s pixels:
+        RGB or greyscale, no EXIF turn to apply (every VOC photo)."""
+        return self.format == "JPEG" and self.mode in ("RGB", "L") and self.orientation == 1
+
+    @property
     def displayed(self) -> tuple[int, int]:
         """``(width, height)`` as a viewer shows the image (and :func:`load_image` returns it):
         orientations 5-8 turn it by 90 degrees."""
@@ -96,3 +111,40 @@ def orient_boxes(boxes: np.ndarray, orientation: int, stored: tuple[int, int]) -
     nx, ny = {1: (x, y), 2: (width - x, y), 3: (width - x, height - y), 4: (x, height - y),
               5: (y, x), 6: (height - y, x), 7: (height - y, width - x), 8: (y, width - x)}[orientation]
     return np.stack((nx.min(1), ny.min(1), nx.max(1), ny.max(1)), axis=1).astype(boxes.dtype)
+
+
+@dataclass
+class EncodedImage:
+    """An image on its way to the network, made in a loader's worker and finished by
+    encoded_images.decode_batch where the network runs: a plain JPEG's bytes (``decoded``
+    False) with the augmentation ``draw`` to apply (transforms.Draw; None: a plain resize),
+    or its pixels already finished (uint8 ``(3, size, size)``). ``size`` is the displayed
+    ``(width, height)`` of the original image."""
+    index: int
+    path: Path
+    data: torch.Tensor
+    size: tuple[int, int]
+    decoded: bool
+    draw: Draw | None = None
+
+
+@contextmanager
+def codecs_quietly():
+    """torchvision 0.29 deprecates its image codecs for TorchCodec, which has no batched
+    nvJPEG decode yet: keep them, without the warning at every call, until it does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def read_bytes(path) -> torch.Tensor:
+    """A file's bytes as the uint8 tensor ``torchvision.io.decode_jpeg`` takes. In memory of
+    its own: torchvision's ``read_file`` maps the file, and a loader's worker cannot hand such
+    a tensor to the main process (its storage's descriptor is closed)."""
+    import torch  # here: reading headers does not need torch
+
+    try:
+        with open(path, "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    except OSError as err:
+        raise UserError(f"{path}: unreadable image ({err.strerror or one_line(err)})") from None

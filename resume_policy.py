@@ -53,6 +53,8 @@ POLICY: dict[str, tuple[str, str]] = {
     "nms_iou": (CHANGE, "from the next validation"), "tensorboard": (CHANGE, "from the next epoch"),
     **{k: (CHANGE, "how the run executes, not what it computes")
        for k in ("device", "amp", "channels_last", "compile", "workers")},
+    "decode": (CHANGE, "where the images are decoded; the same draws (a GPU's resize rounds a little "
+                       "differently)"),
     # ignored: the checkpoint supplies them
     "backbone": (IGNORE, "the weights come from the checkpoint"),
     "project": (IGNORE, "the run continues in its own folder"),

@@ -28,6 +28,7 @@ import predict
 import resume_policy
 import runs
 from dataset import build_voc_dataset
+from encoded_images import decode_batch
 from loss import DarknetUpdate, YoloLoss
 from model import MODEL_NAMES, build_model, load_backbone
 from plots import TensorBoardLogger, require
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which object a cell learns when several centres share it: random (Darknet "
                         "shuffles each image's boxes each time it loads it; seeded by seed, epoch and "
                         "image, so --resume stays exact; default) or first in the label file")
+    d.add_argument("--decode", choices=("auto", "device", "host"), default="auto",
+                   help="where training JPEGs are decoded and augmented: on the training device, a "
+                        "batch at a time (nvJPEG on a GPU, then crop, resize and flip there), or in "
+                        "the --workers processes; auto: device on a GPU, host on the CPU (the same "
+                        "random draws either way: encoded_images.py)")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=tuple(MODEL_NAMES), default="yolov1",
                    help="the network (default %(default)s)")
@@ -178,15 +184,18 @@ def make_model(args, num_classes: int, dist: distributed.Dist):
     return model
 
 
-def yolo_step(loss_fn, channels_last: bool):
+def yolo_step(loss_fn, channels_last: bool, img_size: int):
     """The per-batch step for engine.train_one_epoch: loss and its four components.
 
-    The loader's batches are uint8 images, targets and photometric factors: the images
-    become float, with their exposure and saturation scaled, on the training device."""
+    The loader's batches are uint8 images (or, with --decode device, a list of
+    images.EncodedImage to decode and augment here), targets and photometric factors: the
+    images become float, with their exposure and saturation scaled, on the training device."""
     memory_format = torch.channels_last if channels_last else torch.preserve_format
 
     def step(model, batch, device):
         images, targets, factors = batch
+        if isinstance(images, list):
+            images = decode_batch(images, img_size, device)
         images = to_float_images(images, factors, device, memory_format)
         targets = targets.to(device, non_blocking=True)
         loss, parts = loss_fn(model(images), targets, components=True)
@@ -213,13 +222,14 @@ def tensorboard_callback(logger, val_set, args):
     return on_epoch_end
 
 
-def build_datasets(args):
+def build_datasets(args, device: torch.device):
     """``(training set, validation set or None)`` at the network's input side."""
     # 64 * S is the model's input_size (model.GridDetector); the model itself is built
     # once the data has named the classes.
     size = 64 * args.S
     train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
                                   S=args.S, img_size=size, train=not args.no_augment, uint8=True)
+    train_set.encoded = args.decode == "device" or (args.decode == "auto" and device.type == "cuda")
     train_set.shuffle_boxes = args.cell_winner == "random"
     if train_set.augment is not None:
         train_set.augment.flip = 0.5 if args.flip else 0.0
@@ -258,7 +268,7 @@ def main(argv=None):
     if args.recipe == "demo" and dist.is_main:
         print(demo_banner(args), flush=True)
     runs.seed_everything(args.seed)
-    train_set, val_set = build_datasets(args)
+    train_set, val_set = build_datasets(args, dist.device)
     epochs_from_max_batches(args, len(train_set), dist)
     names = list(train_set.class_names)
     # The model (and --backbone) before the run folder: a bad backbone writes nothing.
@@ -270,7 +280,7 @@ def main(argv=None):
         loss_fn = DarknetUpdate(loss_fn)
     evaluate_fn = predict.detection_evaluator(val_set, args, dist) if val_set else None
     logger, on_epoch_end = tensorboard_logger(state, val_set)
-    best = engine.fit(state, yolo_step(loss_fn, args.channels_last), evaluate_fn, "mAP", on_epoch_end)
+    best = engine.fit(state, yolo_step(loss_fn, args.channels_last, train_set.img_size), evaluate_fn, "mAP", on_epoch_end)
     if logger is not None:
         logger.close()
     if dist.is_main:

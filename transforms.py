@@ -6,6 +6,8 @@ jitter is applied to a whole float batch by :func:`to_float_images`, on the trai
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
@@ -45,6 +47,28 @@ def to_float_images(images: torch.Tensor, factors: torch.Tensor | None = None, d
     scale, shift = factors.to(images.device, torch.float32, non_blocking=True)[:, :, None, None, None].unbind(1)
     value = torch.maximum(torch.maximum(images[:, 0:1], images[:, 1:2]), images[:, 2:3]).mul_(shift)
     return images.mul_(scale).add_(value).clamp_(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One training sample's augmentation: the crop ``(top, left, height, width)`` of the
+    original image (it may reach outside: black there) resized to the network's input,
+    the horizontal flip, and the photometric factors for :func:`to_float_images`."""
+    crop: tuple[int, int, int, int]
+    flip: bool
+    factors: torch.Tensor
+
+
+def identity_draw(width: int, height: int) -> Draw:
+    """No augmentation: the whole image, resized (``--no-augment``, evaluation)."""
+    return Draw((0, 0, height, width), False, photometric_factors())
+
+
+def apply_geometry(image: torch.Tensor, draw: Draw, img_size: int) -> torch.Tensor:
+    """A uint8 ``(3, H, W)`` image (on any device) through ``draw``'s crop, resize and flip:
+    Darknet's ``crop_image`` + ``resize_image`` as one antialiased resized crop."""
+    image = F.resized_crop(image, *draw.crop, [img_size, img_size], antialias=True)
+    return F.horizontal_flip(image) if draw.flip else image
 
 
 def _rand_scale(limit: float) -> float:
@@ -88,21 +112,32 @@ class YoloAugment:
         (on the GPU for training: a uint8 batch is a quarter of the bytes to collate,
         pin and copy, and the per-pixel arithmetic leaves the loader's workers)."""
         height, width = image.shape[-2:]
+        draw = self.draw(width, height)
+        boxes, labels = self.move_boxes(boxes, labels, width, height, draw)
+        return apply_geometry(image, draw, self.img_size), boxes, labels, draw.factors
+
+    def draw(self, width: int, height: int) -> "Draw":
+        """One sample's random choices for an image of ``width`` x ``height`` (from torch's
+        generator, in a fixed order: a sample is the same wherever its pixels are made)."""
         scale = 1.0 + self.jitter * (2.0 * torch.rand(()).item() - 1.0)
         shift_x, shift_y = (self.jitter * (2.0 * torch.rand(2) - 1.0)).tolist()
         crop_w, crop_h = width / scale, height / scale
         left = round(width / 2 - (width / 2 + shift_x * width) / scale)
         top = round(height / 2 - (height / 2 + shift_y * height) / scale)
+        flip = torch.rand(()).item() < self.flip
+        factors = photometric_factors(_rand_scale(self.exposure), _rand_scale(self.saturation))
+        return Draw((top, left, round(crop_h), round(crop_w)), flip, factors)
+
+    def move_boxes(self, boxes: torch.Tensor, labels: torch.Tensor, width: int, height: int, draw: "Draw"):
+        """Relative xyxy boxes of a ``width`` x ``height`` image through ``draw``'s crop and
+        flip, then the drop rule: ``(boxes, labels)`` kept."""
         size = [self.img_size, self.img_size]
         boxes = tv_tensors.BoundingBoxes(boxes * torch.tensor([width, height, width, height]),
                                          format="XYXY", canvas_size=(height, width), clamping_mode=None)
-        image = F.resized_crop(image, top, left, round(crop_h), round(crop_w), size, antialias=True)
-        boxes = F.resized_crop(boxes, top, left, round(crop_h), round(crop_w), size)
-        if torch.rand(()).item() < self.flip:
-            image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
-        factors = photometric_factors(_rand_scale(self.exposure), _rand_scale(self.saturation))
-        boxes, labels = self.drop_hidden(boxes.as_subclass(torch.Tensor) / self.img_size, labels)
-        return image, boxes, labels, factors
+        boxes = F.resized_crop(boxes, *draw.crop, size)
+        if draw.flip:
+            boxes = F.horizontal_flip(boxes)
+        return self.drop_hidden(boxes.as_subclass(torch.Tensor) / self.img_size, labels)
 
     def drop_hidden(self, boxes: torch.Tensor, labels: torch.Tensor):
         """Clip relative xyxy boxes to the image and apply the drop rule."""

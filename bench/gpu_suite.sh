@@ -11,7 +11,8 @@
 #    float32, bf16 autocast, + channels_last, + torch.compile, and fused SGD; peak memory.
 # 2. bench_data.py: DataLoader images/s with 4 to 14 workers on the host's cores.
 # 3. train.py end to end on 6,400 VOC-sized synthetic JPEGs (augmentation on), bf16 +
-#    channels_last + --compile, 14 workers: epoch 2's images/s is what a VOC epoch gets.
+#    channels_last + --compile, 14 workers: epoch 2's images/s is what a VOC epoch gets;
+#    with --decode device (nvJPEG + augmentation on the GPU) and host (DECODES to choose).
 # 4. Smoke runs of the GPU-only paths: DDP over NCCL (torchrun), DataParallel's script, AMP.
 # 5. bench_detect.py: detection frames per second, JPEG file to boxes and the network alone, batch
 #    1 and 256, YOLOv1 and Fast YOLO: float32 eager, channels_last, batch norm folded, torch.compile
@@ -61,11 +62,14 @@ body = lines[1:]  # header, then image,label rows: repeat them to n rows
 csv.write_text("\n".join([lines[0]] + [body[i % len(body)] for i in range(n)]) + "\n")
 print(f"{n} rows over {len(body)} JPEGs in {csv}")
 EOF
+for DEC in ${DECODES:-device host}; do
+echo "--- --decode $DEC"
 timeout 150 python train.py --recipe paper --data "$WORK/voc/train.csv" --epochs 2 --device "$DEVICE" \
-    --channels-last --lr 1e-4 --skip-nonfinite $E2E --project "$WORK/runs" --name e2e 2>&1 \
+    --channels-last --lr 1e-4 --skip-nonfinite --decode $DEC $E2E --project "$WORK/runs" --name e2e_$DEC 2>&1 \
     | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -8
-cp "$WORK/runs/e2e/metrics.jsonl" "$OUT/e2e_metrics.jsonl" && cat "$OUT/e2e_metrics.jsonl"
-timeout 60 python test.py "$WORK/runs/e2e/last.pt" --data data/val.csv --device "$DEVICE" 2>&1 | tail -3
+cp "$WORK/runs/e2e_$DEC/metrics.jsonl" "$OUT/e2e_${DEC}_metrics.jsonl" && cat "$OUT/e2e_${DEC}_metrics.jsonl"
+done
+timeout 60 python test.py "$WORK/runs/e2e_host/last.pt" --data data/val.csv --device "$DEVICE" 2>&1 | tail -3
 fi
 
 if part 4 "smoke: DDP (torchrun, NCCL on a GPU), DataParallel script, AMP"; then

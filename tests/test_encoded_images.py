@@ -42,6 +42,23 @@ def tree(tmp_path_factory):
     return csv, sorted((root / "images").iterdir()), sorted(extra.iterdir())
 
 
+@pytest.fixture(scope="module")
+def mixed(tree, tmp_path_factory):
+    """A labelled csv over JPEGs and the files the device does not decode (PNG, EXIF turn)."""
+    csv, jpegs, extra = tree
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    label = (csv.parent / "labels" / f"{jpegs[0].stem}.txt").read_text()
+    rows = ["img,label"]
+    for path in [*jpegs[:3], *(p for p in extra if p.name in ("plain.png", "turned.jpg", "grey.jpg"))]:
+        (root / "images" / path.name).write_bytes(path.read_bytes())
+        (root / "labels" / f"{path.stem}.txt").write_text(label)
+        rows.append(f"{path.name},{path.stem}.txt")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root / "train.csv"
+
+
 def batch(paths, on_device=True) -> torch.Tensor:
     items = [enc.EncodedImages(paths, SIZE, on_device)[i] for i in range(len(paths))]
     return enc.decode_batch(items, SIZE, CPU)
@@ -121,8 +138,9 @@ def voc_model(path: Path):
 
 
 def test_test_py_gives_the_same_numbers_with_either_decode(tree, tmp_path, scripts):
-    """One checkpoint, --decode device and --decode host: the same JSON; and the boxes of
-    predict_files equal those of training's validation pass (predict_dataset, eager)."""
+    """One checkpoint, --decode device (bytes from a reading process) and --decode host: the
+    same JSON; and the boxes of predict_files equal those of training's validation pass
+    (predict_dataset, eager)."""
     from types import SimpleNamespace
 
     import inference
@@ -134,7 +152,8 @@ def test_test_py_gives_the_same_numbers_with_either_decode(tree, tmp_path, scrip
     for decode in ("device", "host"):
         out = tmp_path / f"{decode}.json"
         run = scripts.run("test.py", tmp_path / "tiny.pt", "--data", csv, "--device", "cpu", "--decode",
-                          decode, "--batch-size", "2", "--json", out)
+                          decode, "--batch-size", "2", "--workers", "1" if decode == "device" else "0",
+                          "--json", out)
         assert run.rc == 0, str(run)
         results.append(json.loads(out.read_text()))
     assert results[0] == results[1] and results[0]["images"] == 5
@@ -149,3 +168,41 @@ def test_test_py_gives_the_same_numbers_with_either_decode(tree, tmp_path, scrip
     for i in range(len(dataset)):
         assert got[i].shape == want[i].shape
         np.testing.assert_allclose(got[i], want[i], atol=2e-3)  # folded batch norm: rounding only
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_training_samples_decoded_on_the_device_are_the_workers_samples(mixed, augment):
+    """train.py --decode device: the same draws, targets and factors as --decode host, and on
+    the CPU the same pixels (a GPU's resize rounds on its own: bench, not here)."""
+    from dataset import collate_encoded
+    from distributed import SeededDataset
+
+    data = build_voc_dataset(mixed, S=2, img_size=SIZE, train=augment, uint8=True)
+    data.shuffle_boxes = True                       # a draw after the augmentation's
+    seeded = SeededDataset(data, seed=5)
+    seeded.epoch = 3
+    host = [seeded[i] for i in range(len(data))]
+    data.encoded = True
+    encoded = [seeded[i] for i in range(len(data))]
+    items, targets, factors = collate_encoded(encoded)
+    assert [item.decoded for item in items] == [False] * 4 + [True, True]   # grey.jpg on the device
+    pixels = enc.decode_batch(items, SIZE, CPU)
+    for i, (image, target, factor) in enumerate(host):
+        assert torch.equal(pixels[i], image), data.records[i].path.name
+        assert torch.equal(targets[i], target) and torch.equal(factors[i], factor)
+    if augment:  # the draws really vary: not every image the plain resize
+        plain = torch.stack([enc.resized_pixels(r.path, SIZE) for r in data.records])
+        assert not torch.equal(pixels, plain)
+
+
+def test_train_py_trains_with_device_decode(mixed, tmp_path, scripts):
+    """A whole epoch through the loader workers and decode_batch, and --decode on resume."""
+    common = ["--data", mixed, "--model", "fast", "--width", "0.0625", "--S", "2", "--batch-size", "3",
+              "--workers", "1", "--device", "cpu", "--lr", "1e-4", "--project", tmp_path, "--name", "run"]
+    run = scripts.run("train.py", *common, "--epochs", "1", "--decode", "device")
+    assert run.rc == 0, str(run)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["images"] == 6 and np.isfinite(rows[-1]["loss"])
+    resumed = scripts.run("train.py", *common, "--epochs", "2", "--decode", "host", "--resume", tmp_path / "run")
+    assert resumed.rc == 0, str(resumed)
+
