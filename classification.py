@@ -18,7 +18,7 @@ import argtypes
 import distributed
 import engine
 import runs
-from darknet_model import Darknet
+from darknet_model import Darknet, to_channels_last
 from imagenet import build_imagenet, imagenet_transform
 from transforms import to_float_images
 from utils import UserError
@@ -104,7 +104,7 @@ def build_model(args, num_classes: int, device: torch.device) -> Darknet:
     runs.seed_everything(args.seed)
     model = Darknet(num_classes, batch_norm=not args.no_batch_norm, width=args.width).to(device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     return engine.compile_model(model, args)
 
 

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from darknet_model import fold_into_conv, to_channels_last
 from model import load_detector
 from plots import require
 from utils import UserError
@@ -135,14 +136,15 @@ def intra_op_threads(n: int):
 # --------------------------------------------------------------------------- PyTorch
 def fold_batch_norm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with each Conv2d -> BatchNorm2d pair (darknet_model.conv_block)
-    folded into one convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``)."""
+    folded into one convolution (darknet_model.fold_into_conv: ``torch.nn.utils.fusion``
+    with Darknet's own divisor for a DarknetBatchNorm2d)."""
     model = copy.deepcopy(model).eval()
     for block in model.modules():
         if not isinstance(block, nn.Sequential):
             continue
         for i in range(len(block) - 1):
             if isinstance(block[i], nn.Conv2d) and isinstance(block[i + 1], nn.BatchNorm2d):
-                block[i] = torch.nn.utils.fusion.fuse_conv_bn_eval(block[i], block[i + 1])
+                block[i] = fold_into_conv(block[i], block[i + 1])
                 block[i + 1] = nn.Identity()
     return model
 
@@ -180,7 +182,7 @@ def torch_runner(model: nn.Module, names, device: torch.device, backend: Backend
         net = model
     net = net.to(device, backend.dtype)
     if backend.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = to_channels_last(net)
     forward = compile_model(net, device, backend.compile_mode) if backend.compile else net
     return Runner(forward, model.S, model.B, model.C, model.input_size, list(names), device,
                   backend.describe(), backend.dtype, backend.channels_last, pad_batches=backend.compile)

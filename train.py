@@ -30,6 +30,7 @@ import runs
 from dataset import build_voc_dataset
 from encoded_images import decode_batch
 from loss import DarknetUpdate, YoloLoss
+from darknet_model import to_channels_last
 from model import MODEL_NAMES, build_model, load_backbone
 from plots import TensorBoardLogger, require
 from transforms import to_float_images
@@ -176,7 +177,7 @@ def make_model(args, num_classes: int, dist: distributed.Dist):
         load_backbone(model, load_checkpoint(args.backbone), args.backbone)
     model = model.to(dist.device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     engine.compile_model(model, args)
     if dist.distributed:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -63,6 +63,9 @@ TINY = {"S": 2, "width": 1 / 16}  # --quick: 128 x 128 input
 MODELS = {
     "fast": lambda quick: build_model("fast", **(TINY if quick else {})),
     "yolov1": lambda quick: build_model("yolov1", **(TINY | {"hidden": 64} if quick else {})),
+    # Darknet's released networks (model.MODELS; darknet_convert.py loads their weights)
+    "yolov1-tiny": lambda quick: build_model("yolov1-tiny", **(TINY if quick else {})),
+    "yolov1-darknet": lambda quick: build_model("yolov1-darknet", **(TINY if quick else {})),
 }
 # One line per variant: name -> (inference.Backend, or "onnx"; devices it runs on).
 VARIANTS = {

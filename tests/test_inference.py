@@ -6,6 +6,7 @@ and the comparison could not fail.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -95,6 +96,45 @@ def test_folded_network_has_no_batch_norm_and_the_same_output(name):
     x = images(2)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["yolov1-tiny", "yolov1-darknet"])
+def test_darknet_batch_norm_folds_with_darknets_divisor(name):
+    """Darknet divides by sqrt(var) + 1e-6 (DarknetBatchNorm2d), PyTorch's fold by
+    sqrt(var + eps): at variance 1e-6 the two differ by 0.1%, amplified by the layers after.
+    The fold must give the network's own outputs (it used PyTorch's divisor)."""
+    from darknet_model import DarknetBatchNorm2d
+
+    model = tiny_model(name)
+    first = model.features[0][1]
+    assert isinstance(first, DarknetBatchNorm2d)
+    with torch.no_grad():
+        first.running_var[::2] = 1e-6  # (later layers would overflow: this one shows it)
+    model, x = model.double(), images(2).double()  # the formula, not float32's rounding
+    with torch.no_grad():
+        torch.testing.assert_close(fold_batch_norm(model)(x), model(x), atol=1e-9, rtol=1e-9)
+        conv, bn = model.features[0][0], model.features[0][1]
+        library = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)  # what folding did before
+        assert (library(x) - bn(conv(x))).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", ["yolov1-tiny", "yolov1-darknet"])
+def test_released_networks_run_on_the_default_backend(name):
+    """channels_last for the convolutions only: the locally connected layer's 5-D weight
+    cannot take it (inference.load of a converted yolov1.weights failed)."""
+    from darknet_model import LocallyConnected2d, to_channels_last
+
+    model = tiny_model(name)
+    x = images(4)
+
+    def run(backend):
+        raw = inference.torch_runner(model, NAMES, torch.device("cpu"), backend)(x)
+        return decode_predictions(raw, model.S, model.B, model.C, conf_threshold=0.05, nms_iou=0.5)
+    assert_same_boxes(run(Backend()), run(inference.EAGER))
+    converted = to_channels_last(copy.deepcopy(model))
+    convs = [m for m in converted.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert all(m.weight.is_contiguous() for m in converted.modules() if isinstance(m, LocallyConnected2d))
 
 
 # --------------------------------------------------------------------------- backends vs eager
