@@ -151,7 +151,7 @@ def test_flip_mirrors_image_and_boxes_exactly(tree):
     assert torch.equal(out[1.0][2], labels) and torch.equal(out[1.0][3], out[0.0][3])
     for argv, p in (([], 0.5), (["--no-flip"], 0.0)):
         args = train.parse_args(["--data", str(tree / "train.csv"), "--S", "2", *argv])
-        assert train.build_datasets(args)[0].augment.flip == p
+        assert train.build_datasets(args, torch.device("cpu"))[0].augment.flip == p
 
 
 # --------------------------------------------------------------------------- 5. the darknet recipe
