@@ -38,7 +38,7 @@ import synthetic  # noqa: E402
 import test as test_script  # noqa: E402
 import utils  # noqa: E402
 import predict  # noqa: E402
-from bench_detect import box_difference, make_model  # noqa: E402
+from bench_detect import box_difference, describe_check, make_model  # noqa: E402
 from dataset import build_voc_dataset, load_class_names  # noqa: E402
 from machine import load_average, machine  # noqa: E402
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
             r = rows[name]
             r["check"] = box_difference(boxes[name], boxes[names[0]])
             print(f"{name:34s} {r['seconds']:7.2f} s  {r['images_per_s']:8.0f} img/s  (first run "
-                  f"{r['first_s']:6.2f} s)  [{r['backend']}]  vs {names[0]}: {r['check']}", flush=True)
+                  f"{r['first_s']:6.2f} s)  [{r['backend']}]  vs {names[0]}: {describe_check(r['check'])}", flush=True)
     report = {"machine": machine(), "load_average": load_average(), "device": device, "images": images,
               "model": args.model, "batch_size": args.batch_size, "rows": rows}
     if device == "cuda":

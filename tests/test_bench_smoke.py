@@ -113,12 +113,29 @@ def test_bench_detect_quick(tmp_path):
         assert r["network"]["p99_s"] >= r["network"]["median_s"] > 0
         assert 0 < r["fraction_of_matmul"] < math.inf and r["flops_per_image"] > 1e6
         check = r["check"]
-        assert check["same_boxes_and_classes"] and check["boxes"] > 10
+        assert check["unexplained"] == 0 and check["matched"] > 10
         assert check["max_box_px"] < 0.1
         if r["variant"] != "channels_last":  # folding batch norm moves the last bits
             assert (check["max_box_px"] == 0) == (r["variant"] == "eager")
     assert all(r["matmul_flops_per_s"] > 0 for r in rows) and report["machine"]["cores"] >= 1
 
+
+
+def test_box_check_matches_boxes_and_tells_threshold_crossings_from_differences():
+    """By hand: one image, reference boxes A (cat), B (dog, scoring 0.0052) and C (cat); the
+    variant has A moved 0.25 px and its score by 1e-5, C moved 2 px (beyond the 1 px match:
+    one unmatched box in each list, scoring 0.3), and D (scoring 0.0049) instead of B."""
+    import torch
+
+    check = load("bench_detect").box_difference
+    want = [torch.tensor([[0, 0.9, 10, 10, 50, 50], [1, 0.0052, 5, 5, 9, 9], [0, 0.3, 60, 60, 90, 90]])]
+    got = [torch.tensor([[0, 0.90001, 10.25, 10, 50, 50], [0, 0.3, 62, 60, 90, 90], [1, 0.0049, 70, 5, 80, 9]])]
+    report = check(got, want, threshold=0.005)
+    assert (report["matched"], report["crossings"], report["unexplained"]) == (1, 2, 2)
+    assert report["max_box_px"] == 0.25 and report["max_score"] == pytest.approx(1e-5, abs=1e-7)
+    assert not report["same_boxes_and_classes"] and report["images_differing"] == 1
+    same = check(want, want, threshold=0.005)
+    assert same["same_boxes_and_classes"] and same["matched"] == 3 and same["max_box_px"] == 0
 
 
 def test_bench_eval_quick(tmp_path):
@@ -129,7 +146,7 @@ def test_bench_eval_quick(tmp_path):
     assert report["images"] == 64 and list(report["rows"]) == ["host decode, float32", "device decode, float32"]
     for row in report["rows"].values():
         assert row["seconds"] > 0 and row["images_per_s"] == pytest.approx(64 / row["seconds"])
-        assert row["check"]["same_boxes_and_classes"] and row["check"]["boxes"] > 1000
+        assert row["check"]["same_boxes_and_classes"] and row["check"]["matched"] > 1000
         assert row["check"]["max_box_px"] == 0  # libjpeg-turbo both ways: the same pixels
 
 
