@@ -16,8 +16,11 @@ float16's, move boxes a little, and a box scoring near the 0.005 threshold may c
 The images are 64 synthetic 500 x 375 JPEGs (the size of a VOC photo) repeated to
 ``--images`` rows: the files are in the page cache, as a VOC set is after its first pass.
 The network is randomly initialised (seeded), with random batch-norm statistics and its
-last layer's biases set so that a box scores like a trained network's (classes peaked
-on one, confidences up to 0.5: tens of boxes per image pass test.py's 0.005 threshold).
+last layer's biases set so that a box scores like a trained network's (each cell sure of
+one class, confidences up to 0.5), and its weights scaled down so that the image moves
+the outputs a little: about 190 boxes per image pass test.py's 0.005 threshold and NMS
+(``boxes_per_image`` in the report; a trained YOLOv1 gives 56 on VOC2007 test), so the
+post-processing's share is if anything overstated.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def write_checkpoint(path: Path, name: str, quick: bool) -> Path:
     with torch.no_grad():
         last = model.head[-1]
         last.weight.mul_(0.01)
-        bias = torch.rand(S * S, C + 5 * B, generator=g) * 0.05           # classes: low ...
+        bias = torch.rand(S * S, C + 5 * B, generator=g) * 0.005          # classes: too low to pass ...
         bias[torch.arange(S * S), torch.randint(C, (S * S,), generator=g)] = 0.9  # ... but one
         boxes = bias[:, C:].view(S * S, B, 5)
         boxes[..., 0] = torch.rand(S * S, B, generator=g) * 0.5                 # confidence
@@ -92,6 +95,7 @@ def run_variant(flags: list[str], common: list[str]) -> tuple[dict, list]:
     paths = [r.path for r in build_voc_dataset(args.data, img_size=8).records[:CHECKED]]
     dets, _ = predict.predict_files(predict.open_runner(args), paths, args)
     row = {"first_s": times[0], "seconds": times[1], "images_per_s": result["images"] / times[1],
+           "boxes_per_image": sum(map(len, dets.values())) / max(1, len(dets)),
            "mAP": result["voc"]["mAP"], "fixed_mAP": result["fixed"]["mAP"], "backend": result["backend"]}
     return row, [torch.from_numpy(dets[i]) for i in range(len(paths))]
 

@@ -136,6 +136,10 @@ def test_box_check_matches_boxes_and_tells_threshold_crossings_from_differences(
     assert not report["same_boxes_and_classes"] and report["images_differing"] == 1
     same = check(want, want, threshold=0.005)
     assert same["same_boxes_and_classes"] and same["matched"] == 3 and same["max_box_px"] == 0
+    # boxes clipped to one corner share their corners: the scores pair them
+    corner = torch.tensor([[2, 0.4, 0, 0, 0, 0], [2, 0.01, 0, 0, 0, 0]])
+    report = check([corner.flip(0)], [corner], threshold=0.005)
+    assert report["matched"] == 2 and report["max_score"] == 0
 
 
 def test_bench_eval_quick(tmp_path):
