@@ -171,8 +171,21 @@ def model_options(args, num_classes: int) -> dict:
     return {"S": args.S, "C": num_classes} | {k: v for k, v in given.items() if v is not None}
 
 
+def record_model_options(args, model) -> None:
+    """The network's own values for the model options left to it (None), so that
+    config.json records what was built and a resume compares what was built: no --B and
+    ``--B 2`` are the same YOLOv1 run (a resume with the default spelled out was refused)."""
+    config = model.config
+    for name in ("B", "hidden", "width", "dropout"):
+        if getattr(args, name) is None and name in config:
+            setattr(args, name, config[name])
+    if args.no_batch_norm is None:
+        args.no_batch_norm = not config["batch_norm"]
+
+
 def make_model(args, num_classes: int, dist: distributed.Dist):
     model = build_model(args.model, **model_options(args, num_classes))
+    record_model_options(args, model)
     if args.backbone:
         load_backbone(model, load_checkpoint(args.backbone), args.backbone)
     model = model.to(dist.device)

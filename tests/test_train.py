@@ -121,6 +121,19 @@ def test_paper_recipe_stays_finite_only_with_its_gradient_clipping(tree, tmp_pat
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
 
 
+def test_resume_accepts_a_default_spelled_out_and_refuses_another_value(tree, tmp_path):
+    """config.json records the network as built (B 2, batch norm on, not None), so a resume
+    that spells out a default is the same run; another value is refused by name."""
+    common = ["--data", tree / "train.csv", *TINY, "--model", "fast", "--project", tmp_path, "--name", "r"]
+    run("train.py", *common, "--epochs", "1")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["B"], config["no_batch_norm"], config["width"]) == (2, False, 0.0625)
+    assert config["dropout"] is None                      # Fast YOLO has none: left unset
+    run("train.py", *common, "--epochs", "2", "--B", "2", "--resume", tmp_path / "r")
+    refused = run("train.py", *common, "--epochs", "3", "--B", "3", "--resume", tmp_path / "r", check=False)
+    assert refused.returncode == 2 and "--B 2 -> 3" in refused.stderr
+
+
 def test_recipes_fill_defaults_and_explicit_arguments_win():
     demo = train.parse_args([])
     assert demo.recipe == "demo" and demo.model == "fast" and demo.data == "data/shapes/train.csv"
