@@ -266,6 +266,12 @@ def test_convert_command_round_trip(darknet, harness, scripts, tmp_path):
     x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
     theirs = darknet_predict(darknet, harness, cfg_path, weights, x, tmp_path)
     assert_parity("yolov1 via darknet_convert.py", project_output(model, x), to_project_layout(theirs, 2, 3, 20))
+    # what detect.py and test.py run: batch norm folded with Darknet's divisor, channels_last
+    # for the convolutions (the locally connected layer's weight cannot take it)
+    import inference
+    runner = inference.load(tmp_path / "yolo.pt", "cpu")
+    assert "batch norm folded" in runner.description
+    assert_parity("yolov1 on detect.py's default backend", runner(x), to_project_layout(theirs, 2, 3, 20))
 
     ok(scripts.run("darknet_convert.py", tmp_path / "yolo.pt", "-o", tmp_path / "back" / "yolo"))
     assert (tmp_path / "back" / "yolo.weights").read_bytes() == weights.read_bytes()
