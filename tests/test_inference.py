@@ -257,6 +257,30 @@ def test_detect_py_on_the_onnx_file_gives_the_checkpoints_boxes(onnx_files, tmp_
         np.testing.assert_allclose(np.array(o), np.array(p), atol=0.02, rtol=0)  # pixels, 2 decimals
 
 
+def test_detect_txt_on_the_onnx_file_gives_the_checkpoints_detections(onnx_files, tmp_path):
+    """detect_txt.py (and test.py, through the same predict.predict_files) take an ONNX
+    file in place of the checkpoint: a folder of images, the same detection files."""
+    import detect_txt
+    from PIL import Image
+
+    path, ckpt, _ = onnx_files
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(10 + i).integers(0, 256, (100, 90 + 20 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "photos" / f"{i}.jpg", quality=90)
+    rows = {}
+    for source, name in ((ckpt, "pt"), (path, "onnx")):
+        detect_txt.main([str(source), "--data", str(tmp_path / "photos"), "--conf-threshold", "0.05",
+                         "--project", str(tmp_path / "runs"), "--name", name])
+        rows[name] = [[line.split() for line in f.read_text().splitlines()]
+                      for f in sorted((tmp_path / "runs" / name / "detections").iterdir())]
+    assert len(rows["pt"]) == 3 and sum(map(len, rows["pt"])) >= 3
+    for o, p in zip(rows["onnx"], rows["pt"], strict=True):
+        assert [r[0] for r in o] == [r[0] for r in p]                       # the same classes
+        np.testing.assert_allclose(np.array([r[1:] for r in o], float), np.array([r[1:] for r in p], float),
+                                   atol=0.02, rtol=0)                       # pixels, 2 decimals
+
+
 def fake_onnx(path, outputs: dict, metadata: dict | None):
     """A small hand-made ONNX graph: images (N, 3, 128, 128) -> the given (N, k) outputs."""
     import onnx
