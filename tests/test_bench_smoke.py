@@ -150,7 +150,7 @@ def test_bench_eval_quick(tmp_path):
     assert report["images"] == 64 and list(report["rows"]) == ["host decode, float32", "device decode, float32"]
     for row in report["rows"].values():
         assert row["seconds"] > 0 and row["images_per_s"] == pytest.approx(64 / row["seconds"])
-        assert row["check"]["same_boxes_and_classes"] and row["check"]["matched"] > 1000
+        assert row["check"]["same_boxes_and_classes"] and row["check"]["matched"] > 256
         assert row["check"]["max_box_px"] == 0  # libjpeg-turbo both ways: the same pixels
 
 

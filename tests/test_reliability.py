@@ -519,10 +519,10 @@ def test_a_checkpoint_that_would_run_code_is_refused(scripts, voc, imagenet, evi
 OTHER_CONFIGURATIONS = [  # train.py arguments of the resuming command -> what the message names
     # refused by the resume policy (resume_policy.py) before any model is loaded
     (["--S", "3"], ["cannot resume with other arguments", "--S 2 -> 3"]),
-    (["--B", "1"], ["--B None -> 1"]),  # None: the network's own B (train.py passes only what was given)
+    (["--B", "1"], ["--B 2 -> 1"]),  # config.json holds the network's own B, as built
     (["--hidden", "32"], ["--hidden 16 -> 32"]),
     (["--width", "0.125"], ["--width 0.0625 -> 0.125"]),
-    (["--no-batch-norm"], ["--no-batch-norm None -> True"]),
+    (["--no-batch-norm"], ["--no-batch-norm False -> True"]),
     (["--names", "NAMES21"], ["--names None -> ", "names21.txt"]),
     (["--model", "fast"], ["--model 'yolov1' -> 'fast'"]),
 ]
