@@ -37,14 +37,17 @@ def finite_number(text, what: str, where: str) -> float:
     """A number read from a user's file (``text``: str or bytes), or a one-line UserError
     naming the place and the field: ``where: what is not a number: '...'``. NaN and
     infinities are refused: no file the project reads has a use for them."""
-    shown = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
     try:
         value = float(text)
     except ValueError:
-        raise UserError(f"{where}: {what} is not a number: {shown[:40]!r}") from None
+        raise UserError(f"{where}: {what} is not a number: {_shown(text)[:40]!r}") from None
     if not math.isfinite(value):
-        raise UserError(f"{where}: {what} must be a finite number, got {shown[:40]}")
+        raise UserError(f"{where}: {what} must be a finite number, got {_shown(text)[:40]}")
     return value
+
+
+def _shown(text) -> str:
+    return text.decode(errors="replace") if isinstance(text, bytes) else str(text)
 
 
 def run_cli(main, argv=None):

@@ -560,6 +560,25 @@ def test_fuzzed_box_files_give_a_table_or_one_line_error(tmp_path, data, is_gt):
     assert len(table["cls"]) == len(boxes) == sum(1 for line in lines if line.split())
 
 
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.lists(st.sampled_from([b"dog", b"0", b"1", b"5", b"9.5", b"-1", b"1e308", b"nan", b"inf",
+                                        b"difficult", b"Difficult", b"2", b"x", b"\xff", b"1_0"]),
+                       min_size=1, max_size=7), is_gt=st.booleans())
+def test_quick_line_parser_equals_the_careful_one(tokens, is_gt):
+    """box_files' quick path for well-formed lines gives exactly what the field-by-field
+    parser gives, and any line it doubts gets the careful parser's answer or error."""
+    import box_files
+
+    def outcome(parse):
+        try:
+            return parse()
+        except UserError as err:
+            return str(err)
+    quick = outcome(lambda: box_files._parse_line(tokens, is_gt, "f.txt", 3))
+    careful = outcome(lambda: box_files._checked_line(tokens, is_gt, "f.txt:3"))
+    assert quick == careful
+
+
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
