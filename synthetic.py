@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import argtypes
-from dataset import write_csv, write_label_file
+from voc_txt import write_csv, write_label_file
 from utils import VOC_CLASSES, UserError, run_cli
 
 SHAPE_CLASSES = {"rectangle": 19, "ellipse": 16, "triangle": 3, "cross": 0}

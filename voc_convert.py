@@ -24,8 +24,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import argtypes
-from dataset import (load_class_names, parse_split, read_devkit_split, voc_year_dir, write_csv,
-                     write_label_file)
+from dataset import load_class_names, parse_split, read_devkit_split, voc_year_dir
+from voc_txt import write_csv, write_label_file
 from utils import UserError, run_cli
 
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 import dataset  # noqa: E402
+import voc_txt  # noqa: E402
 import images  # noqa: E402
 from imagenet import build_imagenet  # noqa: E402
 import synthetic  # noqa: E402
@@ -61,7 +62,7 @@ def many_annotations(root: Path, count: int) -> tuple[Path, Path]:
         os.link(image, txt / "images" / f"{i}.jpg")
         (txt / "labels" / f"{i}.txt").write_text("14 0.5 0.5 0.2 0.2\n7 0.3 0.3 0.1 0.1\n3 0.6 0.7 0.2 0.3\n")
     (year / "ImageSets" / "Main" / "trainval.txt").write_text("".join(f"{i}\n" for i in ids))
-    dataset.write_csv(txt / "train.csv", [(f"{i}.jpg", f"{i}.txt") for i in ids])
+    voc_txt.write_csv(txt / "train.csv", [(f"{i}.jpg", f"{i}.txt") for i in ids])
     return txt / "train.csv", devkit
 
 

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import voc_convert
-from dataset import VOCDevkitDataset, read_label_file
+from dataset import VOCDevkitDataset
+from voc_txt import read_label_file
 from images import EXIF_ORIENTATION, image_size, load_image, orient_boxes, read_header
 from utils import UserError
 

@@ -14,6 +14,7 @@ import dataset
 import detect_txt
 import evaluate as ev
 import utils
+import voc_txt
 from model import build_model
 from synthetic import write_vocdevkit_tree
 from utils import UserError
@@ -104,7 +105,7 @@ def csv_tree(tmp_path, rows, label_names):
         (tmp_path / "images" / image).write_bytes(b"")
         (tmp_path / "labels" / label).write_text("")
     (tmp_path / "list.csv").write_text(rows)
-    return dataset.read_csv_pairs(tmp_path / "list.csv", tmp_path / "images", tmp_path / "labels")
+    return voc_txt.read_csv_pairs(tmp_path / "list.csv", tmp_path / "images", tmp_path / "labels")
 
 
 def test_csv_header_rule_cannot_eat_a_row(tmp_path):
@@ -123,7 +124,7 @@ def test_csv_header_rule_cannot_eat_a_row(tmp_path):
        bom=st.booleans())
 def test_fuzzed_csv_gives_pairs_or_one_line_error(tmp_path, rows, bom):
     """Any csv: existing (image, label) pairs in file order, or one UserError naming the csv;
-    never a traceback. A valid csv round-trips through dataset.write_csv."""
+    never a traceback. A valid csv round-trips through voc_txt.write_csv."""
     for sub in ("images", "labels"):
         (tmp_path / sub).mkdir(exist_ok=True)
     for name in ("a.jpg", "b.jpg"):
@@ -133,14 +134,14 @@ def test_fuzzed_csv_gives_pairs_or_one_line_error(tmp_path, rows, bom):
     text = ("\ufeff" if bom else "") + "".join(",".join(row) + "\n" for row in rows)
     (tmp_path / "l.csv").write_text(text, encoding="utf-8")
     try:
-        pairs = dataset.read_csv_pairs(tmp_path / "l.csv", tmp_path / "images", tmp_path / "labels")
+        pairs = voc_txt.read_csv_pairs(tmp_path / "l.csv", tmp_path / "images", tmp_path / "labels")
     except UserError as err:
         assert str(err).startswith(str(tmp_path / "l.csv")) and "\n" not in str(err)
         return
     names = [(i.name, l.name) for i, l in pairs]
     for header in (True, False):
-        dataset.write_csv(tmp_path / "w.csv", names, header=header)
-        again = dataset.read_csv_pairs(tmp_path / "w.csv", tmp_path / "images", tmp_path / "labels")
+        voc_txt.write_csv(tmp_path / "w.csv", names, header=header)
+        again = voc_txt.read_csv_pairs(tmp_path / "w.csv", tmp_path / "images", tmp_path / "labels")
         assert [(i.name, l.name) for i, l in again] == names
 
 
@@ -152,18 +153,18 @@ LABEL_TOKEN = st.sampled_from(["0", "1", "2", "0.5", "1.0", "0.0", "-0.1", "1.5"
 @given(lines=st.lists(st.lists(LABEL_TOKEN, max_size=6), max_size=4), raw=st.binary(max_size=20))
 def test_fuzzed_label_files_give_boxes_or_one_line_error(tmp_path, lines, raw):
     """Any label file: relative boxes inside the image, or one UserError naming the file;
-    never a traceback. Valid boxes round-trip through dataset.write_label_file."""
+    never a traceback. Valid boxes round-trip through voc_txt.write_label_file."""
     path = tmp_path / "l.txt"
     path.write_bytes("".join(" ".join(line) + "\n" for line in lines).encode() + raw)
     try:
-        boxes, labels = dataset.read_label_file(path, 3)
+        boxes, labels = voc_txt.read_label_file(path, 3)
     except UserError as err:
         assert str(err).startswith(str(path)) and "\n" not in str(err)
         return
     assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
     assert ((labels >= 0) & (labels < 3)).all()
-    dataset.write_label_file(tmp_path / "w.txt", boxes * 100, labels, 100, 100)
-    again, again_labels = dataset.read_label_file(tmp_path / "w.txt", 3)
+    voc_txt.write_label_file(tmp_path / "w.txt", boxes * 100, labels, 100, 100)
+    again, again_labels = voc_txt.read_label_file(tmp_path / "w.txt", 3)
     assert again_labels.tolist() == labels.tolist()
     assert abs(again - boxes).max(initial=0) <= 2e-6
 

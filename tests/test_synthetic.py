@@ -58,7 +58,8 @@ def test_demo_classes_are_named_for_their_shapes():
     from pathlib import Path
 
     import train
-    from dataset import load_class_names, read_label_file
+    from dataset import load_class_names
+    from voc_txt import read_label_file
 
     shapes = Path(__file__).resolve().parents[1] / "data" / "shapes"
     names = load_class_names(shapes / "names.txt")
