@@ -38,7 +38,7 @@ POLICY: dict[str, tuple[str, str]] = {
                                             "no_batch_norm")},
     **{k: (MATCH, "the loss") for k in ("lambda_coord", "lambda_noobj", "no_rescore", "label_smoothing",
                                          "update")},
-    "flip": (MATCH, "the augmentation"), "cell_winner": (MATCH, "the training targets"),
+    "flip": (MATCH, "the augmentation"), "hue": (MATCH, "the augmentation"), "cell_winner": (MATCH, "the training targets"),
     # the optimiser, its schedule and the data order: the saved state is theirs
     "batch_size": (MATCH, "the data order of the saved epoch and the steps per epoch"),
     "accum_steps": (MATCH, "the steps per epoch"), "seed": (MATCH, "the data order and augmentation"),

@@ -49,13 +49,13 @@ RECIPES = {
     # Darknet's cfg/yolov1.cfg, the run behind the released yolov1.weights: its [net] section's
     # learning_rate, policy=steps (the first three steps are its warm-up), momentum, decay and
     # max_batches at batch 64, its network, Darknet's update (loss.DarknetUpdate) instead of the
-    # gradient-norm clip, flips and the shuffled cell winner (docs/darknet.md). jitter .2 and
-    # exposure / saturation 1.5 are YoloAugment's defaults; its hue .1 is not applied here.
+    # gradient-norm clip, flips, its hue .1 and the shuffled cell winner (docs/darknet.md).
+    # jitter .2 and exposure / saturation 1.5 are YoloAugment's defaults.
     "darknet": {"model": "yolov1-darknet", "optimizer": "sgd", "lr": 5e-4, "momentum": 0.9,
                 "weight_decay": 5e-4, "batch_size": 64, "schedule": "steps", "warmup_epochs": 0.0,
                 "lr_steps": [200, 400, 600, 20000, 30000], "lr_scales": [2.5, 2.0, 2.0, 0.1, 0.1],
                 "max_batches": 40000, "epochs": None, "update": "darknet", "grad_clip": 0.0, "flip": True,
-                "cell_winner": "random"},
+                "hue": 0.1, "cell_winner": "random"},
     # A quarter-width Fast YOLO at S = 2 (128-pixel input) on data/shapes/ (one large cross
     # or rectangle per image): about 200 times cheaper than the full YOLOv1, which trains at
     # about 0.25 images/s on a 2-core CPU, and it learns that data in a minute or two.
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="flip half the training images horizontally (Darknet's load_data_region; the "
                         "paper does not mention it; default on, as in the run behind its numbers)")
+    d.add_argument("--hue", type=argtypes.fraction(0, 0.5), default=0.0,
+                   help="shift each training image's hue by up to this fraction of the colour circle "
+                        "(Darknet's hue=; the paper does not mention it; default 0, the darknet recipe .1)")
     d.add_argument("--cell-winner", choices=("random", "first"), default="random",
                    help="which object a cell learns when several centres share it: random (Darknet "
                         "shuffles each image's boxes each time it loads it; seeded by seed, epoch and "
@@ -247,6 +250,7 @@ def build_datasets(args, device: torch.device):
     train_set.shuffle_boxes = args.cell_winner == "random"
     if train_set.augment is not None:
         train_set.augment.flip = 0.5 if args.flip else 0.0
+        train_set.augment.hue = args.hue
     val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
                                  S=args.S, img_size=size) if args.val_data else None)
     return train_set, val_set

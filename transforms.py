@@ -2,7 +2,8 @@
 
 Geometry (random scale and translation, horizontal flip) is done on uint8 images and
 ``tv_tensors.BoundingBoxes`` with ``torchvision.transforms.v2``; the exposure/saturation
-jitter is applied to a whole float batch by :func:`to_float_images`, on the training device.
+jitter (and Darknet's hue shift, ``--hue``) is applied to a whole float batch by
+:func:`to_float_images`, on the training device.
 """
 from __future__ import annotations
 
@@ -13,22 +14,24 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 
-def scale_exposure_saturation(image: torch.Tensor, exposure: float, saturation: float) -> torch.Tensor:
-    """Scale V and S in HSV space, as Darknet's ``random_distort_image`` (without its hue
-    shift), on one float ``(3, H, W)`` image in [0, 1], in place: see :func:`to_float_images`."""
-    return to_float_images(image[None], photometric_factors(exposure, saturation)[None])[0]
+def scale_exposure_saturation(image: torch.Tensor, exposure: float, saturation: float,
+                              hue: float = 0.0) -> torch.Tensor:
+    """Darknet's ``distort_image``: S and V scaled and the hue shifted by ``hue`` (a fraction
+    of the colour circle) in HSV space, on one float ``(3, H, W)`` image in [0, 1], in place:
+    see :func:`to_float_images`."""
+    return to_float_images(image[None], photometric_factors(exposure, saturation, hue)[None])[0]
 
 
-def photometric_factors(exposure: float = 1.0, saturation: float = 1.0) -> torch.Tensor:
+def photometric_factors(exposure: float = 1.0, saturation: float = 1.0, hue: float = 0.0) -> torch.Tensor:
     """The two multipliers of :func:`scale_exposure_saturation`, computed in double precision
-    as it does, for :func:`to_float_images`."""
-    return torch.tensor([exposure * saturation, exposure * (1.0 - saturation)], dtype=torch.float64)
+    as it does, and the hue shift, for :func:`to_float_images`."""
+    return torch.tensor([exposure * saturation, exposure * (1.0 - saturation), hue], dtype=torch.float64)
 
 
 def to_float_images(images: torch.Tensor, factors: torch.Tensor | None = None, device=None,
                     memory_format=torch.preserve_format) -> torch.Tensor:
     """A uint8 ``(N, 3, H, W)`` batch -> float32 in [0, 1] on ``device``, with each image's
-    exposure and saturation scaled (``factors``: ``(N, 2)`` from :func:`photometric_factors`).
+    exposure, saturation and hue changed (``factors``: ``(N, 3)`` from :func:`photometric_factors`).
 
     Darknet's ``random_distort_image`` scales V and S in HSV space. For a fixed hue and
     value V = max(R, G, B), every channel is ``V - S * V * k`` with k set by the hue alone,
@@ -36,7 +39,9 @@ def to_float_images(images: torch.Tensor, factors: torch.Tensor | None = None, d
     all three: ``c' = e * s * c + e * (1 - s) * V``, clamped to [0, 1] as Darknet does. The
     same operations in the same order on any device, so the CPU and GPU give the same
     pixels. A float batch is converted in place (a fresh 448 x 448 float tensor per image
-    costs more than the arithmetic)."""
+    costs more than the arithmetic). A hue shift needs the real conversion
+    (:func:`shift_hue`), done only for the images that have one, before the clamp, as
+    Darknet's ``distort_image`` shifts the hue of the scaled, unclamped HSV values."""
     images = images.to(device, non_blocking=True)
     if memory_format != torch.preserve_format:
         images = images.contiguous(memory_format=memory_format)
@@ -44,9 +49,45 @@ def to_float_images(images: torch.Tensor, factors: torch.Tensor | None = None, d
         images = F.to_dtype(images, torch.float32, scale=True)
     if factors is None:
         return images
-    scale, shift = factors.to(images.device, torch.float32, non_blocking=True)[:, :, None, None, None].unbind(1)
+    factors = factors.to(images.device, torch.float32, non_blocking=True)
+    scale, shift = factors[:, :2, None, None, None].unbind(1)
     value = torch.maximum(torch.maximum(images[:, 0:1], images[:, 1:2]), images[:, 2:3]).mul_(shift)
-    return images.mul_(scale).add_(value).clamp_(0.0, 1.0)
+    images = images.mul_(scale).add_(value)
+    hue = factors[:, 2]
+    turned = (hue != 0).nonzero().flatten().tolist() if factors.shape[1] > 2 else []
+    for i in turned:  # one image at a time: the paper recipe draws no hue, Darknet's .1 all
+        images[i] = shift_hue(images[i], hue[i])
+    return images.clamp_(0.0, 1.0)
+
+
+def shift_hue(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Darknet's ``rgb_to_hsv``, the hue moved by ``shift`` (wrapped into [0, 1)), then
+    ``hsv_to_rgb``, on one float ``(3, H, W)`` image (values may be outside [0, 1]: they are
+    clamped after). Greys (max = min) keep hue 0 and stay grey, as in Darknet."""
+    r, g, b = image.unbind(0)
+    value, _ = image.max(0)
+    delta = value - image.min(0)[0]
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(value == r, (g - b) / safe,
+                      torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    hue = torch.remainder(hue + shift, 1.0)
+    saturation = torch.where(value != 0, delta / torch.where(value != 0, value, torch.ones_like(value)),
+                             torch.zeros_like(value))
+    return hsv_to_rgb(hue, saturation, value)
+
+
+def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Darknet's ``hsv_to_rgb`` (the six sectors of the hue circle) on whole planes."""
+    h6 = hue * 6
+    sector = torch.floor(h6)
+    f = h6 - sector
+    p, q, t = value * (1 - saturation), value * (1 - saturation * f), value * (1 - saturation * (1 - f))
+    sector = sector.long().remainder(6)
+    table = torch.stack([torch.stack(c) for c in ((value, t, p), (q, value, p), (p, value, t),
+                                                  (p, q, value), (t, p, value), (value, p, q))])  # (6, 3, H, W)
+    rgb = table.gather(0, sector[None, None].expand(1, 3, *sector.shape))[0]
+    return torch.where(saturation == 0, value.expand(3, *value.shape), rgb)
 
 
 @dataclass(frozen=True)
@@ -90,6 +131,8 @@ class YoloAugment:
       mention flipping; Darknet's ``load_data_region`` flips half the images, ``rand()%2``).
       train.py ``--no-flip`` sets it to 0.
     * Exposure and saturation scaled by up to ``exposure`` / ``saturation`` (1.5) in HSV.
+    * Hue shifted by up to ``hue`` of the colour circle: Darknet's (``hue=.1`` in its cfgs),
+      not the paper's; 0 by default (train.py ``--hue``).
 
     Drop rule: boxes are clipped to the image; a box is dropped when less than
     ``min_visible`` (25 %) of its area stays inside, or when its clipped width or height is
@@ -99,9 +142,9 @@ class YoloAugment:
 
     def __init__(self, img_size: int = 448, jitter: float = 0.2, exposure: float = 1.5,
                  saturation: float = 1.5, flip: float = 0.5, min_visible: float = 0.25,
-                 min_side: float = 0.01):
+                 min_side: float = 0.01, hue: float = 0.0):
         self.img_size, self.jitter, self.flip = img_size, jitter, flip
-        self.exposure, self.saturation = exposure, saturation
+        self.exposure, self.saturation, self.hue = exposure, saturation, hue
         self.min_visible, self.min_side = min_visible, min_side
 
     def sample(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
@@ -125,7 +168,11 @@ class YoloAugment:
         left = round(width / 2 - (width / 2 + shift_x * width) / scale)
         top = round(height / 2 - (height / 2 + shift_y * height) / scale)
         flip = torch.rand(()).item() < self.flip
-        factors = photometric_factors(_rand_scale(self.exposure), _rand_scale(self.saturation))
+        exposure, saturation = _rand_scale(self.exposure), _rand_scale(self.saturation)
+        # Darknet's rand_uniform(-hue, hue); drawn only when asked for, so that the paper's
+        # recipe (no hue) keeps its random stream
+        hue = self.hue * (2.0 * torch.rand(()).item() - 1.0) if self.hue > 0 else 0.0
+        factors = photometric_factors(exposure, saturation, hue)
         return Draw((top, left, round(crop_h), round(crop_w)), flip, factors)
 
     def move_boxes(self, boxes: torch.Tensor, labels: torch.Tensor, width: int, height: int, draw: "Draw"):

@@ -335,12 +335,47 @@ def test_uint8_samples_finished_on_the_device_equal_float_samples(rectangles):
             torch.manual_seed(i)
             batch.append(uint8[i])
         images, targets, factors = (torch.stack(t) for t in zip(*batch))
-        assert images.dtype == torch.uint8 and factors.shape == (len(floats), 2)
+        assert images.dtype == torch.uint8 and factors.shape == (len(floats), 3)
         assert torch.equal(targets, torch.stack([t for _, t in expected]))
         finished = transforms.to_float_images(images, factors, memory_format=torch.channels_last)
         assert finished.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(finished, torch.stack([x for x, _ in expected]))
-        assert train == bool((factors != torch.tensor([1.0, 0.0], dtype=torch.float64)).any())
+        assert train == bool((factors != torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)).any())
+        assert not factors[:, 2].any()  # no hue: the paper's augmentation has none
+
+
+@pytest.mark.parametrize("exposure, saturation, hue", [(1.2, 0.7, 0.1), (0.8, 1.4, -0.07), (1.5, 1.5, 0.5),
+                                                        (1.0, 1.0, -0.1)])
+def test_hue_shift_is_darknets_distort_image(exposure, saturation, hue):
+    """Darknet's distort_image: S and V scaled, the hue moved and wrapped, back to RGB (with
+    S above 1 where the saturation says so: colorsys computes the same sectors), then clamped.
+    Greys stay grey."""
+    pixels = torch.rand(3, 1, 60)
+    pixels[:, 0, :5] = pixels[0, 0, :5]                       # five greys
+    out = scale_exposure_saturation(pixels.clone(), exposure, saturation, hue)
+    for rgb, new in zip(pixels[:, 0].T.tolist(), out[:, 0].T.tolist()):
+        h, s, v = colorsys.rgb_to_hsv(*rgb)
+        expected = [min(max(c, 0), 1) for c in colorsys.hsv_to_rgb((h + hue) % 1.0, s * saturation, v * exposure)]
+        np.testing.assert_allclose(new, expected, atol=2e-5)
+    assert torch.equal(out[0, 0, :5], out[1, 0, :5]) and torch.equal(out[1, 0, :5], out[2, 0, :5])
+
+
+def test_hue_is_drawn_only_when_asked_for():
+    """Darknet's rand_uniform(-hue, hue) per sample; with hue 0 (the paper's recipe) nothing
+    is drawn, so every other draw stays what it was."""
+    shifts = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        shifts.append(YoloAugment(hue=0.1).draw(100, 80).factors[2].item())
+        torch.manual_seed(seed)
+        plain = YoloAugment().draw(100, 80)
+        after_plain = torch.rand(()).item()
+        torch.manual_seed(seed)
+        again = YoloAugment(hue=0.1).draw(100, 80)
+        assert plain.crop == again.crop and plain.flip == again.flip
+        assert torch.equal(plain.factors[:2], again.factors[:2]) and plain.factors[2] == 0
+        assert torch.rand(()).item() != after_plain       # one more number drawn: the hue
+    assert all(-0.1 <= h <= 0.1 for h in shifts) and len(set(shifts)) == 20
 
 
 def test_batched_photometric_factors_apply_per_image():
@@ -348,11 +383,11 @@ def test_batched_photometric_factors_apply_per_image():
     images one at a time, which test_exposure_and_saturation_scale_v_and_s_in_hsv checks
     against colorsys."""
     images = torch.randint(0, 256, (3, 3, 5, 7), dtype=torch.uint8)
-    scales = [(1.2, 0.7), (0.8, 1.4), (1.0, 1.0)]
-    factors = torch.stack([transforms.photometric_factors(e, s) for e, s in scales])
+    scales = [(1.2, 0.7, 0.0), (0.8, 1.4, 0.05), (1.0, 1.0, -0.1)]
+    factors = torch.stack([transforms.photometric_factors(e, s, h) for e, s, h in scales])
     batch = transforms.to_float_images(images, factors)
-    for image, (e, s), out in zip(images, scales, batch):
-        alone = scale_exposure_saturation(image.float() / 255, e, s)
+    for image, (e, s, h), out in zip(images, scales, batch):
+        alone = scale_exposure_saturation(image.float() / 255, e, s, h)
         torch.testing.assert_close(out, alone, rtol=0, atol=1e-6)
 
 
