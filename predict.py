@@ -29,7 +29,8 @@ def add_inference_args(parser: argparse.ArgumentParser, *, conf_threshold: float
                        batch_size: int) -> None:
     """The arguments of every script that runs a trained detector (test.py, detect_txt.py,
     detect.py); each passes its own default score threshold and batch size."""
-    parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt)")
+    parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt), or an ONNX file "
+                                           "from export.py --raw (run by onnxruntime)")
     parser.add_argument("--conf-threshold", type=argtypes.fraction(0, 1), default=conf_threshold,
                         help=f"{conf_help} (default %(default)s)")
     parser.add_argument("--nms-iou", type=argtypes.fraction(0, 1), default=0.5,

@@ -2,6 +2,8 @@
 
     python test.py runs/train/demo/best.pt                       # data/test.csv
     python test.py best.pt --data VOCdevkit --split 2007/test --voc07 --json results.json
+    python test.py best.pt --data VOCdevkit --voc07 --device cuda --half --compile --batch-size 64
+    python test.py model.onnx --data data/test.csv         # an export.py --raw file, onnxruntime
 
 Prints two numbers, because the original project reported the first one:
 1. its fixed-threshold "mAP" (original_metric.py): the best box of each cell scored by its
