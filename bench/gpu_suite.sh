@@ -6,6 +6,8 @@
 #     OUT=/somewhere bash bench/gpu_suite.sh
 #     QUICK=1 DEVICE=cpu bash bench/gpu_suite.sh   # the plumbing, on a CPU, in a minute or two
 #     PARTS="2 3" bash bench/gpu_suite.sh          # only some of the parts below
+#     PARTS="6 3 5" ...                            # what #16 still needs: about 8-10 minutes
+#                                                  # (parts 1, 2, 4 were measured: BENCHMARKS.md section 5)
 #     DETECT_ARGS="--variants eager,default --rounds 20" PARTS=5 bash bench/gpu_suite.sh   # a shorter part 5
 #
 # 1. bench_train.py: YOLOv1@448 (batch 64) and Darknet@224 (batch 128) training steps in
@@ -102,7 +104,8 @@ fi
 timeout 60 python darknet_train_multigpu.py $SMALL --project "$WORK/runs" --name dp 2>&1 | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -3
 fi
 if part 5 "detection speed"; then
-if [ -n "$QUICK" ]; then DETECT_ARGS="--quick"; else DETECT_ARGS=${DETECT_ARGS:-"--budget 20"}; fi
+if [ -n "$QUICK" ]; then DETECT_ARGS="--quick"; else
+DETECT_ARGS=${DETECT_ARGS:-"--models yolov1,fast,yolov1-tiny --variants eager,default,compile,float16,bfloat16,float16-compile,onnx --budget 10"}; fi
 timeout 540 python bench/bench_detect.py --device "$DEVICE" $DETECT_ARGS --json "$OUT/detect.json"
 fi
 if part 6 "test.py end to end (4,952 images)"; then
