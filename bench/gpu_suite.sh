@@ -6,7 +6,7 @@
 #     OUT=/somewhere bash bench/gpu_suite.sh
 #     QUICK=1 DEVICE=cpu bash bench/gpu_suite.sh   # the plumbing, on a CPU, in a minute or two
 #     PARTS="2 3" bash bench/gpu_suite.sh          # only some of the parts below
-#     PARTS="6 3 5" ...                            # what #16 still needs: about 8-10 minutes
+#     PARTS="6 3 5" bash bench/gpu_suite.sh        # what #16 still needs, in this order: 8-10 minutes
 #                                                  # (parts 1, 2, 4 were measured: BENCHMARKS.md section 5)
 #     DETECT_ARGS="--variants eager,default --rounds 20" PARTS=5 bash bench/gpu_suite.sh   # a shorter part 5
 #
@@ -29,7 +29,6 @@ OUT=${OUT:-bench/results/gpu}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
 PARTS=${PARTS:-1 2 3 4 5 6}
-part() { [[ " $PARTS " == *" $1 "* ]] && echo "=== $1. $2 ($(date +%T))"; }
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -39,18 +38,21 @@ log machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cpus', __import__('os').cpu_count())"
 
-if part 1 "training step"; then
+part_1() {
+log "1. training step"
 if [ -n "$QUICK" ]; then TRAIN_ARGS="--quick --all-variants"; else TRAIN_ARGS=""; fi
 timeout 300 python bench/bench_train.py --device "$DEVICE" --fused-sgd $TRAIN_ARGS --json "$OUT/train.json"
-fi
+}
 
-if part 2 "data loading"; then
+part_2() {
+log "2. data loading"
 if [ -n "$QUICK" ]; then DATA_ARGS="--images 8 --files 100 --workers 0,2 --batch 8 --batches 2 --repeats 2"
 else DATA_ARGS="--images 40 --files 2000 --workers 4,8,14 --batch 64 --batches 24 --repeats 3"; fi
 timeout 100 python bench/bench_data.py $DATA_ARGS --json "$OUT/data.json"
-fi
+}
 
-if part 3 "train.py end to end"; then
+part_3() {
+log "3. train.py end to end"
 if [ -n "$QUICK" ]; then E2E="--model fast --width 0.0625 --S 2 --batch-size 8 --workers 2"; N=32
 else E2E="--batch-size 64 --workers 14 --compile"; N=6400; fi
 python - "$WORK/voc" "$N" <<'EOF'
@@ -73,9 +75,10 @@ timeout 150 python train.py --recipe paper --data "$WORK/voc/train.csv" --epochs
 cp "$WORK/runs/e2e_$DEC/metrics.jsonl" "$OUT/e2e_${DEC}_metrics.jsonl" && cat "$OUT/e2e_${DEC}_metrics.jsonl"
 done
 timeout 60 python test.py "$WORK/runs/e2e_host/last.pt" --data data/val.csv --device "$DEVICE" 2>&1 | tail -3
-fi
+}
 
-if part 4 "smoke: DDP (torchrun, NCCL on a GPU), DataParallel script, AMP"; then
+part_4() {
+log "4. smoke: DDP (torchrun, NCCL on a GPU), DataParallel script, AMP"
 SMALL="--width 0.125 --img-size 96 --batch-size 16 --epochs 2 --device $DEVICE --workers 2 --channels-last"
 timeout 60 torchrun --standalone --nproc-per-node 1 darknet_train_multigpu_distr.py $SMALL \
     --project "$WORK/runs" --name ddp 2>&1 | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -3
@@ -102,15 +105,22 @@ td.destroy_process_group()
 NCCL
 fi
 timeout 60 python darknet_train_multigpu.py $SMALL --project "$WORK/runs" --name dp 2>&1 | tr '\r' '\n' | grep -v '%|' | grep -v '^ *$' | tail -3
-fi
-if part 5 "detection speed"; then
+}
+part_5() {
+log "5. detection speed"
 if [ -n "$QUICK" ]; then DETECT_ARGS="--quick"; else
 DETECT_ARGS=${DETECT_ARGS:-"--models yolov1,fast,yolov1-tiny --variants eager,default,compile,float16,bfloat16,float16-compile,onnx --budget 10"}; fi
 timeout 540 python bench/bench_detect.py --device "$DEVICE" $DETECT_ARGS --json "$OUT/detect.json"
-fi
-if part 6 "test.py end to end (4,952 images)"; then
+}
+part_6() {
+log "6. test.py end to end (4,952 images)"
 if [ -n "$QUICK" ]; then EVAL_ARGS="--quick"; else EVAL_ARGS=""; fi
 timeout 300 python bench/bench_eval.py --device "$DEVICE" $EVAL_ARGS --json "$OUT/eval.json" 2>&1 | grep -v '%|'
-fi
+}
+# the parts in the order PARTS names them (the most wanted first, if time may run out)
+for p in $PARTS; do
+    declare -F "part_$p" > /dev/null || { echo "no part $p"; continue; }
+    "part_$p"
+done
 log done
 rm -rf "$WORK"
