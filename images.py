@@ -1,4 +1,5 @@
-"""Reading images: the one decode path and what a file's header says.
+"""Reading images: the one decode path, what a file's header says, and an image's bytes for
+decoding elsewhere (:class:`EncodedImage`, finished by encoded_images.py on the network's device).
 
 Every image the project reads goes through :func:`load_image`: any Pillow mode becomes RGB
 and the EXIF orientation is applied first, so label coordinates refer to the image as a
