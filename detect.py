@@ -3,6 +3,8 @@
     python detect.py runs/train/demo/best.pt photo.jpg
     python detect.py best.pt photos/ a.jpg b.png --save-txt --save-json   # several sources
     python detect.py best.pt clip.mp4 --conf-threshold 0.3
+    python detect.py best.pt /dev/video0 --batch-size 1   # a camera (Linux); Ctrl-C ends it
+    python detect.py best.pt rtsp://camera.local/stream   # any URL PyAV opens
 
 Everything goes to a new folder, runs/detect/exp (then exp2, exp3 ...):
 
@@ -15,23 +17,27 @@ Everything goes to a new folder, runs/detect/exp (then exp2, exp3 ...):
 * ``--save-json``: ``detections.json`` with every image or frame, its size and its boxes.
 
 Boxes are in pixels of the original image, as a viewer shows it (EXIF orientation and a
-video's rotation applied). Each box takes its most likely class with the score
-Pr(class | object) * confidence (paper Section 2); boxes scoring at most
-``--conf-threshold`` are dropped, then non-maximum suppression runs per class. The
-default threshold (0.2) is for looking at pictures: mAP is measured with almost no
-threshold (test.py, 0.005). Videos need PyAV (``pip install av``); they are read and
-written frame by frame. The network runs on inference.py's fastest correct path for the
-device (batch norm folded into the convolutions, channels_last); ``--compile`` and
-``--half`` (GPU) go faster, and an ONNX file from ``export.py --raw`` runs under
-onnxruntime. Folders and videos report frames per second, drawing and writing included.
+video's rotation applied). Each box is scored for every class, Pr(class | object) *
+confidence (paper Section 2, as Darknet does); scores at most ``--conf-threshold`` are
+dropped, then non-maximum suppression runs per class. The default threshold (0.2) is for
+looking at pictures: mAP is measured with almost no threshold (test.py, 0.005). Videos
+need PyAV (``pip install av``); they are read and written frame by frame, so are cameras
+and stream URLs, whose drawn copy is named after them (``video0.mp4``), until they end or
+Ctrl-C (the frames done so far are kept). The network runs on inference.py's fastest
+correct path for the device (batch norm folded into the convolutions, channels_last);
+``--compile`` and ``--half`` (GPU) go faster, and an ONNX file from ``export.py --raw``
+runs under onnxruntime. Folders and videos report frames per second, drawing and writing
+included.
 """
 from __future__ import annotations
 
 import argparse
 import re
 import shutil
+import stat
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argtypes.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_inference_args(p, conf_threshold=0.2, batch_size=8,
                                conf_help="keep boxes scoring above this (for display)")
-    p.add_argument("source", nargs="+", help="images, folders of images and videos, or video files")
+    p.add_argument("source", nargs="+", help="images, folders of images and videos, video files, "
+                                                "cameras (/dev/video0) or stream URLs (rtsp://...)")
     p.add_argument("--max-det", type=argtypes.positive_int, default=100, help="at most this many boxes per image")
     p.add_argument("--save-txt", action="store_true", help="write labels/<image>.txt per image")
     p.add_argument("--save-json", action="store_true", help="write detections.json")
@@ -66,9 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def list_sources(source: str) -> tuple[list[Path], list[Path]]:
-    """``(images, videos)`` of a file or a folder (its files only, sorted by name)."""
+@dataclass(frozen=True)
+class Stream:
+    """A live video source, read like a video file: a camera (a character device such as
+    ``/dev/video0``: PyAV's v4l2 input, Linux) or a URL PyAV opens (``rtsp://``,
+    ``http://``, ``file:``...). Frames are detected as they arrive, until the stream ends
+    or Ctrl-C; ``name`` and ``stem`` name its outputs as a file's would."""
+    url: str
+    format: str | None = None
+
+    @property
+    def name(self) -> str:
+        return re.sub(r"[^\w.-]+", "_", self.url.split("://")[-1]).strip("_.") or "stream"
+
+    @property
+    def stem(self) -> str:
+        return self.name
+
+    @property
+    def suffix(self) -> str:
+        return ""
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def list_sources(source: str) -> tuple[list[Path], list]:
+    """``(images, videos)`` of a file or a folder (its files only, sorted by name), or a
+    camera or URL as one :class:`Stream`."""
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", source) or source.startswith("file:"):
+        return [], [Stream(source)]
     path = Path(source)
+    if path.exists() and stat.S_ISCHR(path.stat().st_mode):
+        return [], [Stream(source, "v4l2")]
     if path.is_file():
         return ([], [path]) if path.suffix.lower() in VIDEO_SUFFIXES else ([path], [])
     if not path.is_dir():
@@ -182,13 +219,14 @@ def save_image(image: torch.Tensor, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- videos
-def open_video(path: Path):
-    """``(container, stream)`` of a video file; UserError if PyAV cannot read it."""
+def open_video(path):
+    """``(container, stream)`` of a video file or a :class:`Stream`; UserError if PyAV
+    cannot read it."""
     require("av", "av", "reading videos")
     import av
 
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), format=getattr(path, "format", None))
     except (av.FFmpegError, OSError) as err:
         raise UserError(f"{path}: unreadable video ({' '.join(str(err).split())})") from None
     if not container.streams.video:
@@ -244,15 +282,18 @@ def detect_video(model, path: Path, outputs: Outputs, args) -> int:
     fps = stream.average_rate or 25
     writer = VideoWriter(outputs.dir / output_name(path, (".mp4",), ".mp4"), fps)
     bar = tqdm(total=stream.frames or None, unit="frame", desc=path.name, dynamic_ncols=True)
-    count = 0
+    count, chunk = 0, []
     try:
-        chunk = []
         for image in video_frames(path, container, stream):
             chunk.append(image)
             if len(chunk) == args.batch_size:
                 count = detect_frames(model, chunk, count, path, outputs, writer, bar)
                 chunk = []
         count = detect_frames(model, chunk, count, path, outputs, writer, bar) if chunk else count
+    except KeyboardInterrupt:
+        # Ctrl-C ends a camera or a stream (or a long video): the frames done so far are
+        # kept, the .mp4 is finished and the records are written, as for a video's end.
+        bar.write(f"{path}: stopped after {count} frames (Ctrl-C)")
     finally:
         bar.close()
         writer.close()

@@ -216,6 +216,55 @@ def test_video_without_pyav_is_a_one_line_error_before_any_output(checkpoint, tm
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_stream_url_is_read_like_a_video_and_named_after_itself(checkpoint, tmp_path):
+    """A URL (here PyAV's file: protocol, standing in for rtsp:// or http://) is a Stream:
+    its frames are detected as they arrive and its drawn copy is named after the URL."""
+    pytest.importorskip("av")
+    make_video(tmp_path / "clip.mp4", frames=4)
+    url = f"file:{tmp_path / 'clip.mp4'}"
+    (images, (stream,)) = detect.list_sources(url)
+    assert images == [] and stream.url == url and stream.format is None
+    out = run(checkpoint, url, tmp_path, "--save-json", "--save-txt", "--batch-size", "3")
+    name = stream.name
+    assert name.endswith("clip.mp4") and "/" not in name and ":" not in name
+    assert len(read_video(out / f"{name}.mp4")) == 4
+    records = json.loads((out / "detections.json").read_text())["images"]
+    assert [(r["file"], r["frame"]) for r in records] == [(name, i) for i in range(4)]
+    assert (out / "labels" / f"{name}_000003.txt").is_file()
+
+
+def test_a_character_device_is_a_camera():
+    """/dev/video0 and its kind are cameras for PyAV's v4l2 input (here /dev/null, which
+    every Linux has: it then fails to open as a one-line error, not a traceback)."""
+    import os
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null")
+    (images, (camera,)) = detect.list_sources("/dev/null")
+    assert images == [] and camera.format == "v4l2" and camera.name == "dev_null"
+
+
+def test_ctrl_c_keeps_the_frames_done(checkpoint, tmp_path, monkeypatch, capsys):
+    """Ctrl-C ends a camera: the frames detected so far stay in a finished .mp4 and in
+    detections.json, and the run reports them (not a traceback, not an empty folder)."""
+    pytest.importorskip("av")
+    make_video(tmp_path / "clip.mp4", frames=9)
+    real_predict, calls = detect.predict.predict_images, []
+
+    def interrupted_predict(model, images, args):
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_predict(model, images, args)
+
+    monkeypatch.setattr(detect.predict, "predict_images", interrupted_predict)
+    out = run(checkpoint, tmp_path / "clip.mp4", tmp_path, "--save-json", "--batch-size", "2")
+    assert len(read_video(out / "clip.mp4")) == 4
+    assert len(json.loads((out / "detections.json").read_text())["images"]) == 4
+    captured = capsys.readouterr()
+    assert "stopped after 4 frames (Ctrl-C)" in captured.err + captured.out
+    assert "1 video (4 frames)" in captured.out
+
+
 def test_video_is_read_and_written_frame_by_frame(checkpoint, tmp_path, monkeypatch, capsys):
     """A video is never held whole in memory: when the network gets a batch, only that
     batch has been decoded (guards against reading every frame first), and the frames
