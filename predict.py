@@ -9,6 +9,7 @@ detect_txt.py (predict_files: an inference.Runner fed by encoded_images.py) and 
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, data_help: str) -> None:
     parser.add_argument("--label-dir", help="labels folder of the csv layout (default: labels/ beside it)")
     parser.add_argument("--split", default="2007/test", help="VOCdevkit year/split (default %(default)s)")
     parser.add_argument("--workers", type=argtypes.nonneg_int,
-                        help="image-reading processes (default: 8 on a GPU, none on the CPU)")
+                        help="image-reading processes (default: 8 on a GPU, or the cores if fewer; none on the CPU)")
     parser.add_argument("--decode", choices=("auto", "device", "host"), default="auto",
                         help="where JPEGs are decoded and resized: on the network's device, a batch at a "
                              "time (nvJPEG on a GPU), or by the reading processes; auto: device on a GPU, "
@@ -117,7 +118,7 @@ def predict_files(runner: inference.Runner, paths, args, keep_outputs: bool = Fa
     """
     device = runner.input_device or runner.device
     on_device = args.decode == "device" or (args.decode == "auto" and device.type == "cuda")
-    workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
+    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     loader = DataLoader(EncodedImages(paths, runner.input_size, on_device), batch_size=args.batch_size,
                         num_workers=workers, collate_fn=list)
     results, outputs = {}, []
