@@ -15,6 +15,11 @@ without a decode and a resize per image on the host's cores, which bound a GPU
   a unit of 255 here and there (bench/bench_eval.py reports what that does to the mAP);
 * anything else (PNG, CMYK JPEG, an EXIF orientation to apply) is decoded and resized by the
   worker through images.load_image, as dataset.py does.
+
+A file the batch decoder refuses is retried alone, then read by images.load_image, which names
+a broken file in one line (on the CPU a truncated JPEG is refused both ways: a test). Whether
+nvJPEG refuses a truncated file as libjpeg-turbo does has not been checked (no GPU yet);
+``--decode host`` is the safe choice for a data set that was never decoded whole.
 """
 from __future__ import annotations
 
