@@ -90,7 +90,7 @@ def encode_target(boxes: torch.Tensor, labels: torch.Tensor, S: int = 7, C: int 
 
 def target_to_boxes(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`encode_target` for one image: ``(labels, xyxy boxes)``."""
-    S, C = target.shape[0], target.shape[-1] - 5
+    C = target.shape[-1] - 5
     has_obj = target[..., C] > 0
     xyxy = cell_to_image_boxes(target[None, ..., None, C + 1:C + 3], target[None, ..., None, C + 3:C + 5])
     return target[..., :C].argmax(-1)[has_obj], xyxy[0, :, :, 0][has_obj]

@@ -31,7 +31,7 @@ STEP = """
 import re, resource, sys, torch
 sys.path[:0] = [{root!r}, {bench!r}]
 from bench_train import yolo_case
-from engine import build_optimizer
+from schedule import build_optimizer
 from types import SimpleNamespace
 model, x, y, loss_fn = yolo_case({batch}, {width}, torch.device("cpu"))
 opt = build_optimizer(model, SimpleNamespace(optimizer="sgd", lr=1e-4, momentum=0.9, weight_decay=5e-4))

@@ -4,7 +4,7 @@
     python bench/bench_train.py --quick          # tiny widths, for a smoke test
     python bench/bench_train.py --device cuda    # GPU rows (default: cuda when available)
 
-One step is forward + loss + backward + SGD step + zero_grad (``engine.build_optimizer``:
+One step is forward + loss + backward + SGD step + zero_grad (``schedule.build_optimizer``:
 momentum 0.9, weight decay 5e-4 on weights, as train.py), on random
 inputs (YOLOv1: targets from ``utils.encode_target`` and ``loss.YoloLoss``; Darknet: a
 1000-way cross-entropy). Reported per model: the median step time of ``--steps`` timed
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 from darknet_model import Darknet  # noqa: E402
 from machine import load_average, machine  # noqa: E402
-from engine import build_optimizer  # noqa: E402
+from schedule import build_optimizer  # noqa: E402
 from loss import YoloLoss  # noqa: E402
 from model import YOLOv1  # noqa: E402
 from utils import encode_target  # noqa: E402
@@ -272,7 +270,7 @@ def main(argv=None) -> int:
     print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items())
           + f" (torch.mm {args.mm_size}x{args.mm_size}, median of {args.mm_reps})")
     print(f"width {args.width:g}; median of {args.steps} timed steps after {args.warmup} warm-up; "
-          f"SGD as train.py (engine.build_optimizer) unless 'fused SGD'")
+          f"SGD as train.py (schedule.build_optimizer) unless 'fused SGD'")
     header = (f"{'model':<12}{'variant':<50}{'batch':>6}{'step s':>9}{'img/s':>9}"
               f"{'optim s':>9}{'GFLOP/img':>11}{'floor img/s':>13}{'% of mm':>9}{'peak GiB':>10}")
     print(header)

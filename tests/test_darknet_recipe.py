@@ -162,18 +162,18 @@ def test_steps_schedule_follows_yolov1_cfg_by_hand():
     (train_network_datum counts the images first). Worked out by hand:
     b 1..199: 0.0005; 200..399: 0.00125; 400..599: 0.0025; 600..19999: 0.005;
     20000..29999: 0.0005; from 30000: 0.00005."""
-    import engine
+    import schedule
     import train
 
     args = train.parse_args(["--recipe", "darknet", "--data", "x.csv"])
     want = {0: 5e-4, 198: 5e-4, 199: 1.25e-3, 398: 1.25e-3, 399: 2.5e-3, 599: 5e-3, 19998: 5e-3,
             19999: 5e-4, 29998: 5e-4, 29999: 5e-5, 39999: 5e-5}
     for step, lr in want.items():
-        assert args.lr * engine.lr_factor(step / 250, args, step) == pytest.approx(lr, rel=1e-12), step
+        assert args.lr * schedule.lr_factor(step / 250, args, step) == pytest.approx(lr, rel=1e-12), step
     # the same through the optimiser's per-step scheduler
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=args.lr)
-    sched = engine.build_scheduler(opt, args, steps_per_epoch=250)
+    sched = schedule.build_scheduler(opt, args, steps_per_epoch=250)
     seen = []
     for _ in range(601):
         seen.append(opt.param_groups[0]["lr"])

@@ -7,16 +7,15 @@ a second a test), except the torchrun test of train.py at the end of the file.
 from __future__ import annotations
 
 import argparse
-import math
 import threading
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import distributed
 import engine
+import schedule
 import transforms
 from images import image_size, load_image
 from distributed import Dist, EpochSampler, make_loader, set_epoch
@@ -100,10 +99,10 @@ def test_warmup_reaches_the_full_rate_exactly_at_its_last_epoch():
     expected = {0: 0.1, 1: 0.2125, 2: 0.325, 4: 0.55, 6: 0.775, 7: 0.8875, 8: 1.0, 9: 1.0,
                 23: 1.0, 24: 0.1, 31: 0.1, 32: 0.01}
     for step, factor in expected.items():
-        assert engine.lr_factor(step / steps_per_epoch, args) == pytest.approx(factor, abs=1e-12), step
+        assert schedule.lr_factor(step / steps_per_epoch, args) == pytest.approx(factor, abs=1e-12), step
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    scheduler = engine.build_scheduler(optimizer, args, steps_per_epoch)
+    scheduler = schedule.build_scheduler(optimizer, args, steps_per_epoch)
     rates = []
     for _ in range(33):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -113,8 +112,8 @@ def test_warmup_reaches_the_full_rate_exactly_at_its_last_epoch():
         assert rates[step] == pytest.approx(lr * factor, abs=1e-12), f"rate at step {step}"
     # a fractional warm-up (Darknet's 0.1 epoch) ends at its own step too: 10 steps an epoch
     short = schedule_args(warmup_epochs=0.5, schedule="constant")
-    assert engine.lr_factor(4 / 10, short) == pytest.approx(0.1 + 0.9 * 0.8)
-    assert engine.lr_factor(5 / 10, short) == 1.0
+    assert schedule.lr_factor(4 / 10, short) == pytest.approx(0.1 + 0.9 * 0.8)
+    assert schedule.lr_factor(5 / 10, short) == 1.0
 
 
 # --------------------------------------------------------------------------- 3. photometric jitter
