@@ -109,7 +109,8 @@ def test_bench_detect_quick(tmp_path):
         (v, b) for v in ("eager", "channels_last", "default") for b in (1, 2)}
     assert [r["skipped"] for r in report["rows"] if "skipped" in r] == ["not on cpu"]
     for r in rows:
-        assert r["file_to_boxes"]["fps"] > 0 and r["network"]["fps"] > r["file_to_boxes"]["fps"]
+        # no timing comparison here (a loaded CI machine may invert two medians): both measured
+        assert r["file_to_boxes"]["fps"] > 0 and r["network"]["fps"] > 0
         assert r["network"]["p99_s"] >= r["network"]["median_s"] > 0
         assert 0 < r["fraction_of_matmul"] < math.inf and r["flops_per_image"] > 1e6
         check = r["check"]
