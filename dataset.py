@@ -95,7 +95,7 @@ class DetectionDataset(Dataset):
         # encoded samples (images.EncodedImage, target, factors): JPEG bytes decoded and
         # augmented on the training device (train.py --decode device; encoded_images.py),
         # batched by collate_fn (engine.build_state gives it to the loader).
-        self.collate_fn = None
+        self.encoded = False
         # Which object keeps a cell that several centres share: the first in label-file order,
         # or (True) a random one, as Darknet shuffles the boxes (randomize_boxes) each time
         # fill_truth_region loads an image. train.py's --cell-winner sets it.
@@ -113,12 +113,9 @@ class DetectionDataset(Dataset):
         return to_float_images(image[None], factors[None] if self.augment else None)[0], target
 
     @property
-    def encoded(self) -> bool:
-        return self.collate_fn is collate_encoded
-
-    @encoded.setter
-    def encoded(self, on: bool) -> None:
-        self.collate_fn = collate_encoded if on else None
+    def collate_fn(self):
+        """The loader's collate function for these samples (None: PyTorch's default)."""
+        return collate_encoded if self.encoded else None
 
     def uint8_sample(self, index: int):
         """``(uint8 image at img_size, target, photometric factors)``, decoded and augmented here."""

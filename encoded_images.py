@@ -23,6 +23,8 @@ nvJPEG refuses a truncated file as libjpeg-turbo does has not been checked (no G
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,8 +32,14 @@ from torch.utils.data import Dataset
 from torchvision import io
 from torchvision.transforms.v2 import functional as F
 
-from images import EncodedImage, codecs_quietly, load_image, read_bytes, read_header
+from images import EncodedImage, load_image, read_bytes, read_header
 from transforms import apply_geometry, identity_draw
+
+
+def decode_on_device(choice: str, device: torch.device) -> bool:
+    """``--decode`` (auto, device or host) for a network on ``device``: auto decodes on a
+    GPU, and in the reading processes on the CPU (where they run beside the network)."""
+    return choice == "device" or (choice == "auto" and device.type == "cuda")
 
 
 def device_decodes(path: Path) -> tuple[bool, tuple[int, int]]:
@@ -56,6 +64,15 @@ class EncodedImages(Dataset):
         if plain and self.decode_on_device:
             return EncodedImage(index, path, read_bytes(path), size, decoded=False)
         return EncodedImage(index, path, resized_pixels(path, self.size), size, decoded=True)
+
+
+@contextmanager
+def codecs_quietly():
+    """torchvision 0.29 deprecates its image codecs for TorchCodec, which has no batched
+    nvJPEG decode yet: keep them, without the warning at every call, until it does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 def resized_pixels(path: Path, size: int) -> torch.Tensor:

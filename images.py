@@ -9,8 +9,6 @@ their images (dataset.py).
 """
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,15 +125,6 @@ class EncodedImage:
     size: tuple[int, int]
     decoded: bool
     draw: Draw | None = None
-
-
-@contextmanager
-def codecs_quietly():
-    """torchvision 0.29 deprecates its image codecs for TorchCodec, which has no batched
-    nvJPEG decode yet: keep them, without the warning at every call, until it does."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
 
 
 def read_bytes(path) -> torch.Tensor:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import argtypes
 import inference
 from distributed import Dist, amp_dtype, gather_objects, resolve_device, unwrap
-from encoded_images import EncodedImages, decode_batch
+from encoded_images import EncodedImages, decode_batch, decode_on_device
 from evaluate import evaluate_detections
 from utils import UserError, decode_predictions
 
@@ -117,7 +117,7 @@ def predict_files(runner: inference.Runner, paths, args, keep_outputs: bool = Fa
     read by encoded_images.py: on a GPU the JPEGs are decoded there, a batch per call.
     """
     device = runner.input_device or runner.device
-    on_device = args.decode == "device" or (args.decode == "auto" and device.type == "cuda")
+    on_device = decode_on_device(args.decode, device)
     workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     loader = DataLoader(EncodedImages(paths, runner.input_size, on_device), batch_size=args.batch_size,
                         num_workers=workers, collate_fn=list)

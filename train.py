@@ -28,7 +28,7 @@ import predict
 import resume_policy
 import runs
 from dataset import build_voc_dataset
-from encoded_images import decode_batch
+from encoded_images import decode_batch, decode_on_device
 from loss import DarknetUpdate, YoloLoss
 from darknet_model import to_channels_last
 from model import MODEL_NAMES, build_model, load_backbone
@@ -246,7 +246,7 @@ def build_datasets(args, device: torch.device):
     size = 64 * args.S
     train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
                                   S=args.S, img_size=size, train=not args.no_augment, uint8=True)
-    train_set.encoded = args.decode == "device" or (args.decode == "auto" and device.type == "cuda")
+    train_set.encoded = decode_on_device(args.decode, device)
     train_set.shuffle_boxes = args.cell_winner == "random"
     if train_set.augment is not None:
         train_set.augment.flip = 0.5 if args.flip else 0.0

@@ -49,14 +49,15 @@ def to_float_images(images: torch.Tensor, factors: torch.Tensor | None = None, d
         images = F.to_dtype(images, torch.float32, scale=True)
     if factors is None:
         return images
+    # which images turn their hue, read from the loader's host tensor: asking the device
+    # would wait for it at every training step
+    turned = factors[:, 2].nonzero().flatten().tolist()
     factors = factors.to(images.device, torch.float32, non_blocking=True)
     scale, shift = factors[:, :2, None, None, None].unbind(1)
     value = torch.maximum(torch.maximum(images[:, 0:1], images[:, 1:2]), images[:, 2:3]).mul_(shift)
     images = images.mul_(scale).add_(value)
-    hue = factors[:, 2]
-    turned = (hue != 0).nonzero().flatten().tolist() if factors.shape[1] > 2 else []
     for i in turned:  # one image at a time: the paper recipe draws no hue, Darknet's .1 all
-        images[i] = shift_hue(images[i], hue[i])
+        images[i] = shift_hue(images[i], factors[i, 2])
     return images.clamp_(0.0, 1.0)
 
 
