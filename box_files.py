@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 import voc_results  # numpy only: the VOC server's comp4_det_test_<class>.txt files
+from box_tables import MAX_COORDINATE
 from errors import UserError, finite_number
 from voc_xml import read_annotation, to_continuous
 
@@ -61,7 +62,25 @@ def read_det_dir(directory):
     """
     if voc_results.is_results_dir(directory):
         return voc_results.read_results_dir(directory)
-    return _read_txt_dir(directory, _list_files(directory, ".txt"), is_gt=False)
+    names = _list_files(directory, ".txt")
+    if not names:  # a detector that found nothing writes empty files; no file at all is a wrong folder
+        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        raise UserError(f"{directory}: no detection files (<image>.txt or comp4_det_test_<class>.txt)"
+                        + (f"; its folders: {', '.join(folders[:3])}{' ...' if len(folders) > 3 else ''}"
+                           if folders else ""))
+    return _read_txt_dir(directory, names, is_gt=False)
+
+
+def read_pair(gt_dir, det_dirs):
+    """Ground truth and the detections of each folder of ``det_dirs``, with every check of
+    a pair (:func:`check_pair`): what evaluate.py and analyze.py read. Raises UserError."""
+    gts = read_gt_dir(gt_dir)
+    if len(gts["cls"]) == 0:
+        raise UserError(f"{gt_dir}: no ground-truth boxes found (*.txt or *.xml)")
+    dets = [read_det_dir(det_dir) for det_dir in det_dirs]
+    for det, det_dir in zip(dets, det_dirs):
+        check_pair(gts, det, gt_dir, det_dir)
+    return gts, dets
 
 
 def check_pair(gts, dets, gt_dir, det_dir):
@@ -165,10 +184,12 @@ def _list_files(directory, *extensions):
     (``a.TXT`` is the box file of image ``a``); two files of one image (``a.txt`` and
     ``a.TXT``) are refused."""
     if not os.path.isdir(directory):
-        raise UserError(f"{directory}: no such directory")
+        raise UserError(f"{directory}: {'not a folder' if os.path.exists(directory) else 'no such directory'}")
     with os.scandir(directory) as entries:
-        names = sorted(e.name for e in entries
-                       if e.name.lower().endswith(extensions) and not e.name.startswith(".") and e.is_file())
+        # a link to a missing file is listed (reading it says so): skipped, it silently took
+        # an image's boxes out of the metric
+        names = sorted(e.name for e in entries if e.name.lower().endswith(extensions) and not e.name.startswith(".")
+                       and (e.is_file() or e.is_symlink() and not e.is_dir()))
     seen = {}
     for name in names:
         first = seen.setdefault(name.lower(), name)
@@ -196,8 +217,10 @@ def _read_txt_dir(directory, names, is_gt):
             raise UserError(f"{path}: cannot read ({exc.strerror})") from None
         data = data.removeprefix(BOM)  # a UTF-8 byte-order mark made the first class '\ufeffdog'
         image = image_name(name)
-        for lineno, line in enumerate(data.split(b"\n"), start=1):
-            tokens = line.split()  # bytes: ASCII whitespace only, so "\r\n" ends are fine
+        # "\n", "\r\n" and a lone "\r" (classic Mac OS) end a line, as in Python's text mode
+        # and so in Padilla's reader; bytes.split: ASCII whitespace only
+        for lineno, line in enumerate(data.splitlines(), start=1):
+            tokens = line.split()
             if tokens:
                 rows.append(_parse_line(tokens, is_gt, path, lineno))
                 images.append(image)
@@ -221,7 +244,8 @@ def _parse_line(tokens, is_gt, path, lineno):
             values = None
         # NaN and infinities make the sum non-finite (so may finite numbers near the float
         # limit: then the careful path accepts them)
-        if values and math.isfinite(sum(values)) and values[-2] >= values[-4] and values[-1] >= values[-3]:
+        if (values and math.isfinite(sum(values)) and values[-2] >= values[-4] and values[-1] >= values[-3]
+                and -MAX_COORDINATE <= min(values[-4:-2]) and max(values[-2:]) <= MAX_COORDINATE):
             if not is_gt:
                 return (label, *values)
             return (label, len(tokens) == 6 and tokens[5] != b"0", *values)
@@ -241,6 +265,10 @@ def _checked_line(tokens, is_gt, where):
         raise UserError(f"{where}: class name is not valid UTF-8") from None
     values = [finite_number(t, f, where) for t, f in zip(tokens[1:], GT_FIELDS if is_gt else DET_FIELDS)]
     x1, y1, x2, y2 = values[-4:]
+    for value, name in zip(values[-4:], GT_FIELDS[-4:]):
+        if abs(value) > MAX_COORDINATE:
+            raise UserError(f"{where}: {name} {value:g} is not a pixel coordinate (beyond "
+                            f"+-{MAX_COORDINATE:.4g}, where box areas and IoU stop being numbers)")
     if x2 < x1:
         raise UserError(f"{where}: right ({x2:g}) is smaller than left ({x1:g})")
     if y2 < y1:
