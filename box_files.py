@@ -32,6 +32,7 @@ GT_LINE = "class left top right bottom"
 DET_LINE = "class confidence left top right bottom"
 DIFFICULT_WORDS = (b"0", b"1", b"difficult")
 BOM = b"\xef\xbb\xbf"
+RELATIVE_RANGE = (-0.5, 1.5)  # coordinates relative to the image (0-1), rounding and unclipped boxes included
 GT_FIELDS, DET_FIELDS = GT_LINE.split()[1:], DET_LINE.split()[1:]
 
 
@@ -86,21 +87,23 @@ def read_pair(gt_dir, det_dirs):
 def check_pair(gts, dets, gt_dir, det_dir):
     """Refuse a ground-truth / detection pair that would score 0 (or a wrong number) silently.
 
-    * Relative coordinates: when every ground-truth coordinate lies in [0, 1] the files hold
-      YOLO-style relative boxes, not pixels (a real pixel box that small is at most 2 pixels
+    * Relative coordinates: when every ground-truth coordinate lies in [-0.5, 1.5] the files
+      hold YOLO-style relative boxes, not pixels (a real pixel box there is at most 3 pixels
       wide), and the "+1" pixel IoU counts a box with true IoU 0.14 as a hit. The same holds
-      for detections in [0, 1] against ground truth in pixels.
+      for detections against ground truth in pixels. The margin takes in rounding and boxes
+      not clipped to the image (1.0000001, -0.02: with [0, 1] exactly they scored 0 silently).
     * No file name in common: nothing can match (``a.jpg.txt`` against ``a.txt`` says so).
     Detection files without a ground-truth file are allowed (Padilla's toolkit counts their
     boxes as false positives) but named in one warning.
     """
     gt_boxes, det_boxes = gts["boxes"], dets["boxes"]
-    if gt_boxes.size and gt_boxes.min() >= 0 and gt_boxes.max() <= 1:
-        raise UserError(f"{gt_dir}: every ground-truth coordinate is between 0 and 1; evaluate.py needs "
-                        "absolute pixels (left top right bottom), not coordinates relative to the image")
-    if det_boxes.size and det_boxes.min() >= 0 and det_boxes.max() <= 1:
-        raise UserError(f"{det_dir}: every detection coordinate is between 0 and 1 while the ground truth "
-                        "is in pixels; evaluate.py needs absolute pixels, not relative coordinates")
+    low, high = RELATIVE_RANGE
+    if gt_boxes.size and gt_boxes.min() >= low and gt_boxes.max() <= high:
+        raise UserError(f"{gt_dir}: every ground-truth coordinate is between 0 and 1 (give or take 0.5); evaluate.py "
+                        "needs absolute pixels (left top right bottom), not coordinates relative to the image")
+    if det_boxes.size and det_boxes.min() >= low and det_boxes.max() <= high:
+        raise UserError(f"{det_dir}: every detection coordinate is between 0 and 1 (give or take 0.5) while the "
+                        "ground truth is in pixels; evaluate.py needs absolute pixels, not relative coordinates")
     gt_files = {image_name(name) for kind in _list_files(gt_dir, ".xml", ".txt") for name in kind}
     det_files = (set(map(str, dets["image"])) if voc_results.is_results_dir(det_dir)
                  else {image_name(name) for name in _list_files(det_dir, ".txt")})

@@ -259,3 +259,25 @@ def test_fuzzed_lines_and_line_ends_read_as_an_independent_reading_or_fail_in_on
         table["cls"].tolist(), table["difficult" if is_gt else "score"].tolist(), table["boxes"].tolist())]
     assert [g[:1] + g[-4:] if is_gt else g for g in got] == expected
     assert np.isfinite(ev.box_iou(table["boxes"], table["boxes"])).all()
+
+
+@pytest.mark.parametrize("gt_text, det_text", [
+    ("dog 0.1 0.1 1.0000001 0.5\n", "dog 0.9 0.1 0.1 1.0000001 0.5\n"),    # rounding past 1
+    ("dog 10 10 50 50\n", "dog 0.9 -0.02 0.1 0.4 1.03\n"),                   # unclipped, relative
+])
+def test_relative_coordinates_just_outside_0_1_are_still_refused(tmp_path, capsys, gt_text, det_text):
+    """Bug: the relative-coordinate check wanted every value in [0, 1] exactly: a converted
+    label rounded to 1.0000001, or a detector's unclipped box at -0.02, slipped past it and
+    the files scored as pixels (mAP 0 or a wrong 1 with exit 0)."""
+    gt = folder(tmp_path / "gt", {"a.txt": gt_text})
+    det = folder(tmp_path / "det", {"a.txt": det_text})
+    status, _, err = run(ev.main, capsys, "--gt", gt, "--det", det)
+    assert status == 2 and "between 0 and 1" in one_error_line(err)
+
+
+def test_test_py_refuses_a_json_folder_before_running_the_network(tmp_path, capsys):
+    """Bug: test.py --json DIR ran the whole evaluation, printed it, then failed to write."""
+    import test as test_script
+
+    with pytest.raises(UserError, match=f"--json {tmp_path}: is a folder"):
+        test_script.main(["no_such_checkpoint.pt", "--json", str(tmp_path)])
