@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 import argtypes
-from box_files import read_det_dir, read_gt_dir
+from box_files import read_pair
 from errors import UserError
 from evaluate import box_iou
 
@@ -281,9 +281,7 @@ def read_inputs(args) -> tuple[dict, list[dict], list[str]]:
     labels = args.labels or det_dirs
     if len(labels) != len(det_dirs):
         raise UserError(f"--labels: {len(labels)} names for {len(det_dirs)} detector(s)")
-    gts, dets = read_gt_dir(args.gt), [read_det_dir(d) for d in det_dirs]
-    if len(gts["cls"]) == 0:
-        raise UserError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
+    gts, dets = read_pair(args.gt, det_dirs)  # evaluate.py's checks: relative boxes, no common name
     return gts, dets, labels
 
 

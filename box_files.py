@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 import voc_results  # numpy only: the VOC server's comp4_det_test_<class>.txt files
+from box_tables import MAX_COORDINATE
 from errors import UserError, finite_number
 from voc_xml import read_annotation, to_continuous
 
@@ -31,6 +32,7 @@ GT_LINE = "class left top right bottom"
 DET_LINE = "class confidence left top right bottom"
 DIFFICULT_WORDS = (b"0", b"1", b"difficult")
 BOM = b"\xef\xbb\xbf"
+RELATIVE_RANGE = (-0.5, 1.5)  # coordinates relative to the image (0-1), rounding and unclipped boxes included
 GT_FIELDS, DET_FIELDS = GT_LINE.split()[1:], DET_LINE.split()[1:]
 
 
@@ -61,27 +63,47 @@ def read_det_dir(directory):
     """
     if voc_results.is_results_dir(directory):
         return voc_results.read_results_dir(directory)
-    return _read_txt_dir(directory, _list_files(directory, ".txt"), is_gt=False)
+    names = _list_files(directory, ".txt")
+    if not names:  # a detector that found nothing writes empty files; no file at all is a wrong folder
+        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        raise UserError(f"{directory}: no detection files (<image>.txt or comp4_det_test_<class>.txt)"
+                        + (f"; its folders: {', '.join(folders[:3])}{' ...' if len(folders) > 3 else ''}"
+                           if folders else ""))
+    return _read_txt_dir(directory, names, is_gt=False)
+
+
+def read_pair(gt_dir, det_dirs):
+    """Ground truth and the detections of each folder of ``det_dirs``, with every check of
+    a pair (:func:`check_pair`): what evaluate.py and analyze.py read. Raises UserError."""
+    gts = read_gt_dir(gt_dir)
+    if len(gts["cls"]) == 0:
+        raise UserError(f"{gt_dir}: no ground-truth boxes found (*.txt or *.xml)")
+    dets = [read_det_dir(det_dir) for det_dir in det_dirs]
+    for det, det_dir in zip(dets, det_dirs):
+        check_pair(gts, det, gt_dir, det_dir)
+    return gts, dets
 
 
 def check_pair(gts, dets, gt_dir, det_dir):
     """Refuse a ground-truth / detection pair that would score 0 (or a wrong number) silently.
 
-    * Relative coordinates: when every ground-truth coordinate lies in [0, 1] the files hold
-      YOLO-style relative boxes, not pixels (a real pixel box that small is at most 2 pixels
+    * Relative coordinates: when every ground-truth coordinate lies in [-0.5, 1.5] the files
+      hold YOLO-style relative boxes, not pixels (a real pixel box there is at most 3 pixels
       wide), and the "+1" pixel IoU counts a box with true IoU 0.14 as a hit. The same holds
-      for detections in [0, 1] against ground truth in pixels.
+      for detections against ground truth in pixels. The margin takes in rounding and boxes
+      not clipped to the image (1.0000001, -0.02: with [0, 1] exactly they scored 0 silently).
     * No file name in common: nothing can match (``a.jpg.txt`` against ``a.txt`` says so).
     Detection files without a ground-truth file are allowed (Padilla's toolkit counts their
     boxes as false positives) but named in one warning.
     """
     gt_boxes, det_boxes = gts["boxes"], dets["boxes"]
-    if gt_boxes.size and gt_boxes.min() >= 0 and gt_boxes.max() <= 1:
-        raise UserError(f"{gt_dir}: every ground-truth coordinate is between 0 and 1; evaluate.py needs "
-                        "absolute pixels (left top right bottom), not coordinates relative to the image")
-    if det_boxes.size and det_boxes.min() >= 0 and det_boxes.max() <= 1:
-        raise UserError(f"{det_dir}: every detection coordinate is between 0 and 1 while the ground truth "
-                        "is in pixels; evaluate.py needs absolute pixels, not relative coordinates")
+    low, high = RELATIVE_RANGE
+    if gt_boxes.size and gt_boxes.min() >= low and gt_boxes.max() <= high:
+        raise UserError(f"{gt_dir}: every ground-truth coordinate is between 0 and 1 (give or take 0.5); evaluate.py "
+                        "needs absolute pixels (left top right bottom), not coordinates relative to the image")
+    if det_boxes.size and det_boxes.min() >= low and det_boxes.max() <= high:
+        raise UserError(f"{det_dir}: every detection coordinate is between 0 and 1 (give or take 0.5) while the "
+                        "ground truth is in pixels; evaluate.py needs absolute pixels, not relative coordinates")
     gt_files = {image_name(name) for kind in _list_files(gt_dir, ".xml", ".txt") for name in kind}
     det_files = (set(map(str, dets["image"])) if voc_results.is_results_dir(det_dir)
                  else {image_name(name) for name in _list_files(det_dir, ".txt")})
@@ -165,10 +187,12 @@ def _list_files(directory, *extensions):
     (``a.TXT`` is the box file of image ``a``); two files of one image (``a.txt`` and
     ``a.TXT``) are refused."""
     if not os.path.isdir(directory):
-        raise UserError(f"{directory}: no such directory")
+        raise UserError(f"{directory}: {'not a folder' if os.path.exists(directory) else 'no such directory'}")
     with os.scandir(directory) as entries:
-        names = sorted(e.name for e in entries
-                       if e.name.lower().endswith(extensions) and not e.name.startswith(".") and e.is_file())
+        # a link to a missing file is listed (reading it says so): skipped, it silently took
+        # an image's boxes out of the metric
+        names = sorted(e.name for e in entries if e.name.lower().endswith(extensions) and not e.name.startswith(".")
+                       and (e.is_file() or e.is_symlink() and not e.is_dir()))
     seen = {}
     for name in names:
         first = seen.setdefault(name.lower(), name)
@@ -196,8 +220,10 @@ def _read_txt_dir(directory, names, is_gt):
             raise UserError(f"{path}: cannot read ({exc.strerror})") from None
         data = data.removeprefix(BOM)  # a UTF-8 byte-order mark made the first class '\ufeffdog'
         image = image_name(name)
-        for lineno, line in enumerate(data.split(b"\n"), start=1):
-            tokens = line.split()  # bytes: ASCII whitespace only, so "\r\n" ends are fine
+        # "\n", "\r\n" and a lone "\r" (classic Mac OS) end a line, as in Python's text mode
+        # and so in Padilla's reader; bytes.split: ASCII whitespace only
+        for lineno, line in enumerate(data.splitlines(), start=1):
+            tokens = line.split()
             if tokens:
                 rows.append(_parse_line(tokens, is_gt, path, lineno))
                 images.append(image)
@@ -221,7 +247,8 @@ def _parse_line(tokens, is_gt, path, lineno):
             values = None
         # NaN and infinities make the sum non-finite (so may finite numbers near the float
         # limit: then the careful path accepts them)
-        if values and math.isfinite(sum(values)) and values[-2] >= values[-4] and values[-1] >= values[-3]:
+        if (values and math.isfinite(sum(values)) and values[-2] >= values[-4] and values[-1] >= values[-3]
+                and -MAX_COORDINATE <= min(values[-4:-2]) and max(values[-2:]) <= MAX_COORDINATE):
             if not is_gt:
                 return (label, *values)
             return (label, len(tokens) == 6 and tokens[5] != b"0", *values)
@@ -241,6 +268,10 @@ def _checked_line(tokens, is_gt, where):
         raise UserError(f"{where}: class name is not valid UTF-8") from None
     values = [finite_number(t, f, where) for t, f in zip(tokens[1:], GT_FIELDS if is_gt else DET_FIELDS)]
     x1, y1, x2, y2 = values[-4:]
+    for value, name in zip(values[-4:], GT_FIELDS[-4:]):
+        if abs(value) > MAX_COORDINATE:
+            raise UserError(f"{where}: {name} {value:g} is not a pixel coordinate (beyond "
+                            f"+-{MAX_COORDINATE:.4g}, where box areas and IoU stop being numbers)")
     if x2 < x1:
         raise UserError(f"{where}: right ({x2:g}) is smaller than left ({x1:g})")
     if y2 < y1:

@@ -40,15 +40,19 @@ boxes on those edges (in the devkit boxes less than a pixel apart still
 overlap, and py-faster-rcnn's ``voc_eval.py`` uses ``>``).
 
 Command line: ``python evaluate.py --gt GT_DIR --det DET_DIR`` (see --help);
-box_files.py reads the folders and writes the report.  This module imports
+box_files.py reads the folders and writes the report; box_tables.py validates
+the tables of boxes in memory and numbers their labels.  This module imports
 only numpy and the standard library, so it starts fast.
 """
 
+import os
 import sys
 
 import numpy as np
 
-from box_files import DET_LINE, GT_LINE, check_pair, format_report, read_det_dir, read_gt_dir, write_json
+from box_files import (DET_LINE, GT_LINE, format_report, read_det_dir, read_gt_dir,  # noqa: F401 (API)
+                       read_pair, write_json)
+from box_tables import as_table, factorize, select
 from errors import UserError, one_line
 
 INTERPOLATIONS = ("all", "11")
@@ -116,119 +120,6 @@ def average_precision(recall, precision, interp="all"):
         points = np.where(reached, envelope[np.minimum(first, recall.size - 1)], 0.0)
         return _sequential_sum(points[::-1]) / 11  # Padilla sums from r=1 down to r=0
     raise ValueError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}")
-
-
-# --------------------------------------------------------------------------
-# In-memory tables of boxes
-# --------------------------------------------------------------------------
-
-def _from_records(records, is_gt):
-    """Turn records (tuples) into a table: GT ``(image, cls, x1, y1, x2, y2[, difficult])``,
-    detections ``(image, cls, score, x1, y1, x2, y2)``."""
-    rows = [tuple(r) for r in records]
-    sizes = (6, 7) if is_gt else (7,)
-    if any(len(r) not in sizes for r in rows):
-        raise ValueError("records must be (image, cls, x1, y1, x2, y2[, difficult]) for ground "
-                         "truth and (image, cls, score, x1, y1, x2, y2) for detections")
-    if is_gt:
-        rows = [r if len(r) == 7 else r + (False,) for r in rows]
-    columns = list(zip(*rows)) or [()] * 7
-    table = {"image": np.array(columns[0]), "cls": np.array(columns[1]),
-             "boxes": np.array(columns[2:6] if is_gt else columns[3:7], dtype=np.float64).T}
-    if is_gt:
-        table["difficult"] = np.array(columns[6], dtype=bool)
-    else:
-        table["score"] = np.array(columns[2], dtype=np.float64)
-    return table
-
-
-def _as_table(data, is_gt):
-    """Validate a GT or detection table (dict of arrays, or records) into arrays."""
-    if not hasattr(data, "keys"):
-        data = _from_records(data, is_gt)
-    n = len(data["cls"])
-    table = {"image": np.asarray(data["image"]), "cls": np.asarray(data["cls"]),
-             "boxes": np.asarray(data["boxes"], dtype=np.float64).reshape(-1, 4)}
-    if is_gt:
-        flags = data.get("difficult")
-        table["difficult"] = np.zeros(n, bool) if flags is None else np.asarray(flags, bool)
-    else:
-        table["score"] = np.asarray(data["score"], dtype=np.float64)
-    kind = "ground truth" if is_gt else "detections"
-    if any(column.shape[:1] != (n,) for column in table.values()):
-        raise ValueError(f"{kind}: every column must have one row per box ({n})")
-    boxes = table["boxes"]
-    bad = ~np.isfinite(boxes).all(1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if not is_gt:
-        bad |= ~np.isfinite(table["score"])
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"{kind} row {i}: box {boxes[i].tolist()} needs finite values with "
-                         "x2 >= x1 and y2 >= y1 (and a finite score)")
-    return table
-
-
-def _select(table, mask):
-    return {key: column[mask] for key, column in table.items()}
-
-
-def _factorize(gt_values, det_values, in_runs=False):
-    """Sorted unique labels over both tables and each row's index into them.
-
-    ``in_runs``: the values mostly come in runs of equal values (image ids: one
-    run per file or per image), which ``_unique_inverse`` can exploit.
-    """
-    parts = [v for v in (gt_values, det_values) if len(v)]
-    if not parts:
-        return np.array([]), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if len({v.dtype.kind in "SU" for v in parts}) > 1:  # numpy would turn 1 into "1"
-        raise ValueError("ground truth and detections must both use strings, or both "
-                         "numbers, for image ids and for class labels")
-    labels, codes = _unique_inverse(np.concatenate(parts), in_runs)
-    n_gt = len(gt_values)
-    return labels, codes[:n_gt], codes[len(codes) - len(det_values):]
-
-
-def _unique_inverse(values, in_runs):
-    """``np.unique(values, return_inverse=True)``, faster for the columns seen here.
-
-    np.unique sorts all the values.  For an object array (class names from
-    ``engine.detection_table``) each comparison is a Python call: a dict over the
-    few distinct values is about 7x faster and gives the same sorted labels.  For
-    values in runs only the first value of each run needs sorting.  Strings with
-    few distinct values (class names read from files): ``_few_unique_inverse``.
-    """
-    if values.dtype == object:
-        items = values.tolist()
-        labels = sorted(set(items))
-        index = {label: i for i, label in enumerate(labels)}
-        codes = np.fromiter(map(index.__getitem__, items), dtype=np.int64, count=len(items))
-        return np.array(labels, dtype=object), codes
-    if not in_runs:
-        return _few_unique_inverse(values) if values.dtype.kind == "U" else np.unique(
-            values, return_inverse=True)
-    starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
-    labels, run_codes = np.unique(values[starts], return_inverse=True)
-    return labels, np.repeat(run_codes, np.diff(np.append(starts, len(values))))
-
-
-def _few_unique_inverse(values):
-    """``np.unique(values, return_inverse=True)`` for values with few distinct ones.
-
-    The distinct values of a sample are sorted, every value is looked up among
-    them by binary search (a few string comparisons each instead of a full
-    sort: ~3x faster for 20 class names), and only the values the sample missed
-    are added.  Many distinct values: plain np.unique.
-    """
-    sample = np.unique(values[::max(1, len(values) // 512)])
-    if 4 * len(sample) > min(len(values), 512):
-        return np.unique(values, return_inverse=True)
-    codes = np.searchsorted(sample, values)
-    missed = sample[np.minimum(codes, len(sample) - 1)] != values
-    if not missed.any():
-        return sample, codes
-    labels = np.union1d(sample, values[missed])
-    return labels, np.searchsorted(labels, values)
 
 
 # --------------------------------------------------------------------------
@@ -318,8 +209,8 @@ def _rank_and_match(gt, det, iou_threshold):
     where ``order`` ranks the detections: by class, then score descending,
     ties in input order.
     """
-    classes, gt_class, det_class = _factorize(gt["cls"], det["cls"])
-    images, gt_image, det_image = _factorize(gt["image"], det["image"], in_runs=True)
+    classes, gt_class, det_class = factorize(gt["cls"], det["cls"])
+    images, gt_image, det_image = factorize(gt["image"], det["image"], in_runs=True)
     gt_group = gt_class * len(images) + gt_image
     det_group = det_class * len(images) + det_image
     gt_order = np.argsort(gt_group, kind="stable")
@@ -381,9 +272,9 @@ def match_detections(gts, dets, iou_threshold=0.5, difficult="ignore"):
     ``"npos"`` and ``"has_gt"``; and the options.
     """
     _check_options(iou_threshold, difficult=difficult)
-    gt, det = _as_table(gts, is_gt=True), _as_table(dets, is_gt=False)
+    gt, det = as_table(gts, is_gt=True), as_table(dets, is_gt=False)
     if difficult == "drop":
-        gt = _select(gt, ~gt["difficult"])
+        gt = select(gt, ~gt["difficult"])
     elif difficult == "count":
         gt["difficult"] = np.zeros(len(gt["cls"]), dtype=bool)
     classes, gt_class, order, ranked_class, tp, ignored = _rank_and_match(gt, det, iou_threshold)
@@ -489,35 +380,44 @@ def _parse_args(argv):
 
 
 def main(argv=None):
-    """Command-line entry point; returns the exit status (2 on bad input)."""
+    """Command-line entry point; returns the exit status (2 and one line on bad input)."""
     args = _parse_args(argv)
     try:
-        gts = read_gt_dir(args.gt)
-        dets = read_det_dir(args.det)
-        if len(gts["cls"]) == 0:
-            raise UserError(f"{args.gt}: no ground-truth boxes found (*.txt or *.xml)")
-        check_pair(gts, dets, args.gt, args.det)
+        _check_outputs(args)
+        (gts, (dets,)) = read_pair(args.gt, [args.det])
         result = evaluate_detections(gts, dets, args.iou, args.interp, args.difficult,
                                      return_curves=bool(args.plots))
+        print(format_report(result))
+        _write_outputs(args, result)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(format_report(result))
+    return 0
+
+
+def _check_outputs(args):
+    """Refuse a --json path that cannot be written before the evaluation, not after it."""
+    if args.json:
+        parent = os.path.dirname(args.json) or "."
+        if os.path.isdir(args.json) or not os.path.isdir(parent):
+            raise UserError(f"--json {args.json}: " + ("is a folder" if os.path.isdir(args.json)
+                                                        else f"{parent} is not a folder"))
+
+
+def _write_outputs(args, result):
+    """--json and --plots; UserError when they cannot be written."""
     if args.json:
         try:
             write_json(args.json, result)
         except OSError as exc:
-            print(f"error: cannot write {args.json} ({exc.strerror})", file=sys.stderr)
-            return 2
+            raise UserError(f"--json {args.json}: cannot write it ({exc.strerror})") from None
     if args.plots:
         import plots  # only here: without --plots this module needs numpy alone
         try:
             for path in plots.plot_pr_curves(result, args.plots):
                 print(f"wrote {path}")
         except OSError as exc:
-            print(f"error: cannot write the plots into {args.plots} ({exc.strerror})", file=sys.stderr)
-            return 2
-    return 0
+            raise UserError(f"--plots {args.plots}: cannot write the plots ({exc.strerror})") from None
 
 
 if __name__ == "__main__":

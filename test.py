@@ -68,6 +68,8 @@ def main(argv=None):
     predict.check_inference_args(args)
     if args.json and not Path(args.json).parent.is_dir():  # before the evaluation, not after it
         raise UserError(f"--json {args.json}: {Path(args.json).parent} is not a folder")
+    if args.json and Path(args.json).is_dir():
+        raise UserError(f"--json {args.json}: is a folder")
     results = evaluate_checkpoint(args)
     print(f"{results['images']} images from {args.data} ({results['backend']})")
     print(f"{ORIGINAL_METRIC}: {results['fixed']['mAP']:.4f}")

@@ -108,7 +108,8 @@ def split_predictions(pred: torch.Tensor, S: int, B: int, C: int):
 
 def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
                        conf_threshold: float = 0.01, nms_iou: float = 0.5,
-                       max_det: int | None = None, *, all_classes: bool = True) -> list[torch.Tensor]:
+                       max_det: int | None = None, *, all_classes: bool = True,
+                       check_finite: bool = True) -> list[torch.Tensor]:
     """Network output -> detections per image, each ``(M, 6)``: ``class, score, x1, y1, x2, y2``.
 
     Boxes are image-relative and clipped to the image. Following the paper's test-time
@@ -122,10 +123,14 @@ def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
     clipped before NMS (Darknet clips them after, when it writes them).
     Non-maximum suppression runs per image and per class (:func:`nms_per_image`,
     torchvision's ``batched_nms``); each image's boxes come sorted by score, ties in input order. At most
-    ``max_det`` (>= 0) boxes per image are kept, the best ones.
+    ``max_det`` (>= 0) boxes per image are kept, the best ones. Outputs holding NaN or
+    infinity are refused (:func:`check_finite_outputs`) unless ``check_finite=False``
+    (validation during training: one DDP rank raising alone would leave the others waiting).
     """
     if max_det is not None and max_det < 0:
         raise ValueError(f"max_det must be >= 0 or None, got {max_det}")
+    if check_finite:
+        check_finite_outputs(pred)
     cls_scores, box_pred = split_predictions(pred.detach().float(), S, B, C)
     N, M = cls_scores.shape[0], S * S * B * C                              # (box, class) pairs
     cls_prob = cls_scores.clamp(0, 1)                                       # (N,S,S,C)
@@ -142,6 +147,20 @@ def decode_predictions(pred: torch.Tensor, S: int = 7, B: int = 2, C: int = 20,
     box = boxes.index_select(0, torch.div(candidate, C, rounding_mode="floor"))
     return nms_per_image(box, score.index_select(0, candidate), candidate % C, image, N,
                          nms_iou, max_det)
+
+
+def check_finite_outputs(pred: torch.Tensor) -> None:
+    """Refuse network outputs holding NaN or infinity (UserError naming the first image).
+
+    Weights are checked finite when loaded, but outputs can still overflow (``--half``, a
+    diverged model): an infinite size decoded into a box with NaN corners (inf - inf) and a
+    NaN score fails every ``score > threshold`` test, so such images silently had no boxes
+    (mAP 0) or boxes that no metric can score."""
+    finite = torch.isfinite(pred.detach().flatten(1)).all(1)
+    if not bool(finite.all()):
+        image = int((~finite).nonzero()[0])
+        raise UserError(f"network outputs for image {image} of the batch are not finite (NaN or "
+                        "infinity: an overflow, e.g. with --half, or a diverged model)")
 
 
 def nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image: torch.Tensor,

@@ -39,6 +39,7 @@ from decimal import Decimal
 
 import numpy as np
 
+from box_tables import MAX_COORDINATE
 from errors import UserError, finite_number
 
 # VOCopts.detrespath: '<competition>_det_<image set>_<class>.txt'; the competition id may carry
@@ -142,6 +143,10 @@ def _parse_line(fields: list[str], where: str) -> tuple[float, ...]:
         raise UserError(f"{where}: expected 6 values '{RESULTS_LINE}', got {len(fields)}")
     values = [finite_number(field, name, where) for field, name in zip(fields[1:], RESULTS_LINE.split()[1:])]
     score, left, top, right, bottom = values
+    for value, name in zip(values[1:], RESULTS_LINE.split()[2:]):
+        if abs(value) > MAX_COORDINATE:
+            raise UserError(f"{where}: {name} {value:g} is not a pixel coordinate (beyond "
+                            f"+-{MAX_COORDINATE:.4g}, where box areas and IoU stop being numbers)")
     # Back to continuous extents: the devkit's first pixel 1 is the extent's start 0.
     x1, y1 = (max(minus_one(text, value), 0.0) for text, value in ((fields[2], left), (fields[3], top)))
     if right < x1 or bottom < y1:
@@ -168,14 +173,14 @@ def read_results_file(path: str) -> tuple[list[str], list[tuple[float, ...]]]:
             data = f.read()
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first image id
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text") from None
     ids, rows = [], []
-    for number, line in enumerate(text.split("\n"), 1):
-        fields = line.split()
+    # "\n", "\r\n" or a lone "\r" end a line (bytes.splitlines; str.splitlines would also
+    # split at form feeds and Unicode separators); a byte-order mark is not part of an id
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
+        try:
+            fields = raw.decode("utf-8").split()
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{number}: not UTF-8 text") from None
         if fields:
             rows.append(_parse_line(fields, f"{path}:{number}"))
             ids.append(fields[0])

@@ -68,10 +68,10 @@ def test_two_files_of_one_image_are_refused(tmp_path, capsys):
 def test_relative_coordinates_are_refused(tmp_path, capsys):
     """Relative 0-1 coordinates with the +1 pixel IoU counted a box of true IoU 0.14 as a hit."""
     line = error(capsys, tmp_path, {"a.txt": "dog 0.1 0.1 0.3 0.3\n"}, {"a.txt": "dog 0.9 0.2 0.2 0.5 0.5\n"})
-    assert line == (f"error: {tmp_path / 'gt'}: every ground-truth coordinate is between 0 and 1; evaluate.py "
+    assert line == (f"error: {tmp_path / 'gt'}: every ground-truth coordinate is between 0 and 1 (give or take 0.5); evaluate.py "
                     "needs absolute pixels (left top right bottom), not coordinates relative to the image")
     line = error(capsys, tmp_path / "2", {"a.txt": "dog 10 10 30 30\n"}, {"a.txt": "dog 0.9 0.1 0.1 0.3 0.3\n"})
-    assert "every detection coordinate is between 0 and 1 while the ground truth is in pixels" in line
+    assert "every detection coordinate is between 0 and 1 (give or take 0.5) while the ground truth is in pixels" in line
 
 
 @pytest.mark.parametrize("det_names, hint", [
