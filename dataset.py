@@ -241,6 +241,8 @@ def parse_split(split: str) -> list[tuple[str, str]]:
     for part, pair in zip(parts, pairs):
         if len(pair) != 2 or not pair[0].isdigit() or not pair[1]:
             raise UserError(f"split {split!r}: {part!r} is not YEAR/SET (e.g. 2007/trainval+2012/trainval)")
+    if len(set(pairs)) < len(pairs):  # every image of that set twice: refuse_repeated_ids
+        raise UserError(f"split {split!r} names a set twice")
     return pairs
 
 
@@ -249,6 +251,11 @@ def voc_year_dir(root: Path, year: str) -> Path:
     for candidate in (root / f"VOC{year}", root):
         if candidate.name == f"VOC{year}" and (candidate / "Annotations").is_dir():
             return candidate
+    years = devkit_years(root) if root.is_dir() else []
+    if years:  # a VOCdevkit without this year (train.py's default --split names 2007 and 2012)
+        raise UserError(f"{root}: no VOC{year}/Annotations folder; this VOCdevkit has "
+                        f"{', '.join(f'VOC{y}' for y in years)}: choose --split (or --sets) from those, "
+                        f"e.g. {years[0]}/trainval")
     raise UserError(f"{root}: no VOC{year}/Annotations folder (expected a VOCdevkit folder)")
 
 
@@ -337,6 +344,20 @@ def read_devkit_split(root: Path, year: str, image_set: str, class_names) -> lis
     return items
 
 
+def refuse_repeated_ids(seen: dict, items, split: str) -> None:
+    """Record the ids of one year/set's ``items`` (:func:`read_devkit_split`) in ``seen``
+    (id -> the split that listed it first); an image that two sets list is an error.
+
+    ``2007/train+2007/trainval`` trained every train image twice, and voc_convert.py
+    ``--sets 2007/trainval 2007/val`` wrote the val images into train.csv twice, without a
+    word; a test image in a training set would be evaluated on after being learned."""
+    for image_id, image_path, _ in items:
+        first = seen.setdefault(image_id, split)
+        if first != split:
+            raise UserError(f"{image_path}: image {image_id} is listed by both {first} and {split}: "
+                            "choose sets that do not overlap (trainval = train + val)")
+
+
 class VOCDevkitDataset(DetectionDataset):
     """A ``VOCdevkit`` tree read directly: ``split`` like ``"2007/trainval+2012/trainval"``.
 
@@ -349,9 +370,11 @@ class VOCDevkitDataset(DetectionDataset):
                  img_size: int = 448, train: bool = False):
         root = Path(root)
         class_names = load_class_names(class_names)
-        records = []
+        records, seen = [], {}
         for year, image_set in parse_split(split):
-            for _, image_path, ann in read_devkit_split(root, year, image_set, class_names):
+            items = read_devkit_split(root, year, image_set, class_names)
+            refuse_repeated_ids(seen, items, f"{year}/{image_set}")
+            for _, image_path, ann in items:
                 scale = np.array([ann["width"], ann["height"]] * 2, dtype=np.float32)
                 records.append(ImageRecord(image_path, (ann["boxes"] / scale).clip(0, 1), ann["labels"],
                                            ann["difficult"], (ann["width"], ann["height"])))
