@@ -436,7 +436,7 @@ def test_bad_label_lines(tmp_path, text, message):
     ("img,label\na.jpg,a.txt\nb.jpg,a.txt\n", "train.csv:3: image {root}/images/b.jpg not found"),
     ("a.jpg,a.txt\na.jpg,b.txt\n", "train.csv:2: label file {root}/labels/b.txt not found"),
     ("a.jpg,a.txt\na.jpg\n", "train.csv:2: expected 2 fields 'image,label', got 1"),
-    ("a.jpg,a.txt\n,a.txt\n", "train.csv:2: expected 2 fields 'image,label', got 1"),
+    ("a.jpg,a.txt\n,a.txt\n", "train.csv:2: expected 2 fields 'image,label', the image field is empty"),
 ])
 def test_bad_csv_rows(tmp_path, csv_text, message):
     csv_path = small_tree(tmp_path, {"a": ""}, csv_text)

@@ -220,3 +220,68 @@ def test_missing_year_names_the_years_the_devkit_has(devkit):
     message = user_error(build_voc_dataset, devkit, split="2007/trainval+2012/trainval")
     assert "no VOC2012/Annotations folder; this VOCdevkit has VOC2007" in message
     assert "e.g. 2007/trainval" in message
+
+
+# --------------------------------------------------------------------------- bad images mid-run
+TINY = ["--recipe", "demo", "--width", "0.0625", "--hidden", "16", "--workers", "0", "--device", "cpu",
+        "--names", "cross", "--cell-winner", "first"]
+
+
+@pytest.fixture
+def shapes(tmp_path):
+    """4 training images (batch 1: 4 steps an epoch) and a copy used as validation data."""
+    for folder in ("train", "val"):
+        synthetic.write_voc_txt_tree(tmp_path / folder, 4, size=64, seed=0, csv_name="list.csv",
+                                     shapes=("cross",))
+    (tmp_path / "names").write_text("cross\n")
+    TINY[TINY.index("--names") + 1] = str(tmp_path / "names")
+    return tmp_path
+
+
+def truncate(path):
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) * 6 // 10])  # the header stays readable: found when decoded
+    return whole
+
+
+def test_bad_validation_image_keeps_the_epoch_just_trained(shapes):
+    """Bug: a truncated validation image (found only when decoded, at the first validation)
+    ended the run with nothing saved: every epoch trained until then was lost."""
+    import train
+
+    image = sorted((shapes / "val" / "images").iterdir())[1]
+    truncate(image)
+    args = TINY + ["--data", str(shapes / "train" / "list.csv"), "--val-data", str(shapes / "val" / "list.csv"),
+                   "--epochs", "2", "--eval-every", "2", "--batch-size", "2", "--project", str(shapes / "runs")]
+    message = user_error(train.main, args + ["--name", "a"])
+    run = shapes / "runs" / "a"
+    assert f"{image}: unreadable image" in message and f"--resume {run}" in message
+    import torch
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and "batch" not in ckpt
+    assert [row["epoch"] for row in map(eval, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def test_bad_training_image_mid_epoch_keeps_the_steps_done(shapes):
+    """Bug: a truncated training image met in the middle of an epoch lost the epoch's steps
+    so far. They are saved as an interrupt saves them; once the file is mended, --resume
+    ends with the very weights of a run that never met it."""
+    import torch
+
+    import train
+
+    args = TINY + ["--data", str(shapes / "train" / "list.csv"), "--epochs", "1", "--batch-size", "1",
+                   "--val-data", str(shapes / "val" / "list.csv"), "--project", str(shapes / "runs")]
+    train.main(args + ["--name", "clean"])
+    image = sorted((shapes / "train" / "images").iterdir())[2]
+    whole = truncate(image)
+    message = user_error(train.main, args + ["--name", "broken"])
+    run = shapes / "runs" / "broken"
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert f"{image}: unreadable image" in message and f"after batch {ckpt['batch']}" in message
+    assert f"--resume {run}" in message
+    image.write_bytes(whole)
+    train.main(args + ["--resume", str(run)])
+    clean = torch.load(shapes / "runs" / "clean" / "last.pt", weights_only=True)["model"]
+    resumed = torch.load(run / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
