@@ -388,34 +388,53 @@ def devkit_years(root: Path) -> list[str]:
             and (p / "Annotations").is_dir()]
 
 
-def build_voc_dataset(data, img_dir=None, label_dir=None, split: str | None = None, names=None,
-                      S: int = 7, img_size: int = 448, train: bool = False,
-                      uint8: bool = False) -> DetectionDataset:
-    """A VOC dataset from a csv file of the txt layout or from a VOCdevkit folder.
+@dataclass(frozen=True)
+class VOCSource:
+    """Where a VOC dataset's files are: what travels together from a command's arguments
+    to :func:`build_voc_dataset`.
 
-    csv: ``img_dir`` and ``label_dir`` default to ``images/`` and ``labels/`` beside it.
-    VOCdevkit: ``split`` defaults to every year's trainval for training (the paper's
-    2007+2012) and to ``2007/test`` for evaluation. ``names``: a names file or list; VOC's
-    20 classes by default. ``train`` switches the augmentation on. ``uint8``: samples are
-    ``(uint8 image, target, photometric factors)``, finished by :func:`to_float_images`.
+    ``data``: a csv file of the txt layout, whose ``img_dir`` and ``label_dir`` default to
+    ``images/`` and ``labels/`` beside it; or a VOCdevkit folder, whose ``split`` defaults
+    to every year's trainval for training (the paper's 2007+2012) and to ``2007/test``
+    for evaluation. The fields a layout does not use are ignored.
     """
-    data = _build_voc_dataset(data, img_dir, label_dir, split, names, S, img_size, train)
-    data.uint8 = uint8
-    return data
+    data: str | os.PathLike
+    img_dir: str | os.PathLike | None = None
+    label_dir: str | os.PathLike | None = None
+    split: str | None = None
+
+    @classmethod
+    def of(cls, args, data_arg: str = "data", split_arg: str = "split") -> "VOCSource":
+        """From a command's arguments: ``--data`` (or ``data_arg``), ``--img-dir``,
+        ``--label-dir`` and ``--split`` (or ``split_arg``), those it has."""
+        return cls(getattr(args, data_arg), getattr(args, "img_dir", None), getattr(args, "label_dir", None),
+                   getattr(args, split_arg, None))
 
 
-def _build_voc_dataset(data, img_dir, label_dir, split, names, S, img_size, train) -> DetectionDataset:
-    path = Path(data)
+def build_voc_dataset(source: VOCSource | str | os.PathLike, names=None, *, S: int = 7, img_size: int = 448,
+                      train: bool = False, uint8: bool = False) -> DetectionDataset:
+    """A VOC dataset from a :class:`VOCSource` (or just its ``data``: a csv file of the txt
+    layout or a VOCdevkit folder, with the defaults).
+
+    ``names``: a names file or list; VOC's 20 classes by default. ``train`` switches the
+    augmentation on. ``uint8``: samples are ``(uint8 image, target, photometric factors)``,
+    finished by :func:`to_float_images`.
+    """
+    source = source if isinstance(source, VOCSource) else VOCSource(source)
+    path, split = Path(source.data), source.split
     if path.is_dir():
         years = devkit_years(path)
         if not years:
             raise UserError(f"{path}: not a VOCdevkit folder (no VOC<year>/Annotations inside)")
         if split is None:
             split = "+".join(f"{y}/trainval" for y in years) if train else "2007/test"
-        return VOCDevkitDataset(path, split, names, S, img_size, train)
-    if path.is_file() or path.suffix.lower() == ".csv":
-        return VOCTxtDataset(path, img_dir, label_dir, names, S, img_size, train)
-    raise UserError(f"{path}: not found (expected a csv file of the txt layout or a VOCdevkit folder)")
+        data = VOCDevkitDataset(path, split, names, S, img_size, train)
+    elif path.is_file() or path.suffix.lower() == ".csv":
+        data = VOCTxtDataset(path, source.img_dir, source.label_dir, names, S, img_size, train)
+    else:
+        raise UserError(f"{path}: not found (expected a csv file of the txt layout or a VOCdevkit folder)")
+    data.uint8 = uint8
+    return data
 
 
 def build_image_dataset(folder, img_size: int = 448, S: int = 7, names=None) -> DetectionDataset:
