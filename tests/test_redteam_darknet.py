@@ -1,0 +1,124 @@
+"""Red-team pass on Darknet compatibility: what a user's cfg and weights files may hold.
+
+Each test names the bug it guards against. Files are small (yolov1-tiny at a quarter of its
+filters, S = 2); the tests that need Darknet's C code build it once (``darknet`` fixture,
+conftest.py) and skip with the reason where it cannot be built.
+"""
+from __future__ import annotations
+
+import re
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import darknet_weights as dw
+from darknet_cfg import parse_cfg, read_cfg
+from darknet_convert import convert_from_darknet
+from model import build_model
+from utils import UserError
+
+NET = "[net]\nheight=64\nwidth=64\nchannels=3\n"
+CONV = "[convolutional]\nfilters={}\nsize=3\nstride=1\npad=1\nactivation=leaky\n"
+
+
+# --------------------------------------------------------------------------- cfg text
+def c_atoi(text: str) -> int:
+    """C's atoi, written from its definition (leading blanks, a sign, then digits until the
+    first other character; 0 when there are none): what Darknet's option_find_int returns."""
+    m = re.match(r"[ \t\n\v\f\r]*([+-]?)([0-9]*)", text)
+    digits = m.group(2)
+    return int(m.group(1) + digits) if digits else 0
+
+
+@pytest.mark.parametrize("value", ["1_6", "\u0661\u0666", "16#sixteen", "16;x", "16.0", "0x10", "1e1"])
+def test_cfg_integers_darknet_reads_otherwise_are_refused(value):
+    """Bug: Python's int() read ``filters=1_6`` as 16 and Arabic-Indic digits as numbers,
+    where Darknet's atoi reads 1 and 0: the project built another network than Darknet from
+    the same cfg. Whatever the project accepts it must read as atoi does; the rest is
+    refused, naming the line."""
+    with pytest.raises(UserError, match=r"bad.cfg:6: \[convolutional\] filters=.*: not an integer"):
+        parse_cfg(NET + CONV.format(value), "bad.cfg")
+
+
+def test_cfg_inline_comment_says_darknet_reads_comments_on_their_own_lines():
+    with pytest.raises(UserError, match="comments only on lines of their own"):
+        parse_cfg(NET + CONV.format("16 # sixteen"), "bad.cfg")
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.text(alphabet=st.sampled_from("0123456789+-_.eE#; \t\u0661xa"), min_size=1, max_size=8))
+def test_fuzz_cfg_integer_values_agree_with_atoi(value):
+    """Any spelling of an integer option: refused with a UserError, or read as C's atoi
+    reads it (the whole value, no surplus)."""
+    try:
+        cfg = parse_cfg(NET + CONV.format(value), "fuzz.cfg")
+    except UserError:
+        return
+    assert cfg.layers[0].params["filters"] == c_atoi(value.replace(" ", "").replace("\t", ""))
+
+
+@pytest.mark.parametrize("separator", ["\v", "\f", "\x1c", "\x85", "\u2028"])
+def test_cfg_lines_break_at_newline_only(separator):
+    """Bug: str.splitlines broke a line at \\v, \\f, \\x1c, \\x85 or \\u2028, which Darknet's
+    fgetl does not: two options where Darknet reads one (``filters=16\\vsize=3`` is 16
+    filters of size 1 to Darknet), and every later line number in messages shifted."""
+    text = NET + "[convolutional]\nfilters=16" + separator + "size=3\nsize=3\nactivation=leaky\nfoo=1\n"
+    with pytest.raises(UserError) as err:
+        parse_cfg(text, "bad.cfg")
+    assert str(err.value).startswith("bad.cfg:6: [convolutional] filters="), str(err.value)
+
+
+def test_cfg_line_numbers_after_odd_characters_are_the_files(tmp_path):
+    """A form feed inside a comment is no line break: the error names the file's line 11."""
+    text = NET + "# page\fbreak\n" + CONV.format(16).replace("activation=leaky", "activation=relu")
+    with pytest.raises(UserError, match=r"bad.cfg:11: \[convolutional\] activation=relu"):
+        parse_cfg(text, "bad.cfg")
+
+
+def tiny_files(tmp_path, seed=0):
+    torch.manual_seed(seed)
+    model = build_model("yolov1-tiny", S=2, width=0.25)
+    cfg, weights = dw.write_darknet(model, tmp_path / "tiny")
+    return model, cfg, weights
+
+
+@pytest.mark.parametrize("encode", [
+    lambda text: ("\ufeff" + text).encode("utf-8"),             # a byte order mark (Windows editors)
+    lambda text: ("# r\xe9seau\n" + text).encode("latin-1"),    # a comment in Latin-1
+    lambda text: text.replace("\n", "\r\n").encode(),           # CRLF
+])
+def test_cfg_encodings_darknet_reads_are_read(tmp_path, encode):
+    """Bug: a UTF-8 byte order mark made line 1 "expected key=value, got '\\ufeff[net]'" and
+    a Latin-1 comment "cannot read the cfg file": Darknet reads bytes, and only ASCII means
+    anything in a cfg. Both now give the same network as the plain file."""
+    _, cfg, weights = tiny_files(tmp_path)
+    plain = read_cfg(cfg)
+    odd = tmp_path / "odd.cfg"
+    odd.write_bytes(encode(cfg.read_text()))
+    assert [(l.kind, l.params) for l in read_cfg(odd).layers] == [(l.kind, l.params) for l in plain.layers]
+
+
+def test_weights_file_given_as_the_cfg_says_so(tmp_path):
+    _, cfg, weights = tiny_files(tmp_path)
+    with pytest.raises(UserError, match=r"tiny.weights: a binary file, not a Darknet cfg"):
+        convert_from_darknet(weights, cfg, tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_cfg_values_read_as_darknet_reads_them(darknet, tmp_path):
+    """Against Darknet's own parser (tests/darknet/layers.c): for each spelling of a filter
+    count, the project refuses it or builds the layer Darknet builds."""
+    exe = darknet.compile("layers.c", tmp_path)
+    for value in ["16", "+16", "0016", "1_6", "16#x", "16.0", "\u0661", " 1 6 "]:
+        path = tmp_path / "one.cfg"
+        path.write_bytes((NET + CONV.format(value)).encode())
+        theirs = int(darknet.run(exe, path).split()[1])  # out_c of Darknet's layer 0
+        try:
+            mine = read_cfg(path).layers[0].out_shape[0]
+        except UserError:
+            continue
+        assert mine == theirs, value
