@@ -28,7 +28,7 @@ from torch import nn
 import argtypes
 from darknet_cfg import Cfg, read_cfg
 from darknet_model import HEADS, Darknet
-from darknet_weights import load_weights, model_cfg, open_weights, write_darknet
+from darknet_weights import check_outputs, load_weights, model_cfg, open_weights, write_darknet
 from model import MODELS, YOLOv1, build_checked, build_model
 from utils import VOC_CLASSES, UserError, check_finite, load_checkpoint, run_cli, save_checkpoint
 
@@ -190,6 +190,8 @@ def convert_from_darknet(cfg_path, weights_path, out, names=None) -> str:
         done = f"{match.name} (S={model.S}, B={model.B}, C={model.C})"
     ckpt["darknet"] = source | {"seen": int(header.seen)}
     check_finite(ckpt["model"], str(weights_path))  # NaN weights would travel into every later use
+    check_outputs(model, units, cfg, weights_path, None if match.name != "darknet" or complete
+                  else len(list(model.features.children())))
     save_checkpoint(ckpt, out)
     return f"{cfg_path} + {weights_path} (seen {header.seen}) -> {out}: {done}"
 

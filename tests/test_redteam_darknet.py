@@ -80,8 +80,14 @@ def test_cfg_line_numbers_after_odd_characters_are_the_files(tmp_path):
 
 
 def tiny_files(tmp_path, seed=0):
+    """A small yolov1-tiny written by the project, batch-norm statistics as a trained
+    network's (means of both signs, variances of order 1)."""
     torch.manual_seed(seed)
     model = build_model("yolov1-tiny", S=2, width=0.25)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.bias.uniform_(-0.2, 0.2)
     cfg, weights = dw.write_darknet(model, tmp_path / "tiny")
     return model, cfg, weights
 
@@ -122,3 +128,66 @@ def test_cfg_values_read_as_darknet_reads_them(darknet, tmp_path):
         except UserError:
             continue
         assert mine == theirs, value
+
+
+# --------------------------------------------------------------------------- weights of another cfg
+def shifted(weights, tmp_path, by=1):
+    """The same file with its floats rotated by ``by``: as long as the original, misaligned."""
+    data = weights.read_bytes()
+    floats = np.frombuffer(data[20:], "<f4")
+    path = tmp_path / "shifted.weights"
+    path.write_bytes(data[:20] + np.roll(floats, by).tobytes())
+    return path
+
+
+def test_misaligned_weights_of_the_right_length_are_refused(tmp_path):
+    """Bug: a weights file of exactly the cfg's length but not its layers (another cfg's
+    floats, or these shifted by one) converted without a word into a detector whose every
+    output was NaN (detect.py then found nothing). Rolling variances are never negative:
+    a misaligned file puts weights there."""
+    _, cfg, weights = tiny_files(tmp_path)
+    bad = shifted(weights, tmp_path)
+    with pytest.raises(UserError) as err:
+        convert_from_darknet(cfg, bad, tmp_path / "out.pt")
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: layer 0 [convolutional]") and f"({cfg}:" in msg, msg
+    assert "rolling variances" in msg and "negative" in msg and "not this cfg's layers" in msg
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_darknet_itself_computes_nan_from_the_refused_file(darknet, tmp_path):
+    """The refusal above is right: Darknet's own forward pass (tests/darknet/predict.c) on the
+    shifted file gives NaN, while on the original file it gives finite numbers."""
+    _, cfg, weights = tiny_files(tmp_path)
+    exe = darknet.compile("predict.c", tmp_path)
+    np.random.default_rng(0).random(3 * 128 * 128, dtype=np.float32).astype("<f4").tofile(tmp_path / "in.bin")
+    for path, finite in ((weights, True), (shifted(weights, tmp_path), False)):
+        darknet.run(exe, cfg, path, tmp_path / "in.bin", tmp_path / "out.bin")
+        assert bool(np.isfinite(np.fromfile(tmp_path / "out.bin", "<f4")).all()) is finite
+
+
+def test_finite_weights_that_overflow_are_refused_naming_the_layer(tmp_path):
+    """Bug: without batch norm there are no variances to check; a file whose floats are
+    finite but absurd (1e38 for a whole filter of the first convolution) converted into a network whose outputs
+    are infinite. The converter runs the network once and names the first layer that fails."""
+    torch.manual_seed(0)
+    model = build_model("yolov1-tiny", S=2, width=0.25, batch_norm=False)
+    cfg, weights = dw.write_darknet(model, tmp_path / "plain")
+    data = bytearray(weights.read_bytes())
+    data[20 + 4 * 4:20 + 4 * 31] = struct.pack("<27f", *[1e38] * 27)  # after the 4 biases: filter 0 of layer 0
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"plain.weights: with these weights layer 0 \[convolutional\] .* \(.*plain.cfg:\d+\) "
+                                        r"computes NaN or infinite values"):
+        convert_from_darknet(cfg, weights, tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("version, seen_format", [((0, 2, 0), "<i"), ((0, 1, 0), "<Q")])
+def test_one_float_off_names_the_header_size(tmp_path, version, seen_format):
+    """A header whose ``seen`` was written with the other size than its version says (a
+    hand-made or foreign writer): the count is one float off; the message says why."""
+    _, cfg, weights = tiny_files(tmp_path)
+    bad = tmp_path / "odd.weights"
+    bad.write_bytes(struct.pack("<3i", *version) + struct.pack(seen_format, 0) + weights.read_bytes()[20:])
+    with pytest.raises(UserError, match=r"exactly one float off: its version 0\.\d header says 'seen' is"):
+        convert_from_darknet(cfg, bad, tmp_path / "out.pt")
