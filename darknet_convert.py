@@ -63,18 +63,42 @@ def summary(layers) -> list[tuple]:
     return [(layer.kind, layer.params) for layer in layers]
 
 
-def first_filters(model: nn.Module) -> int:
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).out_channels
+def scaled_filters(model: nn.Module) -> list[int]:
+    """The filters of the convolutions that the width multiplier scales, in order (all of a
+    detector's; a classifier's features, not its head's 1x1 convolution to the classes)."""
+    part = model.features if isinstance(model, Darknet) else model
+    return [m.out_channels for m in part.modules() if isinstance(m, nn.Conv2d)]
 
 
-def cfg_traits(layers) -> dict:
-    """What the options of a registry entry are read from: batch norm and width from the first
-    convolution, the head's sizes from its local, connected and dropout layers."""
+def width_of(filters: list[int], base: list[int]) -> float:
+    """A width multiplier that gives every one of ``filters`` from the width-1 network's
+    ``base`` (darknet_model.scaled: ``max(1, round(base * width))``).
+
+    The first convolution alone does not determine it: width 0.3 gives 64 -> 19 and
+    192 -> 58, but 19 / 64 gives 192 -> 57, so a network written at width 0.3 was not
+    recognised when read back. Each layer allows an open interval of widths; any width in
+    all of them builds the same network: the first layer's ratio when it is one of them, else
+    the shortest decimal inside (0.3, not 0.300049)."""
+    lo, hi = 0.0, float("inf")
+    for n, b in zip(filters, base):
+        lo, hi = max(lo, (n - 0.5) / b if n > 1 else 0.0), min(hi, (n + 0.5) / b)
+    first = filters[0] / base[0]
+    if lo < first < hi or not lo < hi:  # no common width: compare() names the first layer that differs
+        return first
+    middle = (lo + hi) / 2
+    return next((r for r in (round(middle, d) for d in range(1, 9)) if lo < r < hi), middle)
+
+
+def cfg_traits(layers, base: list[int]) -> dict:
+    """What the options of a registry entry are read from: batch norm from the first
+    convolution, the width from all of them (``base``: the entry's filters at width 1), the
+    head's sizes from its local, connected and dropout layers."""
     convs = [layer for layer in layers if layer.kind == "convolutional"]
     connected = [layer.params["output"] for layer in layers if layer.kind == "connected"]
     if not convs:
         raise UserError("has no convolutional layer; the project's networks start with convolutions")
-    return {"batch_norm": bool(convs[0].params["batch_normalize"]), "filters": convs[0].params["filters"],
+    return {"batch_norm": bool(convs[0].params["batch_normalize"]),
+            "width": width_of([layer.params["filters"] for layer in convs], base),
             "local": next((layer.params["filters"] for layer in layers if layer.kind == "local"), 0),
             "hidden": connected[0] if len(connected) >= 2 else 0,
             "dropout": next((layer.params["probability"] for layer in layers if layer.kind == "dropout"), 0.0)}
@@ -82,13 +106,13 @@ def cfg_traits(layers) -> dict:
 
 def detector_candidates(cfg: Cfg, layers) -> list[tuple[Match, int]]:
     """Every registry entry with the options this cfg implies, and how much its defaults agree."""
-    det, traits = layers[-1].params, cfg_traits(layers)
+    det = layers[-1].params
     found = []
     for name, entry in MODELS.items():
         with torch.device("meta"):
-            base = first_filters(entry.cls(**entry.defaults))
+            traits = cfg_traits(layers, scaled_filters(entry.cls(**entry.defaults)))
         config = {"S": det["side"], "B": det["num"], "C": det["classes"], "batch_norm": traits["batch_norm"],
-                  "width": traits["filters"] / base, "darknet_bn": True}
+                  "width": traits["width"], "darknet_bn": True}
         if entry.cls is YOLOv1:
             config |= {k: traits[k] for k in ("hidden", "local", "dropout")}
         agree = sum(config.get(k) == v for k, v in entry.defaults.items())
@@ -97,11 +121,10 @@ def detector_candidates(cfg: Cfg, layers) -> list[tuple[Match, int]]:
 
 
 def classifier_candidates(cfg: Cfg, layers) -> list[tuple[Match, int]]:
-    traits = cfg_traits(layers)
     with torch.device("meta"):
-        base = first_filters(Darknet())
+        traits = cfg_traits(layers, scaled_filters(Darknet()))
     config = {"num_classes": layers[-1].in_shape[0] * max(layers[-1].in_shape[1], 1) * max(layers[-1].in_shape[2], 1),
-              "batch_norm": traits["batch_norm"], "width": traits["filters"] / base, "darknet_bn": True}
+              "batch_norm": traits["batch_norm"], "width": traits["width"], "darknet_bn": True}
     return [(Match("darknet", config | {"head": head}), 0) for head in HEADS]
 
 

@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import darknet_weights as dw
@@ -191,3 +191,53 @@ def test_one_float_off_names_the_header_size(tmp_path, version, seen_format):
     bad.write_bytes(struct.pack("<3i", *version) + struct.pack(seen_format, 0) + weights.read_bytes()[20:])
     with pytest.raises(UserError, match=r"exactly one float off: its version 0\.\d header says 'seen' is"):
         convert_from_darknet(cfg, bad, tmp_path / "out.pt")
+
+
+# --------------------------------------------------------------------------- project -> Darknet -> project
+@pytest.mark.parametrize("name", ["yolov1", "fast", "yolov1-darknet", "yolov1-tiny"])
+@pytest.mark.parametrize("width", [0.1, 0.07])
+def test_any_width_round_trips_through_darknet_files(tmp_path, name, width):
+    """Bug: the width was read from the first convolution alone (19 / 64 for width 0.3),
+    which gives 57 filters where the network has 58: a checkpoint at width 0.3, 0.1 or 0.07
+    written as Darknet files could not be read back ("the closest network ... has
+    filters=57"), against #13's exact round trip."""
+    from darknet_convert import convert_to_darknet
+    from model import load_detector
+    from utils import save_checkpoint
+
+    torch.manual_seed(0)
+    extra = {"yolov1": {"hidden": 16}, "yolov1-darknet": {"local": 8}}.get(name, {})
+    model = build_model(name, S=2, width=width, **extra).eval()
+    save_checkpoint({"kind": "yolo", "model": model.state_dict(), "model_config": dict(model.config),
+                     "class_names": [f"c{i}" for i in range(20)]}, tmp_path / "a.pt")
+    convert_to_darknet(tmp_path / "a.pt", tmp_path / "dk", None)
+    (tmp_path / "names.txt").write_text("\n".join(f"c{i}" for i in range(20)))
+    convert_from_darknet(tmp_path / "dk.cfg", tmp_path / "dk.weights", tmp_path / "b.pt", tmp_path / "names.txt")
+    again, names = load_detector(tmp_path / "b.pt")
+    assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the same numbers; Darknet's batch-norm formula where the paper's had PyTorch's
+        torch.testing.assert_close(again(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bases():
+    """The width-1 filters of a detector of each kind and of the classifier's features."""
+    from darknet_convert import scaled_filters
+    from darknet_model import Darknet
+
+    with torch.device("meta"):
+        return [scaled_filters(build_model("yolov1")), scaled_filters(build_model("yolov1-tiny")),
+                scaled_filters(Darknet())]
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.floats(1 / 1024, 4.0))
+def test_fuzz_width_read_back_builds_the_same_filters(bases, width):
+    """Any width: the width read back from the filters gives every layer its filters again."""
+    from darknet_convert import width_of
+    from darknet_model import scaled
+
+    for base in bases:
+        filters = [scaled(b, width) for b in base]
+        assert [scaled(b, width_of(filters, base)) for b in base] == filters
