@@ -280,10 +280,7 @@ def convert_to_darknet(path, out, size: int | None) -> str:
     elif size is None:
         size = ckpt.get("input_size", 224)
     seen = int((ckpt.get("darknet") or {}).get("seen", 0))
-    stem = Path(out)
-    if stem.suffix in (".cfg", ".weights"):
-        stem = stem.with_suffix("")
-    cfg_path, weights_path = write_darknet(model, stem, size, seen)
+    cfg_path, weights_path = write_darknet(model, darknet_stem(out), size, seen)
     return f"{path} -> {cfg_path} + {weights_path}"
 
 
@@ -295,6 +292,8 @@ def parse_args(argv):
     p.add_argument("-o", "--output", required=True,
                    help="the checkpoint to write, or the Darknet files' path without suffix")
     p.add_argument("--names", help="class names, one per line (default: VOC's 20 when the cfg has 20)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that exist (refused otherwise: they may be a trained checkpoint)")
     p.add_argument("--size", type=argtypes.at_least(32), help="a classifier's input side in its cfg (default: as converted, "
                                             "or 224 as extraction.cfg)")
     args = p.parse_args(argv)
@@ -305,16 +304,36 @@ def parse_args(argv):
     return args
 
 
+def darknet_stem(out) -> Path:
+    """``-o`` for Darknet files: their path without suffix (``mine`` or ``mine.weights``)."""
+    stem = Path(out)
+    return stem.with_suffix("") if stem.suffix in (".cfg", ".weights") else stem
+
+
+def refuse_existing(outputs, inputs, overwrite: bool) -> None:
+    """Nothing already there is replaced unless ``--overwrite`` says so (``-o best.pt`` once
+    replaced a trained checkpoint without a word), and never an input file."""
+    for out in outputs:
+        if any(out.resolve() == Path(i).resolve() for i in inputs):
+            raise UserError(f"-o {out}: is one of the input files; choose another output")
+        if out.exists() and not overwrite:
+            raise UserError(f"-o {out}: exists; choose another output, or --overwrite to replace it")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if len(args.inputs) == 2:
         cfg_path, weights_path = map(Path, args.inputs)
         if cfg_path.suffix != ".cfg" and weights_path.suffix == ".cfg":
             cfg_path, weights_path = weights_path, cfg_path
+        refuse_existing([Path(args.output)], args.inputs, args.overwrite)
         print(convert_from_darknet(cfg_path, weights_path, args.output, args.names))
     elif Path(args.inputs[0]).suffix in (".cfg", ".weights"):
         raise UserError(f"{args.inputs[0]}: a Darknet file; give both, CFG WEIGHTS, to make a checkpoint of them")
     else:
+        stem = darknet_stem(args.output)
+        refuse_existing([stem.with_name(stem.name + ".cfg"), stem.with_name(stem.name + ".weights")],
+                        args.inputs, args.overwrite)
         print(convert_to_darknet(args.inputs[0], args.output, args.size))
 
 

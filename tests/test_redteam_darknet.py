@@ -241,3 +241,29 @@ def test_fuzz_width_read_back_builds_the_same_filters(bases, width):
     for base in bases:
         filters = [scaled(b, width) for b in base]
         assert [scaled(b, width_of(filters, base)) for b in base] == filters
+
+
+# --------------------------------------------------------------------------- the command's outputs
+def test_convert_command_never_replaces_a_file_unasked(scripts, tmp_path):
+    """Bug: ``darknet_convert.py CFG WEIGHTS -o best.pt`` replaced an existing (trained)
+    checkpoint without a word, and ``CKPT -o mine`` an existing mine.cfg / mine.weights; an
+    output named as an input would have replaced the input. Refused, one line, nothing
+    changed; ``--overwrite`` replaces outputs (never an input)."""
+    from scripts_server import hashes, ok, one_line_error
+
+    _, cfg, weights = tiny_files(tmp_path)
+    out = tmp_path / "best.pt"
+    out.write_bytes(b"a trained checkpoint")
+    before = hashes(tmp_path)
+    one_line_error(scripts.run("darknet_convert.py", cfg, weights, "-o", out), "-o ", "best.pt: exists", "--overwrite")
+    one_line_error(scripts.run("darknet_convert.py", cfg, weights, "-o", weights, "--overwrite"),
+                   "tiny.weights: is one of the input files")
+    assert hashes(tmp_path) == before
+    ok(scripts.run("darknet_convert.py", cfg, weights, "-o", out, "--overwrite"))
+    assert out.read_bytes() != b"a trained checkpoint"
+    before = hashes(tmp_path)
+    one_line_error(scripts.run("darknet_convert.py", out, "-o", tmp_path / "tiny"), "tiny.cfg: exists")
+    assert hashes(tmp_path) == before
+    original = weights.read_bytes()
+    ok(scripts.run("darknet_convert.py", out, "-o", tmp_path / "tiny", "--overwrite"))
+    assert weights.read_bytes() == original  # the same network written back, byte for byte
