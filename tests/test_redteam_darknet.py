@@ -267,3 +267,26 @@ def test_convert_command_never_replaces_a_file_unasked(scripts, tmp_path):
     original = weights.read_bytes()
     ok(scripts.run("darknet_convert.py", out, "-o", tmp_path / "tiny", "--overwrite"))
     assert weights.read_bytes() == original  # the same network written back, byte for byte
+
+
+# --------------------------------------------------------------------------- backbones
+def test_backbone_variances_pytorch_cannot_reproduce_are_reported():
+    """Bug: a Darknet backbone (converted extraction.weights) loaded into the default,
+    PyTorch-normed YOLOv1 had its tiny running variances clamped without a word: those
+    channels no longer computed Darknet's numbers. Now said once; exactly representable
+    variances load silently, as before."""
+    import warnings
+
+    from darknet_model import Darknet
+    from model import load_backbone
+
+    backbone = Darknet(num_classes=10, width=1 / 16, head="conv", darknet_bn=True)
+    detector = build_model("yolov1", S=2, width=1 / 16, hidden=8)
+    ckpt = {"model": backbone.state_dict(), "model_config": dict(backbone.config)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_backbone(detector, ckpt, "ok.pt")
+    with torch.no_grad():
+        backbone.features[0][1].running_var[:3] = 1e-10
+    with pytest.warns(UserWarning, match=r"tiny.pt: 3 batch-norm channels have a running variance below"):
+        load_backbone(detector, {"model": backbone.state_dict(), "model_config": dict(backbone.config)}, "tiny.pt")
