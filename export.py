@@ -51,9 +51,12 @@ from plots import require
 from utils import UserError, cell_to_image_boxes, nms_per_image, run_cli, split_predictions
 
 FORMATS = ("onnx", "torchscript")
-# Largest |PyTorch - exported| difference accepted by the check after the export. The
-# graphs compute the same float32 operations, but onnxruntime may fuse or reorder them.
-ATOL = 1e-4
+# Largest |PyTorch - exported| difference accepted by the check after the export, relative to
+# each output's largest magnitude. The graphs compute the same float32 operations, but
+# onnxruntime may fuse or reorder them: measured 2e-6 to 2.1e-5 of it (yolov1, fast,
+# yolov1-tiny, raw and decoded). An absolute 1e-4 passed a 10% error on outputs near 1e-3
+# (a random yolov1-darknet's scores).
+RTOL = 2e-4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,9 +160,10 @@ def check_export(path: Path, fmt: str, module: nn.Module, size: int) -> float | 
     else:
         with jit_quietly():
             got = reference_outputs(torch.jit.load(str(path)), images)
-    diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
-    if not diff <= ATOL:  # NaN compares false both ways: an output of NaN is a failure, not a match
-        raise UserError(f"{path}: outputs differ from PyTorch by up to {diff:.3g} (more than {ATOL})")
+    diff = max(float(np.abs(g - e).max() / max(float(np.abs(e).max()), 1e-30)) for g, e in zip(got, expected))
+    if not diff <= RTOL:  # NaN compares false both ways: an output of NaN is a failure, not a match
+        raise UserError(f"{path}: outputs differ from PyTorch by up to {diff:.3g} of their largest value "
+                        f"(more than {RTOL})")
     return diff
 
 
@@ -177,7 +181,7 @@ def export(model: nn.Module, names, out_dir: Path, formats, raw: bool = False, o
         else:
             export_torchscript(module, example, path, metadata)
         diff = check_export(path, fmt, module, model.input_size) if check else None
-        checked = f" (max |diff| vs PyTorch {diff:.2g})" if diff is not None else ""
+        checked = f" (max |diff| vs PyTorch {diff:.2g} of the largest output)" if diff is not None else ""
         print(f"{fmt}: {path}{checked}")
         written[fmt] = path
     return written

@@ -166,7 +166,7 @@ def test_the_check_after_the_export_fails_on_nan_outputs(tmp_path):
     false for NaN): a model whose outputs are NaN was reported as exported correctly."""
     model, names = load_detector(tiny_checkpoint(tmp_path / "tiny.pt"))
     written = export.export(model, names, tmp_path, ["torchscript"], raw=True)
-    assert export.check_export(written["torchscript"], "torchscript", model, 128) <= ATOL
+    assert export.check_export(written["torchscript"], "torchscript", model, 128) <= export.RTOL
     with torch.no_grad():
         model.head[-1].bias[0] = float("nan")  # PyTorch's outputs now hold NaN, the file's do not
     with pytest.raises(utils.UserError, match="outputs differ from PyTorch by up to nan"):
@@ -182,3 +182,21 @@ def test_a_checkpoint_with_nan_weights_is_not_exported(tmp_path, capsys):
                          str(tmp_path / "runs")], capsys)
     assert f"{tmp_path / 'nan.pt'}: tensor 'head.4.bias' holds non-finite values (nan)" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_check_after_the_export_is_relative_to_the_outputs_size(tmp_path):
+    """Bug: the check accepted an absolute 1e-4, so on outputs near 1e-3 (a randomly
+    initialised yolov1-darknet's scores) a file 10% off passed as exported correctly."""
+    model, names = load_detector(tiny_checkpoint(tmp_path / "tiny.pt"))
+    with torch.no_grad():  # outputs below 1e-3, as a random network's scores
+        model.head[-1].weight.mul_(1e-4)
+        model.head[-1].bias.mul_(1e-4)
+    written = export.export(model, names, tmp_path, ["torchscript"], raw=True)
+    outputs = model(torch.rand(3, 3, 128, 128)).detach()
+    assert 1e-5 < float(outputs.abs().max()) * 0.1 < 1e-4  # 10% of them is within the old absolute 1e-4
+    assert export.check_export(written["torchscript"], "torchscript", model, 128) <= export.RTOL
+    with torch.no_grad():  # PyTorch's outputs now 10% larger than the file's, yet within 1e-4 of them
+        model.head[-1].weight.mul_(1.1)
+        model.head[-1].bias.mul_(1.1)
+    with pytest.raises(utils.UserError, match="of their largest value"):
+        export.check_export(written["torchscript"], "torchscript", model, 128)
