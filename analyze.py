@@ -195,14 +195,15 @@ def fractions(row: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------- reports
 def format_table(result: dict, label: str) -> str:
     """Counts per class, the overall counts, and the overall percentages."""
-    head = f"{'class':<16}{'N':>6}{'top':>6}" + "".join(f"{TITLES[c]:>12}" for c in CATEGORIES)
+    width = max([16, *(len(name) + 2 for name in result["classes"])])  # long names keep the columns
+    head = f"{'class':<{width}}{'N':>6}{'top':>6}" + "".join(f"{TITLES[c]:>12}" for c in CATEGORIES)
     lines = [f"{label}: top N detections of each class (N = its objects, difficult ones aside)", head]
     rows = [*result["classes"].items(), ("overall", result["overall"])]
     for name, row in rows:
-        lines.append(f"{name:<16}{row['objects']:>6}{row['analysed']:>6}"
+        lines.append(f"{name:<{width}}{row['objects']:>6}{row['analysed']:>6}"
                      + "".join(f"{row[c]:>12}" for c in CATEGORIES))
     share = fractions(result["overall"])
-    lines.append(f"{'overall %':<28}" + "".join(f"{100 * share[c]:>11.1f}%" for c in CATEGORIES))
+    lines.append(f"{'overall %':<{width + 12}}" + "".join(f"{100 * share[c]:>11.1f}%" for c in CATEGORIES))
     return "\n".join(lines)
 
 

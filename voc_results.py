@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from decimal import Decimal
 
 import numpy as np
@@ -189,7 +190,7 @@ def read_results_file(path: str) -> tuple[list[str], list[tuple[float, ...]]]:
             raise UserError(f"{path}:{number}: not UTF-8 text") from None
         if fields:
             rows.append(_parse_line(fields, f"{path}:{number}"))
-            ids.append(fields[0])
+            ids.append(unicodedata.normalize("NFC", fields[0]))  # as box_files.image_name
     return ids, rows
 
 

@@ -4,6 +4,7 @@ are worked out by hand in the docstrings."""
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 
 import pytest
@@ -60,3 +61,107 @@ def test_one_class_in_two_results_files_is_refused(tmp_path):
     with pytest.raises(UserError, match="comp4_det_test_dog.TXT and comp4_det_test_dog.txt are the results "
                                         "files of one class"):
         voc_results.read_results_dir(det)
+
+
+# --------------------------------------------------------------------------- folders
+@pytest.mark.parametrize("where", ["gt", "det"])
+def test_a_folder_named_like_a_box_file_is_refused_in_either_folder(tmp_path, capsys, where):
+    """Bug: a folder named b.txt inside the detection folder was skipped silently (image b
+    lost its detections: mAP 0.5 instead of 1, exit 0); inside the ground-truth folder only
+    the warning about detections without ground truth hinted at it. Now one error line,
+    the same for both folders, naming it."""
+    gt = folder(tmp_path / "gt", GT if where == "det" else {"a.txt": GT["a.txt"]})
+    det = folder(tmp_path / "det", DET if where == "gt" else {"a.txt": DET["a.txt"]})
+    (tmp_path / where / "b.txt").mkdir()
+    for main in (ev.main, analyze.main):
+        status, out, err = run(main, capsys, "--gt", gt, "--det", det)
+        assert status == 2 and out == ""
+        assert f"{tmp_path / where / 'b.txt'}: is a folder" in one_error_line(err)
+
+
+def test_a_folder_not_named_like_a_box_file_is_still_ignored(tmp_path, capsys):
+    """Sub-folders with other names (a detect_txt.py run's own layout, plots/) are no box files."""
+    gt, det = folder(tmp_path / "gt", GT), folder(tmp_path / "det", DET)
+    (det / "plots").mkdir()
+    (gt / "old").mkdir()
+    status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det)
+    assert status == 0 and "mAP = 1.0000" in out, err
+
+
+# --------------------------------------------------------------------------- Unicode file names
+NFC, NFD = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+
+
+@pytest.mark.parametrize("det_name", [NFD, NFC])
+def test_file_names_in_nfc_and_nfd_are_one_image(tmp_path, capsys, det_name):
+    """Bug: ground truth café.txt written on Linux (NFC) and detections café.txt from macOS
+    (NFD: 'e' + combining accent) matched nothing: 'no file name in common', or with other
+    images beside them every café detection a false positive. Names are compared in NFC, as
+    macOS's own file system compares them. Hand-worked: both dogs found first -> AP 1."""
+    assert NFC != NFD
+    gt = folder(tmp_path / "gt", {f"{NFC}.txt": GT["a.txt"], "b.txt": GT["b.txt"]})
+    det = folder(tmp_path / "det", {f"{det_name}.txt": DET["a.txt"], "b.txt": DET["b.txt"]})
+    status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det)
+    assert status == 0 and "mAP = 1.0000" in out and "warning" not in err, err
+    det_table = box_files.read_det_dir(det)
+    assert NFC in det_table["image"].tolist()
+
+
+def test_results_file_image_ids_are_compared_in_nfc(tmp_path, capsys):
+    """The VOC results files' image ids follow the same rule as file names."""
+    gt = folder(tmp_path / "gt", {f"{NFC}.txt": GT["a.txt"]})
+    det = folder(tmp_path / "det", {"comp4_det_test_dog.txt": f"{NFD} 0.9 11 11 50 50\n"})
+    status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det)
+    assert status == 0 and "mAP = 1.0000" in out, err
+
+
+def test_one_image_named_in_nfc_and_nfd_in_one_folder_is_refused(tmp_path):
+    """Two files whose names differ only in normalisation would be one image read twice."""
+    det = folder(tmp_path, {f"{NFC}.txt": DET["a.txt"], f"{NFD}.txt": DET["a.txt"]})
+    with pytest.raises(UserError, match="are the files of one image; keep one .*Unicode normalisation"):
+        box_files.read_det_dir(det)
+
+
+# --------------------------------------------------------------------------- report tables
+LONG = "pedestrian_crossing_signal_red"  # 30 characters
+
+
+def cells(line):
+    """The words of a table line, each with the column where it ends."""
+    return [(m.group(), m.end()) for m in re.finditer(r"\S+", line)]
+
+
+def assert_lined_up(header, rows, expected):
+    """Each row holds ``expected``'s words, the class name first (left-aligned, at 0) and
+    every other word ending where its header word ends (right-aligned columns)."""
+    ends = [end for _, end in cells(header)][1:]
+    for row, words in zip(rows, expected, strict=True):
+        got = cells(row)
+        assert [w for w, _ in got] == words, row
+        assert row.startswith(words[0]) and [end for _, end in got[1:]] == ends, (header, row)
+
+
+def test_report_columns_line_up_with_a_30_character_class_name():
+    """Bug: format_report padded class names to 16 characters, so a longer name pushed its
+    row's numbers right, under the wrong headers. Hand-worked: LONG has 1 object found by
+    its only detection (TP 1, AP 1); dog 2 objects, 1 detection found one (AP 0.5)."""
+    assert len(LONG) == 30
+    result = ev.evaluate_detections([("a", LONG, 0, 0, 9, 9), ("a", "dog", 20, 20, 29, 29),
+                                     ("b", "dog", 20, 20, 29, 29)],
+                                    [("a", LONG, 0.9, 0, 0, 9, 9), ("a", "dog", 0.8, 20, 20, 29, 29)])
+    header, *rows, total = ev.format_report(result).splitlines()
+    assert_lined_up(header, rows, [["dog", "2", "1", "1", "0", "0.5000"], [LONG, "1", "1", "1", "0", "1.0000"]])
+    assert total.startswith("mAP = 0.7500")
+
+
+def test_analyze_table_columns_line_up_with_a_30_character_class_name():
+    """The same bug in analyze.py's table (its class column was 16 wide, 'overall %' 28)."""
+    gts = {"image": ev.np.array(["a", "a"]), "cls": ev.np.array([LONG, "dog"]),
+           "boxes": ev.np.array([[0, 0, 9, 9], [20, 20, 29, 29]], float), "difficult": ev.np.zeros(2, bool)}
+    dets = {"image": ev.np.array(["a"]), "cls": ev.np.array([LONG]), "score": ev.np.array([0.9]),
+            "boxes": ev.np.array([[0, 0, 9, 9]], float)}
+    lines = analyze.format_table(analyze.analyze(gts, dets, []), "YOLO").splitlines()
+    header, rows, share = lines[1], lines[2:-1], lines[-1]
+    assert_lined_up(header, rows, [["dog", "1", "0", "0", "0", "0", "0", "0"], [LONG, "1", "1", "1", "0", "0", "0", "0"],
+                                   ["overall", "2", "1", "1", "0", "0", "0", "0"]])
+    assert [end for _, end in cells(share)][2:] == [end for _, end in cells(header)][3:]  # 'overall %' is 2 words
