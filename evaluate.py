@@ -112,14 +112,21 @@ def average_precision(recall, precision, interp="all"):
         steps = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
         return _sequential_sum((mrec[steps] - mrec[steps - 1]) * envelope[steps])
     if interp == "11":
-        if recall.size == 0:
-            return 0.0
-        envelope = np.maximum.accumulate(precision[::-1])[::-1]
-        first = np.searchsorted(recall, ELEVEN_RECALL_POINTS, side="left")
-        reached = first < recall.size
-        points = np.where(reached, envelope[np.minimum(first, recall.size - 1)], 0.0)
+        points = eleven_point_precision(recall, precision)
         return _sequential_sum(points[::-1]) / 11  # Padilla sums from r=1 down to r=0
     raise ValueError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}")
+
+
+def eleven_point_precision(recall, precision):
+    """The 11 precisions that 11-point AP averages (VOC2007): at each recall point r of
+    0, 0.1, ..., 1 the envelope ``max precision at recall >= r``, 0 where r is never
+    reached. ``recall`` is non-decreasing (detections in ranking order)."""
+    recall = np.asarray(recall, dtype=np.float64)
+    if recall.size == 0:
+        return np.zeros(len(ELEVEN_RECALL_POINTS))
+    envelope = np.maximum.accumulate(np.asarray(precision, dtype=np.float64)[::-1])[::-1]
+    first = np.searchsorted(recall, ELEVEN_RECALL_POINTS, side="left")
+    return np.where(first < recall.size, envelope[np.minimum(first, recall.size - 1)], 0.0)
 
 
 # --------------------------------------------------------------------------

@@ -165,3 +165,47 @@ def test_analyze_table_columns_line_up_with_a_30_character_class_name():
     assert_lined_up(header, rows, [["dog", "1", "0", "0", "0", "0", "0", "0"], [LONG, "1", "1", "1", "0", "0", "0", "0"],
                                    ["overall", "2", "1", "1", "0", "0", "0", "0"]])
     assert [end for _, end in cells(share)][2:] == [end for _, end in cells(header)][3:]  # 'overall %' is 2 words
+
+
+# --------------------------------------------------------------------------- plots
+def interpolated_line(result, label):
+    """The thick line (the interpolated precision) of ``label``'s panel in pr_curves.png."""
+    pytest.importorskip("matplotlib")
+    import plots
+
+    fig = plots.pr_figure(result)
+    (ax,) = [ax for ax in fig.axes if ax.get_title().startswith(f"{label} ")]
+    (line,) = [line for line in ax.get_lines() if line.get_label().endswith("interpolated")]
+    return ax, line
+
+
+HAND_GT = [("a", "dog", 0, 0, 9, 9), ("b", "dog", 0, 0, 9, 9), ("c", "dog", 0, 0, 9, 9)]
+HAND_DET = [("a", "dog", 0.9, 0, 0, 9, 9), ("a", "dog", 0.8, 50, 50, 59, 59),    # TP, FP
+            ("b", "dog", 0.7, 0, 0, 9, 9), ("b", "dog", 0.6, 50, 50, 59, 59)]    # TP, FP
+
+
+def test_11_point_plot_draws_the_11_points_that_were_scored():
+    """Bug: --interp 11 --plots drew the every-point envelope under the 11-point AP's title
+    (its area, 0.5556, is not the 0.5455 printed above it). Hand-worked: 3 dogs; ranked TP,
+    FP, TP, FP -> recall 1/3, 1/3, 2/3, 2/3 at precision 1, 1/2, 2/3, 1/2. Envelope at
+    recall >= r: 1 for r = 0 ... 0.3, 2/3 for r = 0.4 ... 0.6, 0 beyond 2/3 (never reached);
+    AP = (4 * 1 + 3 * 2/3) / 11 = 6/11."""
+    result = ev.evaluate_detections(HAND_GT, HAND_DET, interp="11", return_curves=True)
+    assert result["AP"]["dog"] == pytest.approx(6 / 11)
+    ax, line = interpolated_line(result, "dog")
+    assert line.get_xdata().tolist() == pytest.approx([0, .1, .2, .3, .4, .5, .6, .7, .8, .9, 1])
+    assert line.get_ydata().tolist() == pytest.approx([1, 1, 1, 1, 2 / 3, 2 / 3, 2 / 3, 0, 0, 0, 0])
+    assert line.get_drawstyle() == "steps-post"
+    assert "11-pt AP 0.545" in ax.get_title()
+
+
+def test_every_point_plot_still_draws_the_envelope_step():
+    """The default (every-point) panel keeps the envelope step, whose area is the AP:
+    1 over (0, 1/3], 2/3 over (1/3, 2/3] -> 1/3 + 2/9 = 5/9."""
+    result = ev.evaluate_detections(HAND_GT, HAND_DET, return_curves=True)
+    assert result["AP"]["dog"] == pytest.approx(5 / 9)
+    ax, line = interpolated_line(result, "dog")
+    x, y = line.get_xdata(), line.get_ydata()
+    assert x.tolist() == pytest.approx([0, 1 / 3, 1 / 3, 2 / 3, 2 / 3])
+    assert y.tolist() == pytest.approx([1, 1, 2 / 3, 2 / 3, 1 / 2])
+    assert line.get_drawstyle() == "steps-pre" and "AP 0.556" in ax.get_title()
