@@ -209,3 +209,39 @@ def test_every_point_plot_still_draws_the_envelope_step():
     assert x.tolist() == pytest.approx([0, 1 / 3, 1 / 3, 2 / 3, 2 / 3])
     assert y.tolist() == pytest.approx([1, 1, 2 / 3, 2 / 3, 1 / 2])
     assert line.get_drawstyle() == "steps-pre" and "AP 0.556" in ax.get_title()
+
+
+# --------------------------------------------------------------------------- score thresholds
+@pytest.mark.parametrize("script", ["test", "detect_txt", "detect", "train"])
+def test_a_conf_threshold_that_keeps_nothing_is_refused(script, capsys):
+    """Bug: --conf-threshold 1 was accepted (the range was [0, 1]) but boxes are kept when
+    score > threshold and a score is at most 1 (a product of two values clamped to [0, 1]),
+    so no box was ever kept: test.py printed VOC mAP 0 with exit 0. The range is [0, 1)."""
+    import importlib
+
+    parser = importlib.import_module(script).build_parser()
+    required = {"test": ["c.pt"], "detect_txt": ["c.pt"], "detect": ["c.pt", "a.jpg"], "train": []}[script]
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([*required, "--conf-threshold", "1"])
+    assert exc.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == "error: --conf-threshold must be in [0, 1), got 1"
+    assert parser.parse_args([*required, "--conf-threshold", "0.999"]).conf_threshold == 0.999
+
+
+def test_threshold_1_indeed_keeps_no_box_and_check_inference_args_refuses_it():
+    """Why 1 is refused: an output with confidence 1 and class probability 1 scores exactly 1,
+    the highest score there is, and 1 > 1 is false: no detection. Just below 1 it is kept."""
+    import argparse
+
+    import predict
+    import torch
+    import utils
+
+    pred = torch.zeros(1, 7 * 7 * 30)
+    pred[0, 0] = 1.0                      # cell (0, 0): class 0 probability 1
+    pred[0, 20:25] = torch.tensor([1.0, 0.5, 0.5, 0.3, 0.3])  # its first box: confidence 1
+    assert len(utils.decode_predictions(pred, conf_threshold=1.0)[0]) == 0
+    assert len(utils.decode_predictions(pred, conf_threshold=0.999)[0]) == 1
+    args = argparse.Namespace(conf_threshold=1.0, nms_iou=0.5, batch_size=1)
+    with pytest.raises(UserError, match=r"--conf-threshold must be in \[0, 1\), got 1.0"):
+        predict.check_inference_args(args)
