@@ -149,6 +149,32 @@ def refuse_name_clashes(outputs):
                             "after the image): rename one; nothing was written")
 
 
+def check_output_file(path, option, inputs=(), overwrite=False):
+    """Refuse an output file before any work: a folder, a missing parent folder, an input
+    file, or (without ``--overwrite``) any existing file. UserError, one line.
+
+    ``inputs``: ``(option, path)`` of what the command reads, files or folders; an existing
+    output that is one of them, or lies under one, compared by real path (links resolved),
+    is refused even with ``--overwrite``: ``--json det/a.txt`` replaced a detection file
+    with JSON, and ``test.py best.pt --json best.pt`` the checkpoint itself. Other existing
+    files were silently replaced too; as analyze.py's --out and voc_convert.py's --overwrite
+    do, replacing one now takes ``--overwrite``."""
+    path = str(path)
+    parent = os.path.dirname(path) or "."
+    if os.path.isdir(path) or not os.path.isdir(parent):
+        raise UserError(f"{option} {path}: " + ("is a folder" if os.path.isdir(path) else f"{parent} is not a folder"))
+    if not os.path.lexists(path):
+        return
+    real = os.path.realpath(path)
+    for source_option, source in inputs:
+        source_real = os.path.realpath(source)
+        if real == source_real or real.startswith(os.path.join(source_real, "")):
+            raise UserError(f"{option} {path}: is an input file ({'' if real == source_real else 'under '}"
+                            f"{source_option} {source}); write the output elsewhere, nothing was written")
+    if not overwrite:
+        raise UserError(f"{option} {path}: already exists; choose another path, or --overwrite to replace it")
+
+
 def format_report(result):
     """The per-class table (class, npos, ndet, TP, FP, AP) and the mAP line.
 

@@ -50,8 +50,8 @@ import sys
 
 import numpy as np
 
-from box_files import (DET_LINE, GT_LINE, format_report, read_det_dir, read_gt_dir,  # noqa: F401 (API)
-                       read_pair, write_json)
+from box_files import (DET_LINE, GT_LINE, check_output_file, format_report, read_det_dir,  # noqa: F401 (API)
+                       read_gt_dir, read_pair, write_json)
 from box_tables import as_table, factorize, select
 from errors import UserError, one_line
 
@@ -383,6 +383,9 @@ def _parse_args(argv):
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--plots", metavar="DIR",
                         help="also draw pr_curves.png and ap_per_class.png into DIR (matplotlib)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --json file or --plots images (never a file under "
+                             "--gt or --det); without it they are refused")
     return parser.parse_args(argv)
 
 
@@ -403,12 +406,21 @@ def main(argv=None):
 
 
 def _check_outputs(args):
-    """Refuse a --json path that cannot be written before the evaluation, not after it."""
+    """Refuse outputs that cannot be written, or would replace an input file or (without
+    --overwrite) any file, before the evaluation, not after it (box_files.check_output_file)."""
+    inputs = (("--gt", args.gt), ("--det", args.det))
     if args.json:
-        parent = os.path.dirname(args.json) or "."
-        if os.path.isdir(args.json) or not os.path.isdir(parent):
-            raise UserError(f"--json {args.json}: " + ("is a folder" if os.path.isdir(args.json)
-                                                        else f"{parent} is not a folder"))
+        check_output_file(args.json, "--json", inputs, args.overwrite)
+    if args.plots:
+        if os.path.exists(args.plots) and not os.path.isdir(args.plots):
+            raise UserError(f"--plots {args.plots}: is not a folder")
+        from plots import PR_FILES  # the standard library only at import
+
+        images = [os.path.join(args.plots, name) for name in PR_FILES]
+        if args.json and os.path.realpath(args.json) in map(os.path.realpath, images):
+            raise UserError(f"--json {args.json}: is one of the --plots images; choose another path")
+        for image in images if os.path.isdir(args.plots) else ():
+            check_output_file(image, "--plots", inputs, args.overwrite)
 
 
 def _write_outputs(args, result):

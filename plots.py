@@ -146,6 +146,9 @@ def save_figure(fig, path) -> Path:
 
 
 # --------------------------------------------------------------------------- precision-recall
+PR_FILES = ("pr_curves.png", "ap_per_class.png")  # what plot_pr_curves writes (evaluate.py checks them first)
+
+
 def precision_envelope(precision):
     """The interpolated precision that every-point AP integrates: max precision at recall >= r."""
     import numpy as np
@@ -166,8 +169,7 @@ def plot_pr_curves(result: dict, out_dir) -> list[Path]:
         return []
     require("matplotlib", "matplotlib", "plotting")
     out_dir = Path(out_dir)
-    return [save_figure(pr_figure(result), out_dir / "pr_curves.png"),
-            save_figure(ap_figure(result), out_dir / "ap_per_class.png")]
+    return [save_figure(figure(result), out_dir / name) for figure, name in zip((pr_figure, ap_figure), PR_FILES)]
 
 
 def pr_figure(result: dict):

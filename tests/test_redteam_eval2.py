@@ -245,3 +245,80 @@ def test_threshold_1_indeed_keeps_no_box_and_check_inference_args_refuses_it():
     args = argparse.Namespace(conf_threshold=1.0, nms_iou=0.5, batch_size=1)
     with pytest.raises(UserError, match=r"--conf-threshold must be in \[0, 1\), got 1.0"):
         predict.check_inference_args(args)
+
+
+# --------------------------------------------------------------------------- outputs over inputs
+def test_json_over_an_input_file_is_refused_even_with_overwrite(tmp_path, capsys):
+    """Bug: evaluate.py --json det/a.txt replaced a detection file with the JSON report (the
+    user's detections lost). A file under --gt or --det is never written, also through a
+    link to it (compared by real path), whatever --overwrite says."""
+    gt, det = folder(tmp_path / "gt", GT), folder(tmp_path / "det", DET)
+    (tmp_path / "link.json").symlink_to(gt / "b.txt")
+    for target, where in ((det / "a.txt", f"under --det {det}"), (tmp_path / "link.json", f"under --gt {gt}")):
+        for extra in ([], ["--overwrite"]):
+            status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det, "--json", target, *extra)
+            assert status == 2 and out == ""
+            line = one_error_line(err)
+            assert f"--json {target}: " in line and (("is an input file" in line and where in line)
+                                                     or (not extra and "already exists" in line)), line
+    assert (det / "a.txt").read_text() == DET["a.txt"] and (gt / "b.txt").read_text() == GT["b.txt"]
+
+
+def test_json_over_an_existing_file_needs_overwrite(tmp_path, capsys):
+    """Bug: --json FILE silently replaced whatever FILE held (a previous run's results kept
+    for comparison). Refused in one line, nothing written, unless --overwrite."""
+    gt, det = folder(tmp_path / "gt", GT), folder(tmp_path / "det", DET)
+    kept = tmp_path / "results.json"
+    kept.write_text("my earlier results\n")
+    status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det, "--json", kept)
+    assert status == 2 and out == "" and kept.read_text() == "my earlier results\n"
+    assert one_error_line(err) == (f"error: --json {kept}: already exists; choose another path, "
+                                   "or --overwrite to replace it")
+    status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det, "--json", kept, "--overwrite")
+    assert status == 0 and json.loads(kept.read_text())["mAP"] == 1.0, err
+
+
+def test_plots_over_existing_images_need_overwrite_and_never_go_over_inputs(tmp_path, capsys):
+    """Bug: --plots DIR replaced DIR's pr_curves.png and ap_per_class.png without a word."""
+    pytest.importorskip("matplotlib")
+    gt, det = folder(tmp_path / "gt", GT), folder(tmp_path / "det", {**DET, "pr_curves.png": b"mine"})
+    plots_dir = folder(tmp_path / "plots", {"ap_per_class.png": b"mine"})
+    status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det, "--plots", plots_dir)
+    assert status == 2 and out == "" and (plots_dir / "ap_per_class.png").read_bytes() == b"mine"
+    assert f"--plots {plots_dir / 'ap_per_class.png'}: already exists" in one_error_line(err)
+    status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det, "--plots", det, "--overwrite")
+    assert status == 2 and (det / "pr_curves.png").read_bytes() == b"mine"
+    assert f"--plots {det / 'pr_curves.png'}: is an input file (under --det {det})" in one_error_line(err)
+    status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det, "--plots", plots_dir, "--overwrite")
+    assert status == 0 and (plots_dir / "ap_per_class.png").read_bytes()[:4] == b"\x89PNG", err
+
+
+def test_analyze_out_is_checked_before_the_analysis_and_is_no_input_folder(tmp_path, capsys):
+    """Bug: analyze.py --out DET wrote analysis.txt into the detection folder (the next
+    evaluation read it as the box file of an image 'analysis' and failed), and an --out
+    holding a previous analysis was refused only after the tables were printed."""
+    gt, det = folder(tmp_path / "gt", GT), folder(tmp_path / "det", DET)
+    status, out, err = run(analyze.main, capsys, "--gt", gt, "--det", det, "--out", det)
+    assert status == 2 and out == "" and sorted(p.name for p in det.iterdir()) == ["a.txt", "b.txt"]
+    assert f"--out {det}: is the --det folder" in one_error_line(err)
+    previous = folder(tmp_path / "out", {"analysis.json": "{}"})
+    status, out, err = run(analyze.main, capsys, "--gt", gt, "--det", det, "--out", previous)
+    assert status == 2 and out == "" and f"{previous / 'analysis.json'}: already exists" in one_error_line(err)
+
+
+def test_test_py_json_never_replaces_the_checkpoint_or_an_existing_file(tmp_path):
+    """Bug: test.py best.pt --json best.pt would have replaced the checkpoint with the JSON
+    summary (and any existing --json file was replaced silently). Both are refused before
+    the checkpoint is even opened (it does not exist here: no network runs)."""
+    import test as test_script
+
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(UserError, match=f"--json {checkpoint}: is an input file \\(the checkpoint {checkpoint}\\)"):
+        test_script.main([str(checkpoint), "--json", str(checkpoint), "--overwrite"])
+    labels = folder(tmp_path / "labels", {"a.txt": "0 0.5 0.5 0.2 0.2\n"})
+    with pytest.raises(UserError, match="is an input file \\(under --label-dir"):
+        test_script.main([str(checkpoint), "--label-dir", str(labels), "--json", str(labels / "a.txt"), "--overwrite"])
+    with pytest.raises(UserError, match="already exists; choose another path, or --overwrite"):
+        test_script.main(["missing.pt", "--json", str(checkpoint)])
+    assert checkpoint.read_bytes() == b"weights"
