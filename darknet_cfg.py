@@ -16,6 +16,7 @@ Nothing here knows PyTorch: darknet_weights.py maps these layers onto the projec
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,19 +118,40 @@ class Cfg:
 def read_cfg(path: str | Path) -> Cfg:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: cfg file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise UserError(f"{path}: cannot read the cfg file: {err}") from None
-    return parse_cfg(text, str(path))
+    return parse_cfg(cfg_text(data, str(path)), str(path))
+
+
+def cfg_text(data: bytes, path: str) -> str:
+    """A cfg file's bytes as text. Darknet reads bytes and only ASCII means anything to it,
+    so a comment in Latin-1 (not UTF-8) is no error; a UTF-8 byte order mark (Windows
+    editors) is dropped. A NUL byte means a binary file, most likely the ``.weights``."""
+    if b"\0" in data:
+        raise UserError(f"{path}: a binary file, not a Darknet cfg (text); was the .weights file given "
+                        "in the cfg's place?")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+# Darknet splits lines at "\n" only (utils.c fgetl) and removes spaces, tabs and newlines
+# anywhere in a line (utils.c strip). Python's str.splitlines and str.split would also
+# break at \v, \f, \x1c-\x1e, \x85 and \u2028, and drop Unicode spaces: another line than
+# Darknet's, and wrong line numbers in messages. "\r" is dropped too (Darknet would not
+# parse a CRLF file at all; its meaning is plain).
+NOT_IN_A_LINE = str.maketrans("", "", " \t\r")
 
 
 def sections(text: str, path: str) -> list[tuple[str, int, dict]]:
     """``[(type, line, {key: (value, line)})]`` in file order, as Darknet's read_cfg splits them."""
     found: list[tuple[str, int, dict]] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = "".join(raw.split())  # read_cfg strips every space and tab, anywhere in the line
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.translate(NOT_IN_A_LINE)  # read_cfg strips every space and tab, anywhere in the line
         if not line or line[0] in "#;":
             continue
         if line[0] == "[":
@@ -150,6 +172,13 @@ def sections(text: str, path: str) -> list[tuple[str, int, dict]]:
     return found
 
 
+# The numbers Darknet's atoi / atof read whole, in ASCII. Python's int() and float() also
+# take "1_6" (16; atoi reads 1), non-ASCII digits, "nan" and "inf": a different network
+# from the one Darknet builds, so such values are refused, as is trailing text.
+NUMBER = {int: re.compile(r"[+-]?[0-9]+", re.ASCII),
+          float: re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)}
+
+
 class Options:
     """A section's options, read with their types; remembers which were read."""
 
@@ -162,11 +191,14 @@ class Options:
         if key not in self.options:
             return default
         value, line = self.options[key]
-        try:
-            return value if kind is str else kind(value)
-        except ValueError:
-            raise UserError(f"{self.path}:{line}: [{self.kind}] {key}={value}: not "
-                            f"{'an integer' if kind is int else 'a number'}") from None
+        if kind is str:
+            return value
+        if not NUMBER[kind].fullmatch(value):
+            comment = " (Darknet reads comments only on lines of their own)" if "#" in value or ";" in value else ""
+            shown = value if value.isprintable() else repr(value)
+            raise UserError(f"{self.path}:{line}: [{self.kind}] {key}={shown}: not "
+                            f"{'an integer' if kind is int else 'a finite number'}{comment}")
+        return kind(value)
 
     def fail(self, key: str | None, message: str):
         line = self.options[key][1] if key in self.options else self.line

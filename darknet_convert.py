@@ -28,7 +28,7 @@ from torch import nn
 import argtypes
 from darknet_cfg import Cfg, read_cfg
 from darknet_model import HEADS, Darknet
-from darknet_weights import load_weights, model_cfg, open_weights, write_darknet
+from darknet_weights import check_outputs, load_weights, model_cfg, open_weights, write_darknet
 from model import MODELS, YOLOv1, build_checked, build_model
 from utils import VOC_CLASSES, UserError, check_finite, load_checkpoint, run_cli, save_checkpoint
 
@@ -63,18 +63,42 @@ def summary(layers) -> list[tuple]:
     return [(layer.kind, layer.params) for layer in layers]
 
 
-def first_filters(model: nn.Module) -> int:
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).out_channels
+def scaled_filters(model: nn.Module) -> list[int]:
+    """The filters of the convolutions that the width multiplier scales, in order (all of a
+    detector's; a classifier's features, not its head's 1x1 convolution to the classes)."""
+    part = model.features if isinstance(model, Darknet) else model
+    return [m.out_channels for m in part.modules() if isinstance(m, nn.Conv2d)]
 
 
-def cfg_traits(layers) -> dict:
-    """What the options of a registry entry are read from: batch norm and width from the first
-    convolution, the head's sizes from its local, connected and dropout layers."""
+def width_of(filters: list[int], base: list[int]) -> float:
+    """A width multiplier that gives every one of ``filters`` from the width-1 network's
+    ``base`` (darknet_model.scaled: ``max(1, round(base * width))``).
+
+    The first convolution alone does not determine it: width 0.3 gives 64 -> 19 and
+    192 -> 58, but 19 / 64 gives 192 -> 57, so a network written at width 0.3 was not
+    recognised when read back. Each layer allows an open interval of widths; any width in
+    all of them builds the same network: the first layer's ratio when it is one of them, else
+    the shortest decimal inside (0.3, not 0.300049)."""
+    lo, hi = 0.0, float("inf")
+    for n, b in zip(filters, base):
+        lo, hi = max(lo, (n - 0.5) / b if n > 1 else 0.0), min(hi, (n + 0.5) / b)
+    first = filters[0] / base[0]
+    if lo < first < hi or not lo < hi:  # no common width: compare() names the first layer that differs
+        return first
+    middle = (lo + hi) / 2
+    return next((r for r in (round(middle, d) for d in range(1, 9)) if lo < r < hi), middle)
+
+
+def cfg_traits(layers, base: list[int]) -> dict:
+    """What the options of a registry entry are read from: batch norm from the first
+    convolution, the width from all of them (``base``: the entry's filters at width 1), the
+    head's sizes from its local, connected and dropout layers."""
     convs = [layer for layer in layers if layer.kind == "convolutional"]
     connected = [layer.params["output"] for layer in layers if layer.kind == "connected"]
     if not convs:
         raise UserError("has no convolutional layer; the project's networks start with convolutions")
-    return {"batch_norm": bool(convs[0].params["batch_normalize"]), "filters": convs[0].params["filters"],
+    return {"batch_norm": bool(convs[0].params["batch_normalize"]),
+            "width": width_of([layer.params["filters"] for layer in convs], base),
             "local": next((layer.params["filters"] for layer in layers if layer.kind == "local"), 0),
             "hidden": connected[0] if len(connected) >= 2 else 0,
             "dropout": next((layer.params["probability"] for layer in layers if layer.kind == "dropout"), 0.0)}
@@ -82,13 +106,13 @@ def cfg_traits(layers) -> dict:
 
 def detector_candidates(cfg: Cfg, layers) -> list[tuple[Match, int]]:
     """Every registry entry with the options this cfg implies, and how much its defaults agree."""
-    det, traits = layers[-1].params, cfg_traits(layers)
+    det = layers[-1].params
     found = []
     for name, entry in MODELS.items():
         with torch.device("meta"):
-            base = first_filters(entry.cls(**entry.defaults))
+            traits = cfg_traits(layers, scaled_filters(entry.cls(**entry.defaults)))
         config = {"S": det["side"], "B": det["num"], "C": det["classes"], "batch_norm": traits["batch_norm"],
-                  "width": traits["filters"] / base, "darknet_bn": True}
+                  "width": traits["width"], "darknet_bn": True}
         if entry.cls is YOLOv1:
             config |= {k: traits[k] for k in ("hidden", "local", "dropout")}
         agree = sum(config.get(k) == v for k, v in entry.defaults.items())
@@ -97,11 +121,10 @@ def detector_candidates(cfg: Cfg, layers) -> list[tuple[Match, int]]:
 
 
 def classifier_candidates(cfg: Cfg, layers) -> list[tuple[Match, int]]:
-    traits = cfg_traits(layers)
     with torch.device("meta"):
-        base = first_filters(Darknet())
+        traits = cfg_traits(layers, scaled_filters(Darknet()))
     config = {"num_classes": layers[-1].in_shape[0] * max(layers[-1].in_shape[1], 1) * max(layers[-1].in_shape[2], 1),
-              "batch_norm": traits["batch_norm"], "width": traits["filters"] / base, "darknet_bn": True}
+              "batch_norm": traits["batch_norm"], "width": traits["width"], "darknet_bn": True}
     return [(Match("darknet", config | {"head": head}), 0) for head in HEADS]
 
 
@@ -190,6 +213,8 @@ def convert_from_darknet(cfg_path, weights_path, out, names=None) -> str:
         done = f"{match.name} (S={model.S}, B={model.B}, C={model.C})"
     ckpt["darknet"] = source | {"seen": int(header.seen)}
     check_finite(ckpt["model"], str(weights_path))  # NaN weights would travel into every later use
+    check_outputs(model, units, cfg, weights_path, None if match.name != "darknet" or complete
+                  else len(list(model.features.children())))
     save_checkpoint(ckpt, out)
     return f"{cfg_path} + {weights_path} (seen {header.seen}) -> {out}: {done}"
 
@@ -255,10 +280,7 @@ def convert_to_darknet(path, out, size: int | None) -> str:
     elif size is None:
         size = ckpt.get("input_size", 224)
     seen = int((ckpt.get("darknet") or {}).get("seen", 0))
-    stem = Path(out)
-    if stem.suffix in (".cfg", ".weights"):
-        stem = stem.with_suffix("")
-    cfg_path, weights_path = write_darknet(model, stem, size, seen)
+    cfg_path, weights_path = write_darknet(model, darknet_stem(out), size, seen)
     return f"{path} -> {cfg_path} + {weights_path}"
 
 
@@ -270,6 +292,8 @@ def parse_args(argv):
     p.add_argument("-o", "--output", required=True,
                    help="the checkpoint to write, or the Darknet files' path without suffix")
     p.add_argument("--names", help="class names, one per line (default: VOC's 20 when the cfg has 20)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that exist (refused otherwise: they may be a trained checkpoint)")
     p.add_argument("--size", type=argtypes.at_least(32), help="a classifier's input side in its cfg (default: as converted, "
                                             "or 224 as extraction.cfg)")
     args = p.parse_args(argv)
@@ -280,16 +304,36 @@ def parse_args(argv):
     return args
 
 
+def darknet_stem(out) -> Path:
+    """``-o`` for Darknet files: their path without suffix (``mine`` or ``mine.weights``)."""
+    stem = Path(out)
+    return stem.with_suffix("") if stem.suffix in (".cfg", ".weights") else stem
+
+
+def refuse_existing(outputs, inputs, overwrite: bool) -> None:
+    """Nothing already there is replaced unless ``--overwrite`` says so (``-o best.pt`` once
+    replaced a trained checkpoint without a word), and never an input file."""
+    for out in outputs:
+        if any(out.resolve() == Path(i).resolve() for i in inputs):
+            raise UserError(f"-o {out}: is one of the input files; choose another output")
+        if out.exists() and not overwrite:
+            raise UserError(f"-o {out}: exists; choose another output, or --overwrite to replace it")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if len(args.inputs) == 2:
         cfg_path, weights_path = map(Path, args.inputs)
         if cfg_path.suffix != ".cfg" and weights_path.suffix == ".cfg":
             cfg_path, weights_path = weights_path, cfg_path
+        refuse_existing([Path(args.output)], args.inputs, args.overwrite)
         print(convert_from_darknet(cfg_path, weights_path, args.output, args.names))
     elif Path(args.inputs[0]).suffix in (".cfg", ".weights"):
         raise UserError(f"{args.inputs[0]}: a Darknet file; give both, CFG WEIGHTS, to make a checkpoint of them")
     else:
+        stem = darknet_stem(args.output)
+        refuse_existing([stem.with_name(stem.name + ".cfg"), stem.with_name(stem.name + ".weights")],
+                        args.inputs, args.overwrite)
         print(convert_to_darknet(args.inputs[0], args.output, args.size))
 
 

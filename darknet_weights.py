@@ -267,7 +267,15 @@ def load_weights(model: nn.Module, units: list[Unit], path, source: Cfg, layers:
     ``partial`` cut). Floats after the units' are not read. Returns the header.
     """
     header, floats = open_weights(path)
-    check_count(path, len(floats), source, source.layers if layers is None else layers, what)
+    layers = source.layers if layers is None else layers
+    try:
+        check_count(path, len(floats), source, layers, what)
+    except UserError as err:
+        if abs(len(floats) - sum(layer.n_weights for layer in layers)) != 1:
+            raise
+        seen = "64-bit" if header.size == 20 else "32-bit"  # one float is the 4 bytes between the two
+        raise UserError(f"{err} (exactly one float off: its version {header.major}.{header.minor} header "
+                        f"says 'seen' is {seen}; was it written with the other size?)") from None
     S, B, C = (getattr(model, k, 0) for k in "SBC")
     position, filled = 0, set()
     with torch.no_grad():
@@ -275,6 +283,8 @@ def load_weights(model: nn.Module, units: list[Unit], path, source: Cfg, layers:
             for role, tensor in tensors:
                 count = tensor.numel()
                 values = torch.from_numpy(np.array(floats[position:position + count]))
+                if role == "variance":
+                    check_variances(values, path, source, units.index(unit), position)
                 position += count
                 tensor.copy_(from_file(role, values, tensor, header, unit, (S, B, C)))
                 filled.add(id(tensor))
@@ -289,6 +299,45 @@ def load_weights(model: nn.Module, units: list[Unit], path, source: Cfg, layers:
         if isinstance(m, nn.BatchNorm2d):
             m.num_batches_tracked.zero_()
     return header
+
+
+def check_variances(values: torch.Tensor, path, source: Cfg, index: int, position: int) -> None:
+    """Rolling variances are never negative (Darknet's normalize_cpu takes their square root:
+    a negative one makes every output NaN). Where a file of the right length holds another
+    cfg's floats, or is shifted or corrupt, these slots hold weights, about half of them
+    negative: refuse it here rather than convert it into a network that outputs NaN."""
+    negative = values < 0
+    if negative.any():
+        layer = source.layers[index]
+        raise UserError(f"{path}: layer {index} {layer.title()} ({source.where(layer)}): "
+                        f"{int(negative.sum())} of its {values.numel()} rolling variances (floats {position} "
+                        f"to {position + values.numel()}) are negative, e.g. {values[negative][0].item():.3g}; "
+                        "the file's floats are not this cfg's layers (weights of another cfg with the same "
+                        "count?) or the file is corrupt")
+
+
+def check_outputs(model: nn.Module, units: list[Unit], source: Cfg, path, upto: int | None = None) -> None:
+    """Run the network just read (its first ``upto`` units) on one image of random pixels: a file
+    whose floats are finite but not this cfg's (another network's of the same length, floats
+    shifted) gives NaN or infinite outputs, which would otherwise only show later as a
+    detector that finds nothing. Names the first layer whose output is not finite."""
+    chosen = units if upto is None else units[:upto]
+    modules = [(i, list(u.modules.values())[-1]) for i, u in enumerate(chosen) if u.modules]  # after its activation
+    bad: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out, i=i: bad.append(i) if not bad and
+                                     not torch.isfinite(out).all() else None) for i, m in modules]
+    x = torch.rand(1, *source.input_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            (model.features if upto is not None else model).eval()(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if bad:
+        layer = source.layers[bad[0]]
+        raise UserError(f"{path}: with these weights layer {bad[0]} {layer.title()} ({source.where(layer)}) "
+                        "computes NaN or infinite values from an image of random pixels; the file's floats are not "
+                        "this cfg's layers (weights of another cfg with the same count?) or the file is corrupt")
 
 
 def from_file(role: str, values: torch.Tensor, tensor: torch.Tensor, header: Header, unit: Unit, sbc):

@@ -241,6 +241,8 @@ def parse_split(split: str) -> list[tuple[str, str]]:
     for part, pair in zip(parts, pairs):
         if len(pair) != 2 or not pair[0].isdigit() or not pair[1]:
             raise UserError(f"split {split!r}: {part!r} is not YEAR/SET (e.g. 2007/trainval+2012/trainval)")
+    if len(set(pairs)) < len(pairs):  # every image of that set twice: refuse_repeated_ids
+        raise UserError(f"split {split!r} names a set twice")
     return pairs
 
 
@@ -249,6 +251,11 @@ def voc_year_dir(root: Path, year: str) -> Path:
     for candidate in (root / f"VOC{year}", root):
         if candidate.name == f"VOC{year}" and (candidate / "Annotations").is_dir():
             return candidate
+    years = devkit_years(root) if root.is_dir() else []
+    if years:  # a VOCdevkit without this year (train.py's default --split names 2007 and 2012)
+        raise UserError(f"{root}: no VOC{year}/Annotations folder; this VOCdevkit has "
+                        f"{', '.join(f'VOC{y}' for y in years)}: choose --split (or --sets) from those, "
+                        f"e.g. {years[0]}/trainval")
     raise UserError(f"{root}: no VOC{year}/Annotations folder (expected a VOCdevkit folder)")
 
 
@@ -337,6 +344,20 @@ def read_devkit_split(root: Path, year: str, image_set: str, class_names) -> lis
     return items
 
 
+def refuse_repeated_ids(seen: dict, items, split: str) -> None:
+    """Record the ids of one year/set's ``items`` (:func:`read_devkit_split`) in ``seen``
+    (id -> the split that listed it first); an image that two sets list is an error.
+
+    ``2007/train+2007/trainval`` trained every train image twice, and voc_convert.py
+    ``--sets 2007/trainval 2007/val`` wrote the val images into train.csv twice, without a
+    word; a test image in a training set would be evaluated on after being learned."""
+    for image_id, image_path, _ in items:
+        first = seen.setdefault(image_id, split)
+        if first != split:
+            raise UserError(f"{image_path}: image {image_id} is listed by both {first} and {split}: "
+                            "choose sets that do not overlap (trainval = train + val)")
+
+
 class VOCDevkitDataset(DetectionDataset):
     """A ``VOCdevkit`` tree read directly: ``split`` like ``"2007/trainval+2012/trainval"``.
 
@@ -349,9 +370,11 @@ class VOCDevkitDataset(DetectionDataset):
                  img_size: int = 448, train: bool = False):
         root = Path(root)
         class_names = load_class_names(class_names)
-        records = []
+        records, seen = [], {}
         for year, image_set in parse_split(split):
-            for _, image_path, ann in read_devkit_split(root, year, image_set, class_names):
+            items = read_devkit_split(root, year, image_set, class_names)
+            refuse_repeated_ids(seen, items, f"{year}/{image_set}")
+            for _, image_path, ann in items:
                 scale = np.array([ann["width"], ann["height"]] * 2, dtype=np.float32)
                 records.append(ImageRecord(image_path, (ann["boxes"] / scale).clip(0, 1), ann["labels"],
                                            ann["difficult"], (ann["width"], ann["height"])))
@@ -365,34 +388,53 @@ def devkit_years(root: Path) -> list[str]:
             and (p / "Annotations").is_dir()]
 
 
-def build_voc_dataset(data, img_dir=None, label_dir=None, split: str | None = None, names=None,
-                      S: int = 7, img_size: int = 448, train: bool = False,
-                      uint8: bool = False) -> DetectionDataset:
-    """A VOC dataset from a csv file of the txt layout or from a VOCdevkit folder.
+@dataclass(frozen=True)
+class VOCSource:
+    """Where a VOC dataset's files are: what travels together from a command's arguments
+    to :func:`build_voc_dataset`.
 
-    csv: ``img_dir`` and ``label_dir`` default to ``images/`` and ``labels/`` beside it.
-    VOCdevkit: ``split`` defaults to every year's trainval for training (the paper's
-    2007+2012) and to ``2007/test`` for evaluation. ``names``: a names file or list; VOC's
-    20 classes by default. ``train`` switches the augmentation on. ``uint8``: samples are
-    ``(uint8 image, target, photometric factors)``, finished by :func:`to_float_images`.
+    ``data``: a csv file of the txt layout, whose ``img_dir`` and ``label_dir`` default to
+    ``images/`` and ``labels/`` beside it; or a VOCdevkit folder, whose ``split`` defaults
+    to every year's trainval for training (the paper's 2007+2012) and to ``2007/test``
+    for evaluation. The fields a layout does not use are ignored.
     """
-    data = _build_voc_dataset(data, img_dir, label_dir, split, names, S, img_size, train)
-    data.uint8 = uint8
-    return data
+    data: str | os.PathLike
+    img_dir: str | os.PathLike | None = None
+    label_dir: str | os.PathLike | None = None
+    split: str | None = None
+
+    @classmethod
+    def of(cls, args, data_arg: str = "data", split_arg: str = "split") -> "VOCSource":
+        """From a command's arguments: ``--data`` (or ``data_arg``), ``--img-dir``,
+        ``--label-dir`` and ``--split`` (or ``split_arg``), those it has."""
+        return cls(getattr(args, data_arg), getattr(args, "img_dir", None), getattr(args, "label_dir", None),
+                   getattr(args, split_arg, None))
 
 
-def _build_voc_dataset(data, img_dir, label_dir, split, names, S, img_size, train) -> DetectionDataset:
-    path = Path(data)
+def build_voc_dataset(source: VOCSource | str | os.PathLike, names=None, *, S: int = 7, img_size: int = 448,
+                      train: bool = False, uint8: bool = False) -> DetectionDataset:
+    """A VOC dataset from a :class:`VOCSource` (or just its ``data``: a csv file of the txt
+    layout or a VOCdevkit folder, with the defaults).
+
+    ``names``: a names file or list; VOC's 20 classes by default. ``train`` switches the
+    augmentation on. ``uint8``: samples are ``(uint8 image, target, photometric factors)``,
+    finished by :func:`to_float_images`.
+    """
+    source = source if isinstance(source, VOCSource) else VOCSource(source)
+    path, split = Path(source.data), source.split
     if path.is_dir():
         years = devkit_years(path)
         if not years:
             raise UserError(f"{path}: not a VOCdevkit folder (no VOC<year>/Annotations inside)")
         if split is None:
             split = "+".join(f"{y}/trainval" for y in years) if train else "2007/test"
-        return VOCDevkitDataset(path, split, names, S, img_size, train)
-    if path.is_file() or path.suffix.lower() == ".csv":
-        return VOCTxtDataset(path, img_dir, label_dir, names, S, img_size, train)
-    raise UserError(f"{path}: not found (expected a csv file of the txt layout or a VOCdevkit folder)")
+        data = VOCDevkitDataset(path, split, names, S, img_size, train)
+    elif path.is_file() or path.suffix.lower() == ".csv":
+        data = VOCTxtDataset(path, source.img_dir, source.label_dir, names, S, img_size, train)
+    else:
+        raise UserError(f"{path}: not found (expected a csv file of the txt layout or a VOCdevkit folder)")
+    data.uint8 = uint8
+    return data
 
 
 def build_image_dataset(folder, img_size: int = 448, S: int = 7, names=None) -> DetectionDataset:

@@ -23,7 +23,7 @@ from pathlib import Path
 import argtypes
 import predict
 import runs
-from dataset import build_image_dataset, build_voc_dataset
+from dataset import VOCSource, build_image_dataset, build_voc_dataset
 from box_files import refuse_name_clashes
 from utils import UserError, run_cli
 from voc_results import unwritable, write_results
@@ -60,8 +60,7 @@ def load_data(args, names, model):
     is_devkit = path.is_dir() and any(path.glob("VOC*/Annotations"))
     if path.is_dir() and not is_devkit:
         return build_image_dataset(path, img_size=model.input_size), False
-    return build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, names,
-                             S=model.S, img_size=model.input_size), True
+    return build_voc_dataset(VOCSource.of(args), names, S=model.S, img_size=model.input_size), True
 
 
 def main(argv=None):

@@ -29,7 +29,7 @@ from schedule import build_optimizer, build_scheduler
 from runs import (MetricsLog, RunInterrupted, check_same_checkpoint, load_training_state, open_run,
                   refresh_plots, release_locks, remove_stale_temporaries, rng_state, save_epoch_checkpoints,
                   save_with_previous, set_rng_state, write_config)
-from utils import UserError, load_state_checked
+from utils import UserError, load_state_checked, one_line
 
 
 # --------------------------------------------------------------------------- arguments
@@ -268,22 +268,36 @@ def train_one_epoch(state: TrainState, step_fn, epoch: int, start_batch: int = 0
     total, micro = start_batch + len(state.loader), max(1, args.accum_steps)
     bar = tqdm(state.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main,
                dynamic_ncols=True, leave=False, initial=start_batch, total=total)
-    for i, batch in enumerate(bar, start=start_batch):
-        last_micro = (i + 1) % micro == 0 or i + 1 == total
-        # an epoch's last step may hold fewer micro-batches: its gradient averages over those
-        in_step = min(micro, total - i // micro * micro)
-        loss, synced = forward_backward(state, step_fn, batch, (epoch, in_step), last_micro, acc)
-        if last_micro:
-            # DDP averaged the gradients in the backward pass of this micro-batch, if it ran
-            if dist.distributed and not synced:
-                average_gradients(model)
-            optimizer_step(model, state.optimizer, state.scaler, args.grad_clip)
-            state.scheduler.step()
-            if stopper is not None and stopper.agreed(dist):
-                acc["time"] = time.perf_counter() - start
-                return {"interrupted": {"batch": i + 1, "partial": acc}}
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{acc['seen'] / (time.perf_counter() - start):.1f}")
+    done = {"batch": start_batch, "partial": snapshot(acc, start)}  # the last optimiser step's state
+    try:
+        for i, batch in enumerate(bar, start=start_batch):
+            last_micro = (i + 1) % micro == 0 or i + 1 == total
+            # an epoch's last step may hold fewer micro-batches: its gradient averages over those
+            in_step = min(micro, total - i // micro * micro)
+            loss, synced = forward_backward(state, step_fn, batch, (epoch, in_step), last_micro, acc)
+            if last_micro:
+                # DDP averaged the gradients in the backward pass of this micro-batch, if it ran
+                if dist.distributed and not synced:
+                    average_gradients(model)
+                optimizer_step(model, state.optimizer, state.scaler, args.grad_clip)
+                state.scheduler.step()
+                done = {"batch": i + 1, "partial": snapshot(acc, start)}
+                if stopper is not None and stopper.agreed(dist):
+                    return {"interrupted": done}
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{acc['seen'] / (time.perf_counter() - start):.1f}")
+    except NonFiniteLoss:
+        raise
+    except UserError as err:
+        # A bad file met in the middle of an epoch (a truncated JPEG is found only when it
+        # is decoded) lost every step of the epoch so far: they are saved like an interrupt.
+        # Micro-batches of an unfinished step are redone on resume.
+        return {"interrupted": done, "failed": one_line(err)}
     return epoch_means(acc, dist, time.perf_counter() - start)
+
+
+def snapshot(acc: dict, start: float) -> dict:
+    """A copy of the epoch's running sums, with the time spent so far, to save and resume from."""
+    return acc | {"sums": dict(acc["sums"]), "time": time.perf_counter() - start}
 
 
 def forward_backward(state: TrainState, step_fn, batch, where: tuple[int, int], last_micro: bool,
@@ -410,14 +424,25 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
                 stop = row["interrupted"] | {"epoch": epoch, "epoch_lr": row["lr"]}
                 if dist.is_main:
                     save_with_previous(state.checkpoint(epoch, best) | stop, run_dir / "last.pt")
-                raise RunInterrupted(f"{stopper.signal}: stopped in epoch {epoch + 1} after batch "
-                                     f"{stop['batch']}; state saved in {run_dir / 'last.pt'}; "
-                                     f"continue with --resume {run_dir}")
+                where = (f"stopped in epoch {epoch + 1} after batch {stop['batch']}; state saved in "
+                         f"{run_dir / 'last.pt'}")
+                if "failed" in row:
+                    raise UserError(f"{row['failed']} ({where}: fix the file, then --resume {run_dir})")
+                raise RunInterrupted(f"{stopper.signal}: {where}; continue with --resume {run_dir}")
             batch, partial, epoch_lr = 0, None, None
             # Every rank validates its shard with rank 0's batch-norm statistics, those saved
             # (DDP syncs buffers only at each forward; the Darknet scripts did this, YOLO not: #14).
             sync_buffers(unwrap(state.model), dist)
-            row |= (evaluate_fn(state.model, epoch) or {}) if evaluate_fn else {}
+            try:
+                row |= (evaluate_fn(state.model, epoch) or {}) if evaluate_fn else {}
+            except UserError as err:
+                # a bad validation image lost the epoch just trained (and, at the first
+                # validation, the whole run): the epoch is saved first, unvalidated
+                if dist.is_main:
+                    end_of_epoch(state, row, best, False, log, None)
+                raise UserError(f"{one_line(err)} (epoch {epoch + 1} was trained and saved in "
+                                f"{run_dir / 'last.pt'} without validation: fix the file, then "
+                                f"--resume {run_dir})") from None
             improved = metric in row and row[metric] > best
             best = row[metric] if improved else best
             if dist.is_main:  # rank 0 alone logs and saves

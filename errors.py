@@ -37,8 +37,8 @@ def finite_number(text, what: str, where: str) -> float:
     """A number read from a user's file (``text``: str or bytes), or a one-line UserError
     naming the place and the field: ``where: what is not a number: '...'``. NaN and
     infinities are refused: no file the project reads has a use for them."""
-    try:
-        value = float(text)
+    try:  # float() reads "1_0" as 10 (PEP 515 grouping): a typo, never a number in these files
+        value = float(text) if "_" not in _shown(text) else float("x")
     except ValueError:
         raise UserError(f"{where}: {what} is not a number: {_shown(text)[:40]!r}") from None
     if not math.isfinite(value):

@@ -16,9 +16,10 @@ Outputs (default, decoded in the graph), with K = S*S*B boxes per image:
                      Section 2), each factor clamped to [0, 1] as utils.decode_predictions
 Box k comes from cell k // B (row-major: row = cell // S, column = cell % S), predictor k % B.
 Non-maximum suppression is NOT in the graph: it is the caller's job. As in
-utils.decode_predictions, each box takes its best class (argmax of its scores), boxes
-scoring at most a threshold are dropped, then NMS runs per class; ``postprocess`` below
-does exactly that on onnxruntime's numpy outputs, with the same NMS code.
+utils.decode_predictions (and Darknet), every (box, class) pair scoring above a threshold
+is a detection, then NMS runs per class; ``postprocess`` below does exactly that on
+onnxruntime's numpy outputs, with the same NMS code (``all_classes=False``: each box's
+best class only, decode_predictions' option of the same name).
 
 With ``--raw`` the single output ``output`` is the network's (N, S*S*(C+5B)); per cell
 ``[C class scores | conf, x, y, sqrt_w, sqrt_h for each of the B predictors]`` (model.py).
@@ -184,16 +185,21 @@ def export(model: nn.Module, names, out_dir: Path, formats, raw: bool = False, o
 
 # --------------------------------------------------------------------------- using the ONNX file
 def postprocess(boxes: np.ndarray, scores: np.ndarray, conf_threshold: float = 0.2,
-                nms_iou: float = 0.5) -> list[np.ndarray]:
+                nms_iou: float = 0.5, all_classes: bool = True) -> list[np.ndarray]:
     """The exported outputs -> per image ``(M, 6)``: ``class, score, x1, y1, x2, y2`` (0..1),
     best first, as numpy arrays: utils.decode_predictions' thresholding and its NMS
-    (:func:`utils.nms_per_image`, torchvision's ``batched_nms``) on onnxruntime's outputs."""
+    (:func:`utils.nms_per_image`, torchvision's ``batched_nms``) on onnxruntime's outputs.
+    Every class of a box scoring above ``conf_threshold`` is a detection, as in
+    decode_predictions and Darknet (this once kept each box's best class only, so an ONNX
+    user got fewer detections than detect.py from the same network); ``all_classes=False``
+    keeps that."""
     boxes, scores = torch.from_numpy(np.asarray(boxes, np.float32)), torch.from_numpy(np.asarray(scores, np.float32))
-    n, k = scores.shape[:2]
-    best, labels = scores.max(-1)  # each box takes its best class
-    keep = best > conf_threshold
-    image = torch.arange(n).repeat_interleave(k).reshape(n, k)[keep]
-    return [d.numpy() for d in nms_per_image(boxes[keep], best[keep], labels[keep], image, n, nms_iou)]
+    n, k, c = scores.shape
+    keep = scores > conf_threshold                                          # (N, K, C)
+    if not all_classes:  # each box's best class only (the first of equal ones, as decode_predictions)
+        keep &= nn.functional.one_hot(scores.argmax(-1), c).bool()
+    image, box, label = keep.nonzero(as_tuple=True)
+    return [d.numpy() for d in nms_per_image(boxes[image, box], scores[keep], label, image, n, nms_iou)]
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -287,6 +288,16 @@ def load_backbone(model: nn.Module, checkpoint: dict, source: str = "backbone ch
                         f"batch norm; build the detector {flag}")
     eps = next((m.eps for m in model.features.modules() if isinstance(m, nn.BatchNorm2d)), None)
     if eps is not None and config.get("darknet_bn", False) and not model.config.get("darknet_bn", False):
+        # Below (sqrt(eps) - 1e-6)^2 no PyTorch variance gives Darknet's divisor: those channels
+        # are normalised less than in Darknet until training re-estimates the statistics. Said
+        # once, not silently (the released extraction.weights holds variances of 1e-10).
+        small = sum(int(((v.double().sqrt() + 1e-6).square() < eps).sum()) for k, v in features.items()
+                    if k.endswith("running_var") and v.is_floating_point())
+        if small:
+            warnings.warn(f"{source}: {small} batch-norm channels have a running variance below "
+                          f"{(eps ** 0.5 - 1e-6) ** 2:.2g}, which PyTorch's batch norm (eps {eps:g}) cannot "
+                          "reproduce: they differ from Darknet's numbers until training updates them "
+                          "(build with darknet_bn for Darknet's formula)", stacklevel=2)
         features = {k: variance_from_darknet(v, eps) if k.endswith("running_var") else v
                     for k, v in features.items()}
     load_state_checked(model.features, features, source)

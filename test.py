@@ -24,7 +24,7 @@ import torch
 import argtypes
 import predict
 import runs
-from dataset import build_voc_dataset
+from dataset import VOCSource, build_voc_dataset
 from evaluate import check_output_file, format_report, match_detections, summarize_matches
 from original_metric import DESCRIPTION as ORIGINAL_METRIC, original_project_metric
 from utils import UserError, run_cli
@@ -45,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate_checkpoint(args) -> dict:
     """Both metrics from one pass of the network over the data."""
     runner = predict.open_runner(args)
-    dataset = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, runner.names,
-                                S=runner.S, img_size=runner.input_size)
+    dataset = build_voc_dataset(VOCSource.of(args), runner.names, S=runner.S, img_size=runner.input_size)
     dets, outputs = predict.predict_files(runner, [r.path for r in dataset.records], args, keep_outputs=True)
     gt = predict.ground_truth_table(dataset, runner.names)
     interp, difficult = ("11", "ignore") if args.voc07 else ("all", "ignore")

@@ -27,7 +27,7 @@ import engine
 import predict
 import resume_policy
 import runs
-from dataset import build_voc_dataset
+from dataset import VOCSource, build_voc_dataset
 from encoded_images import decode_batch, decode_on_device
 from loss import DarknetUpdate, YoloLoss
 from darknet_model import to_channels_last
@@ -245,14 +245,14 @@ def build_datasets(args, device: torch.device):
     # 64 * S is the model's input_size (model.GridDetector); the model itself is built
     # once the data has named the classes.
     size = 64 * args.S
-    train_set = build_voc_dataset(args.data, args.img_dir, args.label_dir, args.split, args.names,
-                                  S=args.S, img_size=size, train=not args.no_augment, uint8=True)
+    train_set = build_voc_dataset(VOCSource.of(args), args.names, S=args.S, img_size=size,
+                                  train=not args.no_augment, uint8=True)
     train_set.encoded = decode_on_device(args.decode, device)
     train_set.shuffle_boxes = args.cell_winner == "random"
     if train_set.augment is not None:
         train_set.augment.flip = 0.5 if args.flip else 0.0
         train_set.augment.hue = args.hue
-    val_set = (build_voc_dataset(args.val_data, split=args.val_split, names=args.names,
+    val_set = (build_voc_dataset(VOCSource(args.val_data, split=args.val_split), args.names,
                                  S=args.S, img_size=size) if args.val_data else None)
     return train_set, val_set
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import argtypes
-from dataset import load_class_names, parse_split, read_devkit_split, voc_year_dir
+from dataset import load_class_names, parse_split, read_devkit_split, refuse_repeated_ids, voc_year_dir
 from voc_txt import write_csv, write_label_file
 from utils import UserError, run_cli
 
@@ -58,9 +58,7 @@ def read_splits(devkit: Path, splits, class_names, explicit: bool) -> dict[tuple
             print(f"note: {devkit}: no VOC{year}, skipping {year}/{image_set} (--sets chooses the sets)")
             continue
         read[year, image_set] = items = read_devkit_split(devkit, year, image_set, class_names)
-        for image_id, image_path, _ in items:
-            if seen.setdefault(image_id, image_path) != image_path:
-                raise UserError(f"{image_path}: image id {image_id} also comes from {seen[image_id]}")
+        refuse_repeated_ids(seen, items, f"{year}/{image_set}")  # one output name per image
     if not read:
         raise UserError(f"{devkit}: none of the sets {', '.join(map('/'.join, splits))} is there")
     return read

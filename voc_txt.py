@@ -24,18 +24,24 @@ def _parse_label_line(fields: list[str], num_classes: int, where: str) -> list[f
     values = []
     for name, field in zip(LABEL_FIELDS, fields):
         try:
+            # Python's float() also reads "0_5" as 5 and "1_0" as 10 (PEP 515 digit
+            # grouping): no label tool writes that, and a mistyped "0_5" became a box 5
+            # image widths wide or class 10, silently. Darknet's atof stops at the "_".
+            if "_" in field:
+                raise ValueError
             values.append(float(field))
         except ValueError:
             raise UserError(f"{where}: {name} {field!r} is not a number") from None
     if not (values[0].is_integer() and 0 <= values[0] < num_classes):
         raise UserError(f"{where}: class id {fields[0]} out of range: expected an integer "
                         f"0..{num_classes - 1} ({num_classes} class names)")
-    for name, value in zip(LABEL_FIELDS[1:], values[1:]):
+    # the fields as written: 1.0000001 printed with :g read "width 1 outside [0, 1]"
+    for name, field, value in zip(LABEL_FIELDS[1:], fields[1:], values[1:]):
         if not 0.0 <= value <= 1.0:
-            raise UserError(f"{where}: {name} {value:g} outside [0, 1] "
+            raise UserError(f"{where}: {name} {field} outside [0, 1] "
                             "(coordinates are relative to the image size)")
     if values[3] <= 0 or values[4] <= 0:
-        raise UserError(f"{where}: box size {values[3]:g} x {values[4]:g} must be positive")
+        raise UserError(f"{where}: box size {fields[3]} x {fields[4]} must be positive")
     return values
 
 
@@ -45,8 +51,8 @@ def read_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarra
 
     Box edges beyond the image are clipped, as Darknet's ``correct_boxes`` does.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # -sig: a byte-order mark (Windows editors) is not part of the first class id
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read label file ({one_line(err)})") from None
     rows = [_parse_label_line(line.split(), num_classes, f"{path}:{n}")
@@ -90,8 +96,11 @@ def read_csv_pairs(csv_path: Path, img_dir: Path, label_dir: Path) -> list[tuple
     for n, fields in rows:
         if any(ch in field for field in fields for ch in "\r\n"):
             raise UserError(f"{csv_path}:{n}: a field holds a line break (an unclosed quote?)")
-        if len(fields) != 2 or not all(fields):
-            raise UserError(f"{csv_path}:{n}: expected 2 fields 'image,label', got {sum(map(bool, fields))}")
+        if len(fields) != 2:
+            raise UserError(f"{csv_path}:{n}: expected 2 fields 'image,label', got {len(fields)}")
+        if not all(fields):
+            raise UserError(f"{csv_path}:{n}: expected 2 fields 'image,label', the "
+                            f"{'image' if not fields[0] else 'label'} field is empty")
         for name, folder, what in zip(fields, (img_dir, label_dir), ("image", "label file")):
             if name not in listed[folder] and not (folder / name).is_file():
                 raise UserError(f"{csv_path}:{n}: {what} {folder / name} not found")

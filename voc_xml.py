@@ -55,9 +55,11 @@ def read_annotation(path, with_size: bool = False) -> Annotation:
         raise UserError(f"{path}: annotation file not found") from None
     except (ET.ParseError, OSError) as err:
         raise UserError(f"{path}: not a readable XML file ({one_line(err)})") from None
+    _drop_namespaces(root)
     size = _read_size(root, path) if with_size else None
     names, boxes, difficult = [], [], []
-    for k, obj in enumerate(root.findall("object"), 1):
+    # every <object>, at any depth: one inside a wrapper (<objects>) was skipped without a word
+    for k, obj in enumerate(root.iter("object"), 1):
         name = (obj.findtext("name") or "").strip()
         where = object_place(path, k, name)
         if not name:
@@ -67,6 +69,16 @@ def read_annotation(path, with_size: bool = False) -> Annotation:
         difficult.append(_read_difficult(obj, where))
     return Annotation(names, np.array(boxes, dtype=np.float64).reshape(-1, 4),
                       np.array(difficult, dtype=bool), size)
+
+
+def _drop_namespaces(root: ET.Element) -> None:
+    """``{http://...}object`` -> ``object``, in place. A tool that writes the annotation
+    with an XML namespace (``<annotation xmlns="...">``) names every tag that way, and no
+    ``<object>`` was found: the image read as having no objects (evaluate.py's ground
+    truth lost every object of the file, silently)."""
+    for element in root.iter():
+        if isinstance(element.tag, str) and element.tag.startswith("{"):
+            element.tag = element.tag.split("}", 1)[1]
 
 
 def to_continuous(boxes: np.ndarray) -> np.ndarray:

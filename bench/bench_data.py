@@ -135,7 +135,7 @@ def main(argv=None) -> None:
                                                                            uint8=True)}, args)
         csv_big, devkit = many_annotations(root / "many", args.files)
         for name, source in (("csv + txt label files", csv_big), ("VOCdevkit XML files", devkit)):
-            build = lambda: dataset.build_voc_dataset(source, split="2007/trainval")  # noqa: E731
+            build = lambda: dataset.build_voc_dataset(dataset.VOCSource(source, split="2007/trainval"))  # noqa: E731
             seconds = median_seconds(build, max(1, args.repeats // 2))
             report[f"startup_{name}_s"] = seconds
             print(f"start-up, {len(build())} {name}: {seconds:.2f} s")

@@ -241,7 +241,7 @@ def test_convert_command_bad_weights_one_line_and_nothing_written(files, scripts
     out = tmp_path / "out.pt"
     out.write_bytes(b"an earlier checkpoint")
     before = hashes(tmp_path)
-    result = scripts.run("darknet_convert.py", files["cfg"], short, "-o", out)
+    result = scripts.run("darknet_convert.py", files["cfg"], short, "-o", out, "--overwrite")
     one_line_error(result, "broken.weights: holds", "layer 14 [connected]")
     assert hashes(tmp_path) == before                    # no temporary file left, out untouched
 

@@ -12,7 +12,7 @@ import dataset
 import synthetic
 import transforms
 import voc_convert
-from dataset import build_image_dataset, build_voc_dataset, load_image
+from dataset import VOCSource, build_image_dataset, build_voc_dataset, load_image
 from imagenet import build_imagenet
 from transforms import YoloAugment, scale_exposure_saturation
 from utils import VOC_CLASSES, UserError, run_cli, target_to_boxes
@@ -193,7 +193,7 @@ def devkit(tmp_path_factory):
 
 def test_devkit_reader_mixes_years_and_keeps_difficult_for_evaluation(devkit):
     root, samples = devkit
-    data = build_voc_dataset(root, split="2007/trainval+2012/trainval", S=S, img_size=SIZE)
+    data = build_voc_dataset(VOCSource(root, split="2007/trainval+2012/trainval"), S=S, img_size=SIZE)
     assert len(data) == 6
     assert [data.annotation(i)["image_id"] for i in (0, 4)] == ["000001", "2012_000005"]
     assert any(s.difficult.any() for s in samples[:6])
@@ -211,7 +211,7 @@ def test_devkit_default_splits(devkit):
     root, _ = devkit
     assert len(build_voc_dataset(root, train=True)) == 6        # every year's trainval
     assert len(build_voc_dataset(root)) == 3                    # 2007/test
-    assert "VOC2007/ImageSets/Main/val.txt: split file not found" in user_error(build_voc_dataset, root, split="2007/val")
+    assert "VOC2007/ImageSets/Main/val.txt: split file not found" in user_error(build_voc_dataset, VOCSource(root, split="2007/val"))
 
 
 def test_converter_writes_the_txt_layout(devkit, tmp_path):
@@ -219,7 +219,7 @@ def test_converter_writes_the_txt_layout(devkit, tmp_path):
     out = tmp_path / "voc"
     voc_convert.main(["--devkit", str(root), "--sets", "2007/trainval", "2012/trainval", "2007/test",
                       "--out", str(out)])
-    source = build_voc_dataset(root, split="2007/trainval+2012/trainval")
+    source = build_voc_dataset(VOCSource(root, split="2007/trainval+2012/trainval"))
     converted = build_voc_dataset(out / "train.csv")
     assert len(converted) == 6 and len(build_voc_dataset(out / "test.csv")) == 3
     assert os.path.samefile(out / "images" / "000001.jpg", root / "VOC2007" / "JPEGImages" / "000001.jpg")
@@ -436,7 +436,7 @@ def test_bad_label_lines(tmp_path, text, message):
     ("img,label\na.jpg,a.txt\nb.jpg,a.txt\n", "train.csv:3: image {root}/images/b.jpg not found"),
     ("a.jpg,a.txt\na.jpg,b.txt\n", "train.csv:2: label file {root}/labels/b.txt not found"),
     ("a.jpg,a.txt\na.jpg\n", "train.csv:2: expected 2 fields 'image,label', got 1"),
-    ("a.jpg,a.txt\n,a.txt\n", "train.csv:2: expected 2 fields 'image,label', got 1"),
+    ("a.jpg,a.txt\n,a.txt\n", "train.csv:2: expected 2 fields 'image,label', the image field is empty"),
 ])
 def test_bad_csv_rows(tmp_path, csv_text, message):
     csv_path = small_tree(tmp_path, {"a": ""}, csv_text)
@@ -447,7 +447,7 @@ def test_missing_csv_and_folders(tmp_path):
     assert "nope.csv: csv file not found" in user_error(build_voc_dataset, tmp_path / "nope.csv")
     assert "not found (expected a csv file" in user_error(build_voc_dataset, tmp_path / "nope")
     csv_path = small_tree(tmp_path, {"a": ""})
-    assert "labels folder not found" in user_error(build_voc_dataset, csv_path, label_dir=tmp_path / "x")
+    assert "labels folder not found" in user_error(build_voc_dataset, VOCSource(csv_path, label_dir=tmp_path / "x"))
 
 
 def test_unreadable_and_truncated_images(tmp_path):

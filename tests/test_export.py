@@ -80,19 +80,24 @@ def test_onnx_matches_pytorch_for_any_batch_size(exported):
         np.testing.assert_allclose(scores, want_scores.detach().numpy(), atol=ATOL, rtol=0)
 
 
-def test_postprocess_of_onnx_outputs_gives_decode_predictions(exported):
+@pytest.mark.parametrize("all_classes", [True, False])
+def test_postprocess_of_onnx_outputs_gives_decode_predictions(exported, all_classes):
     """The documented numpy path (onnxruntime + export.postprocess) gives the detections
-    that the PyTorch path (utils.decode_predictions) gives."""
+    that the PyTorch path (utils.decode_predictions) gives, by default every class of a box
+    (bug: postprocess kept only each box's best class while decode_predictions, detect.py
+    and Darknet score all, so an ONNX user got fewer detections), or the best one alone."""
     import onnxruntime
 
     out_dir, model = exported
     session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     x = images(6, seed=2)
-    got = export.postprocess(*session.run(None, {"images": x.numpy()}), conf_threshold=0.05, nms_iou=0.5)
-    # export.postprocess keeps each box's top class (utils' all_classes=False)
+    options = {} if all_classes else {"all_classes": False}
+    got = export.postprocess(*session.run(None, {"images": x.numpy()}), conf_threshold=0.05, nms_iou=0.5, **options)
     want = decode_predictions(model(x), model.S, model.B, model.C, conf_threshold=0.05, nms_iou=0.5,
-                              all_classes=False)
+                              all_classes=all_classes)
     assert sum(len(w) for w in want) >= 6  # the comparison is not vacuous
+    if all_classes:  # some box is a detection of two classes
+        assert any(len(set(map(tuple, w[:, 2:].tolist()))) < len(w) for w in want)
     for g, w in zip(got, want):
         assert g.shape == tuple(w.shape)
         np.testing.assert_allclose(g, w.detach().numpy(), atol=ATOL, rtol=0)
