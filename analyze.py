@@ -195,14 +195,15 @@ def fractions(row: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------- reports
 def format_table(result: dict, label: str) -> str:
     """Counts per class, the overall counts, and the overall percentages."""
-    head = f"{'class':<16}{'N':>6}{'top':>6}" + "".join(f"{TITLES[c]:>12}" for c in CATEGORIES)
+    width = max([16, *(len(name) + 2 for name in result["classes"])])  # long names keep the columns
+    head = f"{'class':<{width}}{'N':>6}{'top':>6}" + "".join(f"{TITLES[c]:>12}" for c in CATEGORIES)
     lines = [f"{label}: top N detections of each class (N = its objects, difficult ones aside)", head]
     rows = [*result["classes"].items(), ("overall", result["overall"])]
     for name, row in rows:
-        lines.append(f"{name:<16}{row['objects']:>6}{row['analysed']:>6}"
+        lines.append(f"{name:<{width}}{row['objects']:>6}{row['analysed']:>6}"
                      + "".join(f"{row[c]:>12}" for c in CATEGORIES))
     share = fractions(result["overall"])
-    lines.append(f"{'overall %':<28}" + "".join(f"{100 * share[c]:>11.1f}%" for c in CATEGORIES))
+    lines.append(f"{'overall %':<{width + 12}}" + "".join(f"{100 * share[c]:>11.1f}%" for c in CATEGORIES))
     return "\n".join(lines)
 
 
@@ -295,6 +296,22 @@ def choose_groups(args, gts, dets) -> tuple[list, str]:
     return [], "no similar-class groups for these (non-VOC) classes: Similar is empty; --similar FILE sets them"
 
 
+OUT_FILES = ("analysis.txt", "analysis.json", "error_pie.png")
+
+
+def check_out(args) -> None:
+    """Refuse an --out that would replace files, or that is an input folder (its
+    analysis.txt would then be read as the box file of an image 'analysis'), before the
+    analysis is run (it was refused only after the tables were printed)."""
+    out = Path(args.out)
+    for option, folder in (("--gt", args.gt), ("--det", args.det), ("--det2", args.det2)):
+        if folder and out.resolve() == Path(folder).resolve():
+            raise UserError(f"--out {out}: is the {option} folder; write the analysis elsewhere")
+    taken = [out / name for name in OUT_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if taken:
+        raise UserError(f"{taken[0]}: already exists; choose another --out")
+
+
 def write_outputs(out, text: str, data: dict, results, labels) -> list[Path]:
     """analysis.txt, analysis.json and error_pie.png in ``out``; refuses to replace files."""
     from plots import save_figure  # standard library only at import
@@ -302,8 +319,8 @@ def write_outputs(out, text: str, data: dict, results, labels) -> list[Path]:
     if importlib.util.find_spec("matplotlib") is None:
         raise UserError("--out: the pie charts need the 'matplotlib' package: pip install matplotlib")
     out = Path(out)
-    paths = [out / "analysis.txt", out / "analysis.json", out / "error_pie.png"]
-    taken = [p for p in paths if p.exists()]
+    paths = [out / name for name in OUT_FILES]
+    taken = [p for p in paths if p.exists() or p.is_symlink()]
     if taken:
         raise UserError(f"{taken[0]}: already exists; choose another --out")
     try:
@@ -317,6 +334,8 @@ def write_outputs(out, text: str, data: dict, results, labels) -> list[Path]:
 
 
 def run(args) -> None:
+    if args.out:
+        check_out(args)
     gts, dets, labels = read_inputs(args)
     groups, note = choose_groups(args, gts, dets)
     results = [analyze(gts, d, groups) for d in dets]

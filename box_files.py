@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import unicodedata
 
 import numpy as np
 
@@ -148,13 +149,43 @@ def refuse_name_clashes(outputs):
                             "after the image): rename one; nothing was written")
 
 
+def check_output_file(path, option, inputs=(), overwrite=False):
+    """Refuse an output file before any work: a folder, a missing parent folder, an input
+    file, or (without ``--overwrite``) any existing file. UserError, one line.
+
+    ``inputs``: ``(option, path)`` of what the command reads, files or folders; an existing
+    output that is one of them, or lies under one, compared by real path (links resolved),
+    is refused even with ``--overwrite``: ``--json det/a.txt`` replaced a detection file
+    with JSON, and ``test.py best.pt --json best.pt`` the checkpoint itself. Other existing
+    files were silently replaced too; as analyze.py's --out and voc_convert.py's --overwrite
+    do, replacing one now takes ``--overwrite``."""
+    path = str(path)
+    parent = os.path.dirname(path) or "."
+    if os.path.isdir(path) or not os.path.isdir(parent):
+        raise UserError(f"{option} {path}: " + ("is a folder" if os.path.isdir(path) else f"{parent} is not a folder"))
+    if not os.path.lexists(path):
+        return
+    real = os.path.realpath(path)
+    for source_option, source in inputs:
+        source_real = os.path.realpath(source)
+        if real == source_real or real.startswith(os.path.join(source_real, "")):
+            raise UserError(f"{option} {path}: is an input file ({'' if real == source_real else 'under '}"
+                            f"{source_option} {source}); write the output elsewhere, nothing was written")
+    if not overwrite:
+        raise UserError(f"{option} {path}: already exists; choose another path, or --overwrite to replace it")
+
+
 def format_report(result):
-    """The per-class table (class, npos, ndet, TP, FP, AP) and the mAP line."""
-    rows = [f"{'class':<16}{'npos':>7}{'ndet':>8}{'TP':>7}{'FP':>8}{'AP':>9}"]
+    """The per-class table (class, npos, ndet, TP, FP, AP) and the mAP line.
+
+    The class column is as wide as the longest name (at least 16): a longer name pushed
+    its row's numbers out of their columns."""
+    width = max([16, *(len(str(label)) + 2 for label in result["ndet"])])
+    rows = [f"{'class':<{width}}{'npos':>7}{'ndet':>8}{'TP':>7}{'FP':>8}{'AP':>9}"]
     for label, ndet in result["ndet"].items():
         ap = result["AP"].get(label)
         ap_text = f"{ap:9.4f}" if ap is not None else f"{'-':>9}  (no GT: not in mAP)"
-        rows.append(f"{str(label):<16}{result['npos'][label]:>7}{ndet:>8}"
+        rows.append(f"{str(label):<{width}}{result['npos'][label]:>7}{ndet:>8}"
                     f"{result['tp'][label]:>7}{result['fp'][label]:>8}{ap_text}")
     method = "every-point" if result["interp"] == "all" else "11-point"
     n = len(result["AP"])
@@ -185,27 +216,38 @@ def _list_files(directory, *extensions):
     """Sorted names of the ``*extension`` files in ``directory`` (like Padilla's glob + sort),
     one list per extension, from one scan of the folder. Extensions match in any case
     (``a.TXT`` is the box file of image ``a``); two files of one image (``a.txt`` and
-    ``a.TXT``) are refused."""
+    ``a.TXT``, or one name in NFC and NFD) and a folder named like a box file are refused."""
     if not os.path.isdir(directory):
         raise UserError(f"{directory}: {'not a folder' if os.path.exists(directory) else 'no such directory'}")
     with os.scandir(directory) as entries:
         # a link to a missing file is listed (reading it says so): skipped, it silently took
-        # an image's boxes out of the metric
-        names = sorted(e.name for e in entries if e.name.lower().endswith(extensions) and not e.name.startswith(".")
-                       and (e.is_file() or e.is_symlink() and not e.is_dir()))
+        # an image's boxes out of the metric; so did a folder named like a box file
+        found = [e for e in entries if e.name.lower().endswith(extensions) and not e.name.startswith(".")]
+    odd = sorted((e.name, e.is_dir()) for e in found if not e.is_file() and not (e.is_symlink() and not e.is_dir()))
+    if odd:  # a folder (or a pipe, which would block the read) named like a box file
+        raise UserError(f"{os.path.join(directory, odd[0][0])}: is a {'folder' if odd[0][1] else 'special file'}, "
+                        "not a box file (its image would have no boxes); move it out of the folder")
+    names = sorted(e.name for e in found)
     seen = {}
-    for name in names:
-        first = seen.setdefault(name.lower(), name)
+    for name in names:  # a.txt and a.TXT, or cafe.txt in NFC and NFD (image_name): one image
+        first = seen.setdefault(unicodedata.normalize("NFC", name).lower(), name)
         if first != name:
-            raise UserError(f"{directory}: {first} and {name} are the files of one image; keep one")
+            raise UserError(f"{directory}: {first} and {name} are the files of one image; keep one"
+                            + ("" if first.lower() == name.lower() else
+                               " (their names differ only in Unicode normalisation, NFC and NFD)"))
     if len(extensions) == 1:
         return names
     return [[n for n in names if n.lower().endswith(extension)] for extension in extensions]
 
 
 def image_name(file_name):
-    """``a.txt``, ``a.TXT``, ``a.xml`` -> ``a``: the image a box file belongs to."""
-    return os.path.splitext(file_name)[0]
+    """``a.txt``, ``a.TXT``, ``a.xml`` -> ``a``: the image a box file belongs to.
+
+    In Unicode normal form C: macOS writes file names decomposed (NFD: ``e`` + combining
+    accent), Linux and Windows keep what they are given (usually NFC), so the files of one
+    image ``café`` copied from both differed and matched nothing (every detection a false
+    positive, or 'no file name in common'). Names that differ only so are one image."""
+    return unicodedata.normalize("NFC", os.path.splitext(file_name)[0])
 
 
 def _read_txt_dir(directory, names, is_gt):

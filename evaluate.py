@@ -50,8 +50,8 @@ import sys
 
 import numpy as np
 
-from box_files import (DET_LINE, GT_LINE, format_report, read_det_dir, read_gt_dir,  # noqa: F401 (API)
-                       read_pair, write_json)
+from box_files import (DET_LINE, GT_LINE, check_output_file, format_report, read_det_dir,  # noqa: F401 (API)
+                       read_gt_dir, read_pair, write_json)
 from box_tables import as_table, factorize, select
 from errors import UserError, one_line
 
@@ -112,14 +112,21 @@ def average_precision(recall, precision, interp="all"):
         steps = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
         return _sequential_sum((mrec[steps] - mrec[steps - 1]) * envelope[steps])
     if interp == "11":
-        if recall.size == 0:
-            return 0.0
-        envelope = np.maximum.accumulate(precision[::-1])[::-1]
-        first = np.searchsorted(recall, ELEVEN_RECALL_POINTS, side="left")
-        reached = first < recall.size
-        points = np.where(reached, envelope[np.minimum(first, recall.size - 1)], 0.0)
+        points = eleven_point_precision(recall, precision)
         return _sequential_sum(points[::-1]) / 11  # Padilla sums from r=1 down to r=0
     raise ValueError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}")
+
+
+def eleven_point_precision(recall, precision):
+    """The 11 precisions that 11-point AP averages (VOC2007): at each recall point r of
+    0, 0.1, ..., 1 the envelope ``max precision at recall >= r``, 0 where r is never
+    reached. ``recall`` is non-decreasing (detections in ranking order)."""
+    recall = np.asarray(recall, dtype=np.float64)
+    if recall.size == 0:
+        return np.zeros(len(ELEVEN_RECALL_POINTS))
+    envelope = np.maximum.accumulate(np.asarray(precision, dtype=np.float64)[::-1])[::-1]
+    first = np.searchsorted(recall, ELEVEN_RECALL_POINTS, side="left")
+    return np.where(first < recall.size, envelope[np.minimum(first, recall.size - 1)], 0.0)
 
 
 # --------------------------------------------------------------------------
@@ -376,6 +383,9 @@ def _parse_args(argv):
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--plots", metavar="DIR",
                         help="also draw pr_curves.png and ap_per_class.png into DIR (matplotlib)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --json file or --plots images (never a file under "
+                             "--gt or --det); without it they are refused")
     return parser.parse_args(argv)
 
 
@@ -396,12 +406,21 @@ def main(argv=None):
 
 
 def _check_outputs(args):
-    """Refuse a --json path that cannot be written before the evaluation, not after it."""
+    """Refuse outputs that cannot be written, or would replace an input file or (without
+    --overwrite) any file, before the evaluation, not after it (box_files.check_output_file)."""
+    inputs = (("--gt", args.gt), ("--det", args.det))
     if args.json:
-        parent = os.path.dirname(args.json) or "."
-        if os.path.isdir(args.json) or not os.path.isdir(parent):
-            raise UserError(f"--json {args.json}: " + ("is a folder" if os.path.isdir(args.json)
-                                                        else f"{parent} is not a folder"))
+        check_output_file(args.json, "--json", inputs, args.overwrite)
+    if args.plots:
+        if os.path.exists(args.plots) and not os.path.isdir(args.plots):
+            raise UserError(f"--plots {args.plots}: is not a folder")
+        from plots import PR_FILES  # the standard library only at import
+
+        images = [os.path.join(args.plots, name) for name in PR_FILES]
+        if args.json and os.path.realpath(args.json) in map(os.path.realpath, images):
+            raise UserError(f"--json {args.json}: is one of the --plots images; choose another path")
+        for image in images if os.path.isdir(args.plots) else ():
+            check_output_file(image, "--plots", inputs, args.overwrite)
 
 
 def _write_outputs(args, result):

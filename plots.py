@@ -146,6 +146,9 @@ def save_figure(fig, path) -> Path:
 
 
 # --------------------------------------------------------------------------- precision-recall
+PR_FILES = ("pr_curves.png", "ap_per_class.png")  # what plot_pr_curves writes (evaluate.py checks them first)
+
+
 def precision_envelope(precision):
     """The interpolated precision that every-point AP integrates: max precision at recall >= r."""
     import numpy as np
@@ -166,12 +169,12 @@ def plot_pr_curves(result: dict, out_dir) -> list[Path]:
         return []
     require("matplotlib", "matplotlib", "plotting")
     out_dir = Path(out_dir)
-    return [save_figure(pr_figure(result), out_dir / "pr_curves.png"),
-            save_figure(ap_figure(result), out_dir / "ap_per_class.png")]
+    return [save_figure(figure(result), out_dir / name) for figure, name in zip((pr_figure, ap_figure), PR_FILES)]
 
 
 def pr_figure(result: dict):
-    """A grid of precision-recall panels: raw precision (thin) and its envelope (thick)."""
+    """A grid of precision-recall panels: raw precision (thin) and the interpolated
+    precision that the AP was computed from (thick, :func:`draw_interpolated`)."""
     from matplotlib.figure import Figure
 
     labels = list(result["AP"])
@@ -182,14 +185,12 @@ def pr_figure(result: dict):
     for ax, label in zip(axes, labels):
         curve = result["curves"][label]
         if len(curve["recall"]):
-            envelope = precision_envelope(curve["precision"])
             ax.plot(curve["recall"], curve["precision"], linewidth=0.8, alpha=0.6, label="precision")
-            # Every-point AP is the area under this step: envelope[i] over (recall[i-1], recall[i]].
-            ax.step([0, *curve["recall"]], [envelope[0], *envelope], where="pre", linewidth=2,
-                    label="interpolated")
+            draw_interpolated(ax, curve, result["interp"])
         else:
             ax.text(0.5, 0.5, "no detections", ha="center", va="center")
-        ax.set(title=f"{label}  AP {result['AP'][label]:.3f}", xlim=(0, 1), ylim=(0, 1.02),
+        ax.set(title=f"{label}  {'11-pt ' if result['interp'] == '11' else ''}AP {result['AP'][label]:.3f}",
+               xlim=(0, 1), ylim=(0, 1.02),
                xlabel="recall", ylabel="precision")
         ax.grid(True, alpha=0.3)
     for ax in axes[len(labels):]:
@@ -198,6 +199,26 @@ def pr_figure(result: dict):
         axes[0].legend(loc="lower left", fontsize=7)
     fig.suptitle(f"precision-recall at IoU {result['iou_threshold']:g}, mAP {result['mAP']:.4f}")
     return fig
+
+
+def draw_interpolated(ax, curve: dict, interp: str) -> None:
+    """The curve the AP was scored on, so that the picture and the title's AP agree.
+
+    Every-point AP ("all") is the area under the envelope's step: envelope[i] over
+    (recall[i-1], recall[i]]. 11-point AP (VOC2007) is the mean of the envelope at the 11
+    recall points 0, 0.1, ..., 1 (evaluate.eleven_point_precision): drawn as those points,
+    each held until the next one (the every-point step under an 11-point title misdrew it).
+    """
+    if interp == "11":
+        from evaluate import ELEVEN_RECALL_POINTS, eleven_point_precision  # numpy only
+
+        points = eleven_point_precision(curve["recall"], curve["precision"])
+        ax.step(ELEVEN_RECALL_POINTS, points, where="post", linewidth=2, marker="o", markersize=3,
+                label="11-point interpolated")
+        return
+    envelope = precision_envelope(curve["precision"])
+    ax.step([0, *curve["recall"]], [envelope[0], *envelope], where="pre", linewidth=2,
+            label="interpolated")
 
 
 def ap_figure(result: dict):

@@ -32,7 +32,8 @@ def add_inference_args(parser: argparse.ArgumentParser, *, conf_threshold: float
     detect.py); each passes its own default score threshold and batch size."""
     parser.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt), or an ONNX file "
                                            "from export.py --raw (run by onnxruntime)")
-    parser.add_argument("--conf-threshold", type=argtypes.fraction(0, 1), default=conf_threshold,
+    # [0, 1): boxes are kept when score > threshold and scores are at most 1, so 1 kept nothing (mAP 0)
+    parser.add_argument("--conf-threshold", type=argtypes.fraction(0, 1, hi_open=True), default=conf_threshold,
                         help=f"{conf_help} (default %(default)s)")
     parser.add_argument("--nms-iou", type=argtypes.fraction(0, 1), default=0.5,
                         help="per-class non-maximum suppression IoU (default %(default)s)")
@@ -59,10 +60,12 @@ def add_dataset_args(parser: argparse.ArgumentParser, data_help: str) -> None:
 
 
 def check_inference_args(args) -> None:
-    """Thresholds in [0, 1], counts (--batch-size, and --max-det where there is one) at least 1."""
-    for name in ("conf_threshold", "nms_iou"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    """--nms-iou in [0, 1], --conf-threshold in [0, 1) (score > threshold: 1 keeps nothing),
+    counts (--batch-size, and --max-det where there is one) at least 1."""
+    for name, high_open in (("conf_threshold", True), ("nms_iou", False)):
+        value = getattr(args, name)
+        if not (0 <= value < 1 if high_open else 0 <= value <= 1):
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1{')' if high_open else ']'}, got {value}")
     for name in ("max_det", "batch_size"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

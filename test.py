@@ -25,7 +25,7 @@ import argtypes
 import predict
 import runs
 from dataset import VOCSource, build_voc_dataset
-from evaluate import format_report, match_detections, summarize_matches
+from evaluate import check_output_file, format_report, match_detections, summarize_matches
 from original_metric import DESCRIPTION as ORIGINAL_METRIC, original_project_metric
 from utils import UserError, run_cli
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voc07", action="store_true",
                    help="official VOC2007 protocol: 11-point AP, difficult objects ignored")
     p.add_argument("--json", help="write both metrics and the per-class APs to this file")
+    p.add_argument("--overwrite", action="store_true", help="--json may replace an existing file (never an input)")
     return p
 
 
@@ -65,10 +66,10 @@ def original_project_map(outputs, dataset, runner) -> dict:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     predict.check_inference_args(args)
-    if args.json and not Path(args.json).parent.is_dir():  # before the evaluation, not after it
-        raise UserError(f"--json {args.json}: {Path(args.json).parent} is not a folder")
-    if args.json and Path(args.json).is_dir():
-        raise UserError(f"--json {args.json}: is a folder")
+    if args.json:  # before the evaluation, not after it; never over the checkpoint or the data
+        inputs = [("the checkpoint", args.checkpoint), ("--data", args.data), ("--img-dir", args.img_dir),
+                  ("--label-dir", args.label_dir)]
+        check_output_file(args.json, "--json", [(o, p) for o, p in inputs if p], args.overwrite)
     results = evaluate_checkpoint(args)
     print(f"{results['images']} images from {args.data} ({results['backend']})")
     print(f"{ORIGINAL_METRIC}: {results['fixed']['mAP']:.4f}")

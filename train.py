@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="confidence target 1 instead of the IoU (the popular tutorial)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-every", type=argtypes.positive_int, default=5, help="validate every N epochs (and the last)")
-    e.add_argument("--conf-threshold", type=argtypes.fraction(0, 1), default=0.005, help="for the VOC mAP")
+    e.add_argument("--conf-threshold", type=argtypes.fraction(0, 1, hi_open=True), default=0.005,  # score > it
+                   help="for the VOC mAP")
     e.add_argument("--nms-iou", type=argtypes.fraction(0, 1), default=0.5, help="per-class NMS IoU")
     e.add_argument("--tensorboard", action="store_true",
                    help="also log to TensorBoard in <run>/tensorboard: the metrics and, with "

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from decimal import Decimal
 
 import numpy as np
@@ -44,7 +45,8 @@ from errors import UserError, finite_number
 
 # VOCopts.detrespath: '<competition>_det_<image set>_<class>.txt'; the competition id may carry
 # py-faster-rcnn's salt (comp4_<uuid>); image sets (test, val, trainval) have no underscore.
-RESULTS_NAME = re.compile(r"(?P<comp>comp\d+(?:_[^_]+)?)_det_(?P<set>[^_]+)_(?P<cls>.+)\.txt")
+# The extension matches in any case, as box_files.py's per-image files do (comp4_det_test_dog.TXT).
+RESULTS_NAME = re.compile(r"(?P<comp>comp\d+(?:_[^_]+)?)_det_(?P<set>[^_]+)_(?P<cls>.+)\.(?i:txt)")
 RESULTS_LINE = "image_id confidence left top right bottom"
 
 
@@ -112,7 +114,7 @@ def results_files(directory) -> tuple[list[tuple[str, re.Match]], list[str]]:
     """The results files of ``directory`` (``(file name, name match)``, sorted by name)
     and its other ``.txt`` files."""
     try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".txt") and not n.startswith("."))
+        names = sorted(n for n in os.listdir(directory) if n.lower().endswith(".txt") and not n.startswith("."))
     except OSError as err:
         raise UserError(f"{directory}: cannot list the folder ({err.strerror})") from None
     matches = [(n, RESULTS_NAME.fullmatch(n)) for n in names]
@@ -136,6 +138,11 @@ def _check_folder(directory, found, others) -> None:
     if len(kinds) > 1:
         raise UserError(f"{directory}: results of several runs or image sets "
                            f"({', '.join(f'{c}_det_{s}' for c, s in kinds)}); keep one in a folder")
+    seen = {}
+    for name, match in found:  # a.txt and a.TXT: one class read twice would double its detections
+        first = seen.setdefault(match["cls"], name)
+        if first != name:
+            raise UserError(f"{directory}: {first} and {name} are the results files of one class; keep one")
 
 
 def _parse_line(fields: list[str], where: str) -> tuple[float, ...]:
@@ -183,7 +190,7 @@ def read_results_file(path: str) -> tuple[list[str], list[tuple[float, ...]]]:
             raise UserError(f"{path}:{number}: not UTF-8 text") from None
         if fields:
             rows.append(_parse_line(fields, f"{path}:{number}"))
-            ids.append(fields[0])
+            ids.append(unicodedata.normalize("NFC", fields[0]))  # as box_files.image_name
     return ids, rows
 
 

@@ -192,7 +192,8 @@ def train_args(c: Context, data) -> list:
 
 
 def evaluation_args(c: Context, data) -> list:
-    return ["test.py", c.ckpt, "--data", data, "--device", "cpu", "--json", c.runs / "exp" / "results.json"]
+    return ["test.py", c.ckpt, "--data", data, "--device", "cpu", "--json", c.runs / "exp" / "results.json",
+            "--overwrite"]  # even so, bad input leaves the earlier results.json alone
 
 
 def detect_txt_args(c: Context, data) -> list:
@@ -256,7 +257,7 @@ def evaluate_cases() -> list[Case]:
                 (c.tmp / name).mkdir()
                 (c.tmp / name / "a.txt").write_text(line)
             return (["evaluate.py", "--gt", c.tmp / "gt", "--det", c.tmp / "det",
-                     "--json", c.runs / "exp" / "results.json"], [fragment])
+                     "--json", c.runs / "exp" / "results.json", "--overwrite"], [fragment])
         return build
     return [
         Case("evaluate.py gt line with 4 values", "evaluate.py",
@@ -279,7 +280,8 @@ def evaluate_cases() -> list[Case]:
 def no_common_name(c: Context) -> tuple[list, list[str]]:
     (c.tmp / "det").mkdir()
     (c.tmp / "det" / "a.jpg.txt").write_text("dog 0.9 0 0 9 9\n")
-    return (["evaluate.py", "--gt", c.good["gt"], "--det", c.tmp / "det", "--json", c.runs / "exp" / "results.json"],
+    return (["evaluate.py", "--gt", c.good["gt"], "--det", c.tmp / "det", "--json", c.runs / "exp" / "results.json",
+             "--overwrite"],
             ["have no file name in common", "name them a.txt"])
 
 

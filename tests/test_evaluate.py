@@ -675,7 +675,7 @@ def test_cli_reads_voc_xml_ground_truth(tmp_path):
     assert json.loads(out.read_text())["AP"]["dog"] == pytest.approx(0.5, abs=1e-15)
     for difficult, expected in [("count", 28 / 33), ("drop", 1 / 3)]:  # in-process: faster
         argv = ["--gt", str(gt), "--det", str(det), "--interp", "11", "--difficult", difficult,
-                "--json", str(out)]
+                "--json", str(out), "--overwrite"]  # replaces the previous run's r.json
         assert ev.main(argv) == 0
         assert json.loads(out.read_text())["AP"]["dog"] == pytest.approx(expected, abs=1e-15)
 

@@ -192,6 +192,7 @@ def test_xml_annotations_score_detect_txt_output_as_its_own_ground_truth(tmp_pat
     for det, iou, expected in ((out / "detections", "0.5", None), (perfect, "0.95", 1.0)):
         scores = []
         for gt in (out / "groundtruths", devkit / "VOC2007" / "Annotations"):
-            assert ev.main(["--gt", str(gt), "--det", str(det), "--iou", iou, "--json", str(tmp_path / "r.json")]) == 0
+            assert ev.main(["--gt", str(gt), "--det", str(det), "--iou", iou, "--json", str(tmp_path / "r.json"),
+                            "--overwrite"]) == 0
             scores.append(json.loads((tmp_path / "r.json").read_text())["mAP"])
         assert scores[0] == scores[1] and (expected is None or scores[0] == expected)
