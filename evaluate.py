@@ -344,6 +344,9 @@ def _add_class_results(result, labels, ranked_class, tp, scores, return_curves):
         if return_curves:
             result["curves"][label] = {"precision": precision, "recall": recall,
                                        "score": scores[bounds[c]:bounds[c + 1]]}
+            if result["interp"] == "11":  # what the AP averaged, for plots.draw_interpolated
+                result["curves"][label]["eleven_point"] = (ELEVEN_RECALL_POINTS,
+                                                           eleven_point_precision(recall, precision))
 
 
 # --------------------------------------------------------------------------

@@ -206,14 +206,13 @@ def draw_interpolated(ax, curve: dict, interp: str) -> None:
 
     Every-point AP ("all") is the area under the envelope's step: envelope[i] over
     (recall[i-1], recall[i]]. 11-point AP (VOC2007) is the mean of the envelope at the 11
-    recall points 0, 0.1, ..., 1 (evaluate.eleven_point_precision): drawn as those points,
-    each held until the next one (the every-point step under an 11-point title misdrew it).
+    recall points 0, 0.1, ..., 1 (the curve's ``eleven_point``: the recall points and the
+    precisions evaluate.eleven_point_precision gave the AP): drawn as those points, each
+    held until the next one (the every-point step under an 11-point title misdrew it).
     """
     if interp == "11":
-        from evaluate import ELEVEN_RECALL_POINTS, eleven_point_precision  # numpy only
-
-        points = eleven_point_precision(curve["recall"], curve["precision"])
-        ax.step(ELEVEN_RECALL_POINTS, points, where="post", linewidth=2, marker="o", markersize=3,
+        recall_points, points = curve["eleven_point"]
+        ax.step(recall_points, points, where="post", linewidth=2, marker="o", markersize=3,
                 label="11-point interpolated")
         return
     envelope = precision_envelope(curve["precision"])
