@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import evaluate as ev
@@ -564,9 +564,13 @@ def test_fuzzed_box_files_give_a_table_or_one_line_error(tmp_path, data, is_gt):
 @given(tokens=st.lists(st.sampled_from([b"dog", b"0", b"1", b"5", b"9.5", b"-1", b"1e308", b"nan", b"inf",
                                         b"difficult", b"Difficult", b"2", b"x", b"\xff", b"1_0"]),
                        min_size=1, max_size=7), is_gt=st.booleans())
+@example(tokens=[b"dog", b"0", b"0", b"0", b"0", b"1_0"], is_gt=False)  # float() read '1_0' as 10
+@example(tokens=[b"dog", b"0", b"0", b"1_0", b"5"], is_gt=True)
 def test_quick_line_parser_equals_the_careful_one(tokens, is_gt):
     """box_files' quick path for well-formed lines gives exactly what the field-by-field
-    parser gives, and any line it doubts gets the careful parser's answer or error."""
+    parser gives, and any line it doubts gets the careful parser's answer or error.
+    Bug found by this test: the quick path read '1_0' as 10 (PEP 515 grouping) where the
+    careful one refuses it."""
     import box_files
 
     def outcome(parse):
