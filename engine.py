@@ -415,6 +415,8 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
     log = MetricsLog(run_dir, keep_below_epoch=start + 1) if dist.is_main else None
     stopper = GracefulStop()
     try:
+        if resume.get("unvalidated"):
+            best = validate_saved_epoch(state, evaluate_fn, metric, best, (log, on_epoch_end))
         for epoch in range(start, args.epochs):
             set_epoch(state.loader, epoch, batch)  # this epoch's shuffle (DistributedSampler.set_epoch)
             lr = state.optimizer.param_groups[0]["lr"] if epoch_lr is None else epoch_lr
@@ -437,12 +439,11 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
                 row |= (evaluate_fn(state.model, epoch) or {}) if evaluate_fn else {}
             except UserError as err:
                 # a bad validation image lost the epoch just trained (and, at the first
-                # validation, the whole run): the epoch is saved first, unvalidated
+                # validation, the whole run): the epoch is saved first, marked unvalidated,
+                # and --resume validates it before anything else (validate_saved_epoch)
                 if dist.is_main:
-                    end_of_epoch(state, row, best, False, log, None)
-                raise UserError(f"{one_line(err)} (epoch {epoch + 1} was trained and saved in "
-                                f"{run_dir / 'last.pt'} without validation: fix the file, then "
-                                f"--resume {run_dir})") from None
+                    end_of_epoch(state, row, best, None, log, None)
+                raise unvalidated_error(err, epoch, run_dir) from None
             improved = metric in row and row[metric] > best
             best = row[metric] if improved else best
             if dist.is_main:  # rank 0 alone logs and saves
@@ -454,12 +455,45 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
     return best
 
 
-def end_of_epoch(state: TrainState, row: dict, best: float, improved: bool, log: MetricsLog,
+def unvalidated_error(err: UserError, epoch: int, run_dir: Path) -> UserError:
+    return UserError(f"{one_line(err)} (epoch {epoch + 1} was trained and saved in {run_dir / 'last.pt'} "
+                     f"without validation: fix the file, then --resume {run_dir})")
+
+
+def validate_saved_epoch(state: TrainState, evaluate_fn, metric: str, best: float, rank0: tuple) -> float:
+    """``--resume`` from a checkpoint saved unvalidated (a bad validation image, :func:`fit`):
+    validate that epoch first, as the interrupted run would have, and save best.pt by the
+    usual rule. Without this the epoch was never validated: a run whose last validation
+    failed ended "best validation mAP -inf" with no best.pt. ``rank0``: (MetricsLog,
+    on_epoch_end) on rank 0, (None, None) elsewhere. Returns the best ``metric``."""
+    dist, ckpt, (log, on_epoch_end) = state.dist, state.resume, rank0
+    epoch = ckpt["epoch"]  # the number (1-based) of the epoch saved
+    sync_buffers(unwrap(state.model), dist)
+    try:
+        metrics = (evaluate_fn(state.model, epoch - 1) or {}) if evaluate_fn else {}
+    except UserError as err:  # still bad: the checkpoint stays as it is, unvalidated
+        raise unvalidated_error(err, epoch - 1, state.run_dir) from None
+    # Validation may draw random numbers (a DataLoader's seed): the run continues with the
+    # checkpoint's, as a run that validated this epoch without failing did.
+    set_rng_state(ckpt["rng"])
+    improved = metric in metrics and metrics[metric] > best
+    best = metrics[metric] if improved else best
+    if dist.is_main:  # the epoch's logged row (training means) gets its metrics
+        saved = [row for row in log.rows() if row.get("epoch") == epoch]
+        log = MetricsLog(state.run_dir, keep_below_epoch=epoch)
+        row = (saved[-1] if saved else {"epoch": epoch}) | metrics
+        end_of_epoch(state, row, best, improved, log, on_epoch_end)
+    return best
+
+
+def end_of_epoch(state: TrainState, row: dict, best: float, improved: bool | None, log: MetricsLog,
                  on_epoch_end) -> None:
-    """Rank 0: log the row, save best.pt and last.pt (keeping the previous one), plots."""
+    """Rank 0: log the row, save best.pt and last.pt (keeping the previous one), plots.
+    ``improved`` None: the epoch's validation failed; last.pt is marked unvalidated."""
     log.append(row)
     print(format_row(row), flush=True)
-    save_epoch_checkpoints(state.checkpoint(row["epoch"], best), state.run_dir, improved)
+    ckpt = state.checkpoint(row["epoch"], best) | ({"unvalidated": True} if improved is None else {})
+    save_epoch_checkpoints(ckpt, state.run_dir, bool(improved))
     refresh_plots(state.run_dir)
     if on_epoch_end is not None:
         on_epoch_end(row, state.model)

@@ -285,3 +285,48 @@ def test_bad_training_image_mid_epoch_keeps_the_steps_done(shapes):
     clean = torch.load(shapes / "runs" / "clean" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(run / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+
+
+# --------------------------------------------------------------------------- second pass
+def metric_rows(run):
+    import json
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_validates_an_epoch_saved_unvalidated(shapes, capsys):
+    """Bug: an epoch saved unvalidated (a bad validation image; engine.fit saves the epoch
+    before re-raising) was never validated on --resume: failed at the last epoch, the run
+    ended "best validation mAP -inf" with no best.pt; failed earlier, that epoch never had
+    its score (nor its chance at best.pt). Now --resume validates it first, at any epoch:
+    the mended run ends exactly as a run that never met the bad file."""
+    import torch
+
+    import train
+
+    image = sorted((shapes / "val" / "images").iterdir())[1]
+    args = TINY + ["--data", str(shapes / "train" / "list.csv"), "--val-data", str(shapes / "val" / "list.csv"),
+                   "--eval-every", "1", "--batch-size", "2", "--project", str(shapes / "runs")]
+    train.main(args + ["--epochs", "2", "--name", "clean"])
+    whole = truncate(image)
+    for name, epochs in (("first", "2"), ("last", "1")):  # fails at epoch 1: of 2, and the last
+        assert "without validation" in user_error(train.main, args + ["--epochs", epochs, "--name", name])
+        ckpt = torch.load(shapes / "runs" / name / "last.pt", weights_only=True)
+        assert ckpt["unvalidated"] and ckpt["epoch"] == 1 and not (shapes / "runs" / name / "best.pt").exists()
+    # still bad on resume: refused again, nothing lost
+    assert "without validation" in user_error(train.main, args + ["--epochs", "1", "--resume", str(shapes / "runs" / "last")])
+    assert torch.load(shapes / "runs" / "last" / "last.pt", weights_only=True)["unvalidated"]
+    image.write_bytes(whole)
+    capsys.readouterr()
+    train.main(args + ["--epochs", "1", "--resume", str(shapes / "runs" / "last")])
+    assert "best validation mAP -inf" not in capsys.readouterr().out
+    last = shapes / "runs" / "last"
+    assert (last / "best.pt").exists() and "unvalidated" not in torch.load(last / "last.pt", weights_only=True)
+    assert metric_rows(last) == metric_rows(shapes / "runs" / "clean")[:1]
+    train.main(args + ["--epochs", "2", "--resume", str(shapes / "runs" / "first")])
+    clean, first = shapes / "runs" / "clean", shapes / "runs" / "first"
+    assert metric_rows(first) == metric_rows(clean) and all("mAP" in row for row in metric_rows(first))
+    for name in ("best.pt", "last.pt"):
+        a, b = (torch.load(run / name, weights_only=True) for run in (clean, first))
+        assert a["epoch"] == b["epoch"] and a["best"] == b["best"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
