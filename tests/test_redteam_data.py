@@ -330,3 +330,25 @@ def test_resume_validates_an_epoch_saved_unvalidated(shapes, capsys):
         a, b = (torch.load(run / name, weights_only=True) for run in (clean, first))
         assert a["epoch"] == b["epoch"] and a["best"] == b["best"]
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_one_pixel_devkit_boxes_round_trip_through_voc_convert(tmp_path):
+    """Bug: a VOC box with xmin = xmax = 0 (a tool counting pixels from 0) became 0..0,
+    width 0: voc_convert.py wrote a label file its own reader refuses ("box size 0.000000
+    x ... must be positive"), and the VOCdevkit reader trained a w = 0 target. Pixel boxes
+    are inclusive (the devkit's convention): xmin = xmax is one pixel wide, wherever it is."""
+    devkit = synthetic.write_vocdevkit_tree(tmp_path, {"2007/trainval": 2}, size=48, seed=0,
+                                            difficult_rate=0.0, vary_aspect=False)
+    xml = devkit / "VOC2007" / "Annotations" / "000001.xml"
+    tree = ET.parse(xml)
+    first, second = tree.getroot().findall("object/bndbox")[:2]
+    for box, (x, y) in ((first, (0, 0)), (second, (7, 48))):  # the top-left corner; a 1-pixel column
+        for tag, value in (("xmin", x), ("xmax", x), ("ymin", y), ("ymax", y)):
+            box.find(tag).text = str(value)
+    tree.write(xml)
+    out = tmp_path / "out"
+    voc_convert.main(["--devkit", str(devkit), "--out", str(out), "--sets", "2007/trainval"])
+    for name, data in (("devkit", VOCSource(devkit, split="2007/trainval")), ("txt", VOCSource(out / "train.csv"))):
+        boxes = build_voc_dataset(data).annotation(0)["boxes"][:2].numpy()
+        expected = [[0, 0, 1, 1], [6, 47, 7, 48]]  # 0-based continuous pixels of a 48 x 48 image
+        np.testing.assert_allclose(boxes, expected, atol=48 * 1e-6, err_msg=name)
