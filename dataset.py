@@ -32,7 +32,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as F
 
 from images import EncodedImage, image_size, load_image, orient_boxes, read_bytes, read_header
-from transforms import YoloAugment, identity_draw, photometric_factors, to_float_images
+from transforms import YoloAugment, identity_draw, keep_targets, photometric_factors, to_float_images
 from utils import VOC_CLASSES, UserError, encode_target, one_line
 from voc_txt import read_csv_pairs, read_label_file
 from voc_xml import object_place, read_annotation, to_continuous
@@ -127,6 +127,7 @@ class DetectionDataset(Dataset):
             image, boxes, labels, factors = self.augment.sample(image, boxes, labels)
         else:  # resize on uint8, then convert: a quarter of the bytes to interpolate
             image, factors = F.resize(image, list(size), antialias=True), photometric_factors()
+            boxes, labels = keep_targets(boxes, labels)  # the augmentation's drop rule, unaugmented
         return image, self.encode(boxes, labels), factors
 
     def encoded_sample(self, index: int):
@@ -146,6 +147,7 @@ class DetectionDataset(Dataset):
             boxes, labels = self.augment.move_boxes(boxes, labels, width, height, draw)
         else:
             draw = identity_draw(width, height)
+            boxes, labels = keep_targets(boxes, labels)
         image = EncodedImage(index, record.path, read_bytes(record.path), (width, height), False, draw)
         return image, self.encode(boxes, labels), draw.factors
 
@@ -164,7 +166,8 @@ class DetectionDataset(Dataset):
 
     def target(self, index: int) -> torch.Tensor:
         """The encoded target ``(S, S, C+5)`` of an unaugmented sample, without decoding the
-        image: test.py's original-project metric."""
+        image: test.py's original-project metric. Every object that is not difficult, as the
+        original project counted them: the training drop rule (keep_targets) is not applied."""
         return self.encode(*self.objects(index))
 
     def image_size(self, index: int) -> tuple[int, int]:

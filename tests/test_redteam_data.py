@@ -7,6 +7,7 @@ import string
 import xml.etree.ElementTree as ET
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -352,3 +353,21 @@ def test_one_pixel_devkit_boxes_round_trip_through_voc_convert(tmp_path):
         boxes = build_voc_dataset(data).annotation(0)["boxes"][:2].numpy()
         expected = [[0, 0, 1, 1], [6, 47, 7, 48]]  # 0-based continuous pixels of a 48 x 48 image
         np.testing.assert_allclose(boxes, expected, atol=48 * 1e-6, err_msg=name)
+
+
+def test_tiny_boxes_follow_one_drop_rule_with_and_without_augmentation(tmp_path):
+    """Bug: a 1e-9-wide label box stayed a training target under --no-augment, while the
+    augmentation dropped it by its 1 % rule (Darknet's fill_truth_region): the two paths
+    trained on different objects. Now both apply transforms.keep_targets."""
+    csv = txt_tree(tmp_path, b"0 0.5 0.5 0.6 0.6\n0 0.1 0.1 1e-9 0.2\n0 0.9 0.1 0.0099 0.2\n0 0.9 0.9 0.0101 0.2\n")
+    kept = {(3, 3), (6, 6)}  # the 60 % box and the 1.01 %-wide one; not the 1e-9 nor the 0.99 %
+    plain, augmented = (build_voc_dataset(csv, ["a"], S=7, img_size=64, train=train, uint8=True)
+                        for train in (False, True))
+    augmented.augment.jitter, augmented.augment.flip = 0.0, 0.0  # the identity draw: the same boxes
+    for encoded in (False, True):
+        plain.encoded = augmented.encoded = encoded
+        targets = [data[0][1] for data in (plain, augmented)]
+        for target in targets:
+            assert {tuple(cell) for cell in target[..., 1].nonzero().tolist()} == kept
+        torch.testing.assert_close(targets[0], targets[1])
+    assert len(plain.annotation(0)["boxes"]) == 4  # evaluation keeps every box
