@@ -371,3 +371,20 @@ def test_tiny_boxes_follow_one_drop_rule_with_and_without_augmentation(tmp_path)
             assert {tuple(cell) for cell in target[..., 1].nonzero().tolist()} == kept
         torch.testing.assert_close(targets[0], targets[1])
     assert len(plain.annotation(0)["boxes"]) == 4  # evaluation keeps every box
+
+
+def test_repeated_csv_rows_are_said_once(tmp_path, capsys):
+    """Bug: an image listed twice in a csv list (a list concatenated twice by mistake) was
+    trained, or scored, twice without a word. It stays allowed (repeating rows oversamples
+    on purpose, as Darknet lists do) but one warning line names the csv and the lines."""
+    csv = txt_tree(tmp_path, b"0 0.5 0.5 0.2 0.2\n", b"img,label\na.jpg,a.txt\n\nb.jpg,b.txt\na.jpg,b.txt\nb.jpg,b.txt\n")
+    (tmp_path / "images" / "b.jpg").write_bytes((tmp_path / "images" / "a.jpg").read_bytes())
+    (tmp_path / "labels" / "b.txt").write_text("")
+    capsys.readouterr()
+    assert len(build_voc_dataset(csv, ["a"])) == 4
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {csv}: 2 row(s) repeat an image listed before (the first: line 5 repeats "
+                   "line 2, a.jpg); each is used as often as it is listed"]
+    txt_tree(tmp_path, b"0 0.5 0.5 0.2 0.2\n", b"img,label\na.jpg,a.txt\nb.jpg,b.txt\n")
+    build_voc_dataset(csv, ["a"])
+    assert capsys.readouterr().err == ""
