@@ -19,6 +19,7 @@ Darknet's ``voc_label.py`` does.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -169,6 +170,20 @@ class DetectionDataset(Dataset):
         image: test.py's original-project metric. Every object that is not difficult, as the
         original project counted them: the training drop rule (keep_targets) is not applied."""
         return self.encode(*self.objects(index))
+
+    def label_digests(self) -> np.ndarray:
+        """One 64-bit digest per image of what training reads for it: the image's file name,
+        its boxes, classes and difficult flags, from the records parsed when the dataset was
+        built (no file is read again: VOC 2007+2012 trainval's 16,551 images take about
+        80 ms on 2 busy cores). engine.start_training keeps them in every checkpoint, so that
+        --resume names the images whose labels changed since (resume_policy.compare_labels)."""
+        digests = np.empty(len(self.records), dtype=np.int64)
+        for i, record in enumerate(self.records):
+            h = hashlib.blake2b(record.path.name.encode(), digest_size=8)
+            for array, dtype in ((record.boxes, np.float32), (record.labels, np.int64), (record.difficult, bool)):
+                h.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+            digests[i] = int.from_bytes(h.digest(), "little", signed=True)
+        return digests
 
     def image_size(self, index: int) -> tuple[int, int]:
         """Original ``(width, height)`` (after EXIF orientation), without decoding pixels."""

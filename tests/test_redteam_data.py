@@ -263,7 +263,7 @@ def test_bad_validation_image_keeps_the_epoch_just_trained(shapes):
     assert [row["epoch"] for row in map(eval, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
 
 
-def test_bad_training_image_mid_epoch_keeps_the_steps_done(shapes):
+def test_bad_training_image_mid_epoch_keeps_the_steps_done(shapes, capsys):
     """Bug: a truncated training image met in the middle of an epoch lost the epoch's steps
     so far. They are saved as an interrupt saves them; once the file is mended, --resume
     ends with the very weights of a run that never met it."""
@@ -282,7 +282,9 @@ def test_bad_training_image_mid_epoch_keeps_the_steps_done(shapes):
     assert f"{image}: unreadable image" in message and f"after batch {ckpt['batch']}" in message
     assert f"--resume {run}" in message
     image.write_bytes(whole)
+    capsys.readouterr()
     train.main(args + ["--resume", str(run)])
+    assert "training images changed" not in capsys.readouterr().out  # a mended image: the labels are the run's
     clean = torch.load(shapes / "runs" / "clean" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(run / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
@@ -388,3 +390,34 @@ def test_repeated_csv_rows_are_said_once(tmp_path, capsys):
     txt_tree(tmp_path, b"0 0.5 0.5 0.2 0.2\n", b"img,label\na.jpg,a.txt\nb.jpg,b.txt\n")
     build_voc_dataset(csv, ["a"])
     assert capsys.readouterr().err == ""
+
+
+def test_resume_names_the_images_whose_labels_changed(shapes, capsys):
+    """Bug: on --resume only the number of training images was compared with the run's
+    start: edited boxes were accepted silently, and the resumed run trained on other data
+    than its config.json says. Now every checkpoint keeps one digest per image of its
+    labels, config.json a digest of them all, and a resume names what changed (a warning:
+    refusing would block a legitimate mend of the labels)."""
+    import json
+
+    import train
+
+    args = TINY + ["--data", str(shapes / "train" / "list.csv"), "--val-data", str(shapes / "val" / "list.csv"),
+                   "--batch-size", "4", "--project", str(shapes / "runs"), "--name", "r"]
+    run = shapes / "runs" / "r"
+    train.main(args + ["--epochs", "1"])
+    summary = json.loads((run / "config.json").read_text())["train_data"]
+    assert summary["images"] == 4 and len(summary["labels_digest"]) == 16
+    capsys.readouterr()
+    train.main(args + ["--epochs", "2", "--resume", str(run)])
+    assert "training images changed" not in capsys.readouterr().out
+    label = sorted((shapes / "train" / "labels").iterdir())[2]
+    first, *rest = label.read_text().splitlines()
+    fields = first.split()  # the first object, 10 % narrower
+    label.write_text("\n".join([" ".join(fields[:3] + [f"{float(fields[3]) * 0.9:.6f}", fields[4]]), *rest]))
+    train.main(args + ["--epochs", "3", "--resume", str(run)])
+    image = sorted((shapes / "train" / "images").iterdir())[2]
+    assert (f"warning: {run / 'last.pt'}: the labels of 1 of 4 training images changed since this checkpoint "
+            f"was saved (the first: {image})") in capsys.readouterr().out
+    resumed = json.loads((run / "config_resumed.json").read_text())["train_data"]
+    assert resumed["images"] == 4 and resumed["labels_digest"] != summary["labels_digest"]
