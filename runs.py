@@ -1,6 +1,6 @@
 """A training run on disk: its folder, configuration and metrics log, seeding and the
-random-number state, checkpoints (saved atomically, keeping the previous one) and
-exact resume from them.
+random-number state, checkpoints (saved atomically, keeping the previous one), exact
+resume from them, and clean stops on signals (GracefulStop).
 
 Only rank 0 writes; what the other ranks need (the folder name, the same checkpoint)
 comes through distributed.py.
