@@ -421,3 +421,22 @@ def test_resume_names_the_images_whose_labels_changed(shapes, capsys):
             f"was saved (the first: {image})") in capsys.readouterr().out
     resumed = json.loads((run / "config_resumed.json").read_text())["train_data"]
     assert resumed["images"] == 4 and resumed["labels_digest"] != summary["labels_digest"]
+
+
+def test_readme_counts_the_bad_input_catalogue():
+    """Bug: the README's "holds 117 cases over 8 commands" (and its root-only and
+    run-folder exceptions) was a number typed by hand, kept right only by whoever
+    remembered to recount tests/test_bad_inputs.py after adding cases."""
+    import re
+    from pathlib import Path
+
+    import test_bad_inputs
+
+    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    found = re.search(r"holds (\d+) cases over (\d+) commands: all (\d+) end in one line and exit 2, .*?"
+                      r"\((\d+) read-only-folder cases run only as a non-root user; (\d+) bad images", text)
+    cases = test_bad_inputs.CASES
+    assert found is not None
+    assert tuple(map(int, found.groups())) == (len(cases), len({case.script for case in cases}), len(cases),
+                                               sum(1 for case in cases if case.marks),
+                                               sum(1 for case in cases if case.writes))
