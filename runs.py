@@ -301,7 +301,7 @@ def write_config(path: Path, args, dist: Dist, data: dict | None = None) -> None
 def data_summary(extra: dict) -> dict:
     """What config.json records of the training data: the number of images and, where the
     checkpoints keep the labels' digests, one digest of them all (compare two runs' data)."""
-    summary = {"images": extra["train_images"]}
+    summary = {"images": extra["train_images"]} if "train_images" in extra else {}
     if "train_labels" in extra:
         summary["labels_digest"] = hashlib.sha256(extra["train_labels"].numpy().tobytes()).hexdigest()[:16]
     return summary
