@@ -19,6 +19,7 @@ Darknet's ``voc_label.py`` does.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as F
 
 from images import EncodedImage, image_size, load_image, orient_boxes, read_bytes, read_header
-from transforms import YoloAugment, identity_draw, photometric_factors, to_float_images
+from transforms import YoloAugment, identity_draw, keep_targets, photometric_factors, to_float_images
 from utils import VOC_CLASSES, UserError, encode_target, one_line
 from voc_txt import read_csv_pairs, read_label_file
 from voc_xml import object_place, read_annotation, to_continuous
@@ -127,6 +128,7 @@ class DetectionDataset(Dataset):
             image, boxes, labels, factors = self.augment.sample(image, boxes, labels)
         else:  # resize on uint8, then convert: a quarter of the bytes to interpolate
             image, factors = F.resize(image, list(size), antialias=True), photometric_factors()
+            boxes, labels = keep_targets(boxes, labels)  # the augmentation's drop rule, unaugmented
         return image, self.encode(boxes, labels), factors
 
     def encoded_sample(self, index: int):
@@ -146,6 +148,7 @@ class DetectionDataset(Dataset):
             boxes, labels = self.augment.move_boxes(boxes, labels, width, height, draw)
         else:
             draw = identity_draw(width, height)
+            boxes, labels = keep_targets(boxes, labels)
         image = EncodedImage(index, record.path, read_bytes(record.path), (width, height), False, draw)
         return image, self.encode(boxes, labels), draw.factors
 
@@ -164,8 +167,23 @@ class DetectionDataset(Dataset):
 
     def target(self, index: int) -> torch.Tensor:
         """The encoded target ``(S, S, C+5)`` of an unaugmented sample, without decoding the
-        image: test.py's original-project metric."""
+        image: test.py's original-project metric. Every object that is not difficult, as the
+        original project counted them: the training drop rule (keep_targets) is not applied."""
         return self.encode(*self.objects(index))
+
+    def label_digests(self) -> np.ndarray:
+        """One 64-bit digest per image of what training reads for it: the image's file name,
+        its boxes, classes and difficult flags, from the records parsed when the dataset was
+        built (no file is read again: VOC 2007+2012 trainval's 16,551 images take about
+        80 ms on 2 busy cores). engine.start_training keeps them in every checkpoint, so that
+        --resume names the images whose labels changed since (resume_policy.compare_labels)."""
+        digests = np.empty(len(self.records), dtype=np.int64)
+        for i, record in enumerate(self.records):
+            h = hashlib.blake2b(record.path.name.encode(), digest_size=8)
+            for array, dtype in ((record.boxes, np.float32), (record.labels, np.int64), (record.difficult, bool)):
+                h.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+            digests[i] = int.from_bytes(h.digest(), "little", signed=True)
+        return digests
 
     def image_size(self, index: int) -> tuple[int, int]:
         """Original ``(width, height)`` (after EXIF orientation), without decoding pixels."""

@@ -4,14 +4,13 @@ non-finite losses and clean stops on signals.
 
 train.py (YOLO on VOC) and the three Darknet scripts all build on it, so a run folder,
 a checkpoint and a progress bar look the same whichever script made them. The pieces
-below it: distributed.py (devices, processes, samplers), runs.py (run folders,
+below it: distributed.py (devices, processes, samplers), runs.py (run folders, signals,
 checkpoints, resume), schedule.py (the optimiser and its learning-rate schedule).
 """
 from __future__ import annotations
 
 import argparse
 import math
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,12 +22,12 @@ from tqdm import tqdm
 
 import argtypes
 import resume_policy
-from distributed import (Dist, all_ranks, amp_dtype, any_rank, average_gradients, broadcast_object,
-                         make_loader, reduce_sums, set_epoch, sync_buffers, unwrap)
+from distributed import (Dist, all_ranks, amp_dtype, average_gradients, broadcast_object, make_loader,
+                         reduce_sums, set_epoch, sync_buffers, unwrap)
 from schedule import build_optimizer, build_scheduler
-from runs import (MetricsLog, RunInterrupted, check_same_checkpoint, load_training_state, open_run,
-                  refresh_plots, release_locks, remove_stale_temporaries, rng_state, save_epoch_checkpoints,
-                  save_with_previous, set_rng_state, write_config)
+from runs import (GracefulStop, MetricsLog, RunInterrupted, check_same_checkpoint, data_summary,
+                  load_training_state, open_run, refresh_plots, release_locks, remove_stale_temporaries,
+                  rng_state, save_epoch_checkpoints, save_with_previous, set_rng_state, write_config)
 from utils import UserError, load_state_checked, one_line
 
 
@@ -119,9 +118,10 @@ def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- the run and its state
-def start_run(args, dist: Dist, kind: str, extra: dict | None = None):
+def start_run(args, dist: Dist, kind: str, extra: dict | None = None, data: dict | None = None):
     """Open the run folder (new, or the resumed run's), lock it for this process and
-    record the resolved configuration (runs.open_run: a resume must be the run's own).
+    record the resolved configuration, with ``data`` (a summary of the training data:
+    :func:`data_summary`) (runs.open_run: a resume must be the run's own).
 
     Returns ``(run_dir, checkpoint or None)``. Only rank 0 creates, locks and writes
     files; it tells the other ranks the folder and the checkpoint, or its error, so that
@@ -150,7 +150,7 @@ def start_run(args, dist: Dist, kind: str, extra: dict | None = None):
     if dist.is_main:
         remove_stale_temporaries(run_dir)
         if ckpt is None:  # a resumed run records its configuration in fit(), once its state fits
-            write_config(run_dir / "config.json", args, dist)
+            write_config(run_dir / "config.json", args, dist, data)
     return run_dir, ckpt
 
 
@@ -220,10 +220,20 @@ def start_training(model, dataset, args, dist: Dist, kind: str, extra: dict | No
     per-step schedule, gradient scaler and AMP dtype, restored from the run's checkpoint
     when resuming: the same for every training script."""
     # The training-set size travels in every checkpoint: resuming on other data is refused.
+    # So does one digest per image of its labels, where the dataset has labels: a resume
+    # names the images whose labels changed (resume_policy.compare_labels: a warning).
     extra = dict(extra or {}) | {"train_images": len(dataset)}
-    run_dir, ckpt = start_run(args, dist, kind, extra)
+    digests = dataset.label_digests() if hasattr(dataset, "label_digests") else None
+    labels = {} if digests is None else {"train_labels": torch.from_numpy(digests)}
+    run_dir, ckpt = start_run(args, dist, kind, extra, data_summary(extra | labels))
     try:
-        return build_state(model, dataset, args, dist, kind, extra, run_dir, ckpt)
+        if ckpt is not None and dist.is_main:
+            note = resume_policy.compare_labels(ckpt.get("train_labels"), digests,
+                                                [record.path for record in getattr(dataset, "records", ())],
+                                                ckpt["source"])
+            if note:
+                print(note, flush=True)
+        return build_state(model, dataset, args, dist, kind, extra | labels, run_dir, ckpt)
     except BaseException:
         release_locks()  # a refused resume leaves the run folder as it was
         raise
@@ -345,32 +355,6 @@ def epoch_means(acc: dict, dist: Dist, seconds: float) -> dict:
     return row | ({"skipped_steps": skipped} if skipped else {})
 
 
-class GracefulStop:
-    """SIGTERM (a scheduler's time limit) or Ctrl-C: finish the step, save, exit cleanly.
-
-    A second Ctrl-C interrupts at once. Under DDP the ranks agree (a max all-reduce each
-    step) so that all of them stop after the same step.
-    """
-
-    def __init__(self):
-        self.signal = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def agreed(self, dist: Dist) -> bool:
-        stop = any_rank(self.signal is not None, dist)
-        self.signal = self.signal or ("SIGTERM" if stop else None)
-        return stop
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def check_finite(loss, logs: dict, epoch: int, step: int, args) -> bool:
     """True for a finite loss. Otherwise stop with the step and the loss components
     named, or, with ``--skip-nonfinite``, report False so that the step is skipped."""
@@ -407,7 +391,7 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
     """
     dist, args, run_dir = state.dist, state.args, state.run_dir
     if state.resume and dist.is_main:
-        write_config(run_dir / "config_resumed.json", args, dist)
+        write_config(run_dir / "config_resumed.json", args, dist, data_summary(state.extra))
     resume = state.resume or {}
     start, best = resume.get("epoch", 0), resume.get("best", -math.inf)
     batch, partial = resume.get("batch", 0), resume.get("partial")
@@ -415,6 +399,8 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
     log = MetricsLog(run_dir, keep_below_epoch=start + 1) if dist.is_main else None
     stopper = GracefulStop()
     try:
+        if resume.get("unvalidated"):
+            best = validate_saved_epoch(state, evaluate_fn, metric, best, (log, on_epoch_end))
         for epoch in range(start, args.epochs):
             set_epoch(state.loader, epoch, batch)  # this epoch's shuffle (DistributedSampler.set_epoch)
             lr = state.optimizer.param_groups[0]["lr"] if epoch_lr is None else epoch_lr
@@ -437,12 +423,11 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
                 row |= (evaluate_fn(state.model, epoch) or {}) if evaluate_fn else {}
             except UserError as err:
                 # a bad validation image lost the epoch just trained (and, at the first
-                # validation, the whole run): the epoch is saved first, unvalidated
+                # validation, the whole run): the epoch is saved first, marked unvalidated,
+                # and --resume validates it before anything else (validate_saved_epoch)
                 if dist.is_main:
-                    end_of_epoch(state, row, best, False, log, None)
-                raise UserError(f"{one_line(err)} (epoch {epoch + 1} was trained and saved in "
-                                f"{run_dir / 'last.pt'} without validation: fix the file, then "
-                                f"--resume {run_dir})") from None
+                    end_of_epoch(state, row, best, None, log, None)
+                raise unvalidated_error(err, epoch, run_dir) from None
             improved = metric in row and row[metric] > best
             best = row[metric] if improved else best
             if dist.is_main:  # rank 0 alone logs and saves
@@ -454,12 +439,45 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
     return best
 
 
-def end_of_epoch(state: TrainState, row: dict, best: float, improved: bool, log: MetricsLog,
+def unvalidated_error(err: UserError, epoch: int, run_dir: Path) -> UserError:
+    return UserError(f"{one_line(err)} (epoch {epoch + 1} was trained and saved in {run_dir / 'last.pt'} "
+                     f"without validation: fix the file, then --resume {run_dir})")
+
+
+def validate_saved_epoch(state: TrainState, evaluate_fn, metric: str, best: float, rank0: tuple) -> float:
+    """``--resume`` from a checkpoint saved unvalidated (a bad validation image, :func:`fit`):
+    validate that epoch first, as the interrupted run would have, and save best.pt by the
+    usual rule. Without this the epoch was never validated: a run whose last validation
+    failed ended "best validation mAP -inf" with no best.pt. ``rank0``: (MetricsLog,
+    on_epoch_end) on rank 0, (None, None) elsewhere. Returns the best ``metric``."""
+    dist, ckpt, (log, on_epoch_end) = state.dist, state.resume, rank0
+    epoch = ckpt["epoch"]  # the number (1-based) of the epoch saved
+    sync_buffers(unwrap(state.model), dist)
+    try:
+        metrics = (evaluate_fn(state.model, epoch - 1) or {}) if evaluate_fn else {}
+    except UserError as err:  # still bad: the checkpoint stays as it is, unvalidated
+        raise unvalidated_error(err, epoch - 1, state.run_dir) from None
+    # Validation may draw random numbers (a DataLoader's seed): the run continues with the
+    # checkpoint's, as a run that validated this epoch without failing did.
+    set_rng_state(ckpt["rng"])
+    improved = metric in metrics and metrics[metric] > best
+    best = metrics[metric] if improved else best
+    if dist.is_main:  # the epoch's logged row (training means) gets its metrics
+        saved = [row for row in log.rows() if row.get("epoch") == epoch]
+        log = MetricsLog(state.run_dir, keep_below_epoch=epoch)
+        row = (saved[-1] if saved else {"epoch": epoch}) | metrics
+        end_of_epoch(state, row, best, improved, log, on_epoch_end)
+    return best
+
+
+def end_of_epoch(state: TrainState, row: dict, best: float, improved: bool | None, log: MetricsLog,
                  on_epoch_end) -> None:
-    """Rank 0: log the row, save best.pt and last.pt (keeping the previous one), plots."""
+    """Rank 0: log the row, save best.pt and last.pt (keeping the previous one), plots.
+    ``improved`` None: the epoch's validation failed; last.pt is marked unvalidated."""
     log.append(row)
     print(format_row(row), flush=True)
-    save_epoch_checkpoints(state.checkpoint(row["epoch"], best), state.run_dir, improved)
+    ckpt = state.checkpoint(row["epoch"], best) | ({"unvalidated": True} if improved is None else {})
+    save_epoch_checkpoints(ckpt, state.run_dir, bool(improved))
     refresh_plots(state.run_dir)
     if on_epoch_end is not None:
         on_epoch_end(row, state.model)

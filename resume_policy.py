@@ -18,6 +18,8 @@ scripts is in the table. docs/training.md shows it; ``--help`` points there.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from errors import UserError
 
 MATCH, CHANGE, IGNORE, SILENT = "match", "change", "ignore", "silent"
@@ -113,6 +115,27 @@ def compare_extra(saved: dict, now: dict, source) -> None:
         if saved[key] != now[key]:
             raise UserError(f"{source}: the run was trained with {key} {_short(saved[key])}, this "
                             f"command has {_short(now[key])}: resume with the run's own data")
+
+
+def compare_labels(saved, now, images, source) -> str | None:
+    """The training labels, image by image (``saved`` and ``now``: one digest per image,
+    dataset.DetectionDataset.label_digests; ``images``: the image paths, in order): a
+    warning line naming what changed, or None.
+
+    They may change, with a warning: refusing would block a legitimate mend. A run stopped
+    by a bad file tells the user to fix it and --resume (a bad image leaves the digests as
+    they were; a box found wrong mid-run is worth correcting without starting over); but
+    edited boxes were accepted silently before, and a resumed run then trained on other
+    data than its config.json says. The number of images must still match (compare_extra)."""
+    if saved is None or now is None:  # a checkpoint of an older version, or data without labels
+        return None
+    saved, now = np.asarray(saved), np.asarray(now)
+    changed = np.flatnonzero(saved != now) if saved.shape == now.shape else np.arange(len(now))
+    if not len(changed):
+        return None
+    return (f"warning: {source}: the labels of {len(changed)} of {len(now)} training images changed since "
+            f"this checkpoint was saved (the first: {images[changed[0]]}); the run continues with them as "
+            "they are now")
 
 
 def _short(value) -> str:

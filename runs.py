@@ -1,6 +1,6 @@
 """A training run on disk: its folder, configuration and metrics log, seeding and the
-random-number state, checkpoints (saved atomically, keeping the previous one) and
-exact resume from them.
+random-number state, checkpoints (saved atomically, keeping the previous one), exact
+resume from them, and clean stops on signals (GracefulStop).
 
 Only rank 0 writes; what the other ranks need (the folder name, the same checkpoint)
 comes through distributed.py.
@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import hashlib
 import json
 import os
 import random
+import signal
 from pathlib import Path
 
 import torch
 
 import plots  # stdlib only at import time: matplotlib loads when a plot is drawn
 import resume_policy
-from distributed import Dist, gather_objects
+from distributed import Dist, any_rank, gather_objects
 from model import check_config
 from utils import Interrupted, UserError, check_finite, check_state_dict, load_checkpoint, save_checkpoint
 
@@ -289,9 +291,20 @@ def load_training_state(path: Path) -> dict:
     return ckpt | {"source": str(path)}
 
 
-def write_config(path: Path, args, dist: Dist) -> None:
+def write_config(path: Path, args, dist: Dist, data: dict | None = None) -> None:
+    """The run's arguments, world size and torch version; ``data``: :func:`data_summary`."""
     write_json(path, {k: v for k, v in vars(args).items()} | {"world_size": dist.world_size,
-                                                             "torch": torch.__version__})
+                                                             "torch": torch.__version__}
+               | ({"train_data": data} if data else {}))
+
+
+def data_summary(extra: dict) -> dict:
+    """What config.json records of the training data: the number of images and, where the
+    checkpoints keep the labels' digests, one digest of them all (compare two runs' data)."""
+    summary = {"images": extra["train_images"]} if "train_images" in extra else {}
+    if "train_labels" in extra:
+        summary["labels_digest"] = hashlib.sha256(extra["train_labels"].numpy().tobytes()).hexdigest()[:16]
+    return summary
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -309,6 +322,32 @@ def check_same_checkpoint(ckpt: dict | None, dist: Dist) -> None:
     if len(set(steps)) > 1:
         raise UserError(f"the processes found different checkpoints to resume (steps {steps} by rank): "
                         "the run folder must be on storage that every node sees")
+
+
+class GracefulStop:
+    """SIGTERM (a scheduler's time limit) or Ctrl-C: finish the step, save, exit cleanly.
+
+    A second Ctrl-C interrupts at once. Under DDP the ranks agree (a max all-reduce each
+    step) so that all of them stop after the same step.
+    """
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def agreed(self, dist: Dist) -> bool:
+        stop = any_rank(self.signal is not None, dist)
+        self.signal = self.signal or ("SIGTERM" if stop else None)
+        return stop
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class RunInterrupted(Interrupted):

@@ -91,6 +91,28 @@ def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor)
     return torch.where(saturation == 0, value.expand(3, *value.shape), rgb)
 
 
+# The drop rule of every training target, with augmentation or without (--no-augment).
+MIN_VISIBLE, MIN_SIDE = 0.25, 0.01
+
+
+def keep_targets(boxes: torch.Tensor, labels: torch.Tensor, min_visible: float = MIN_VISIBLE,
+                 min_side: float = MIN_SIDE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relative xyxy boxes clipped to the image, and the drop rule: a box is dropped when
+    less than ``min_visible`` (25 %) of its area stays inside, or when its clipped width or
+    height is under ``min_side`` (1 %) of the image, as Darknet's ``fill_truth_region``
+    drops every box under 1 % (``w < .01 || h < .01``) whatever the augmentation.
+
+    One rule for both paths: the augmented samples (:meth:`YoloAugment.drop_hidden`) and
+    the unaugmented ones (dataset.py, --no-augment), where a 1e-9-wide label box was
+    still a training target while the augmentation dropped it. Evaluation keeps every box."""
+    clipped = boxes.clamp(0.0, 1.0)
+    sides = clipped[:, 2:] - clipped[:, :2]
+    area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
+    visible = sides.prod(dim=1) / area.clamp(min=1e-12)
+    keep = (visible >= min_visible) & (sides >= min_side).all(dim=1)
+    return clipped[keep], labels[keep]
+
+
 @dataclass(frozen=True)
 class Draw:
     """One training sample's augmentation: the crop ``(top, left, height, width)`` of the
@@ -135,15 +157,15 @@ class YoloAugment:
     * Hue shifted by up to ``hue`` of the colour circle: Darknet's (``hue=.1`` in its cfgs),
       not the paper's; 0 by default (train.py ``--hue``).
 
-    Drop rule: boxes are clipped to the image; a box is dropped when less than
-    ``min_visible`` (25 %) of its area stays inside, or when its clipped width or height is
-    under ``min_side`` (1 %) of the image (Darknet's ``fill_truth_region`` drops boxes under
-    1 % of the image).
+    Drop rule (:func:`keep_targets`, also applied without augmentation): boxes are clipped
+    to the image; a box is dropped when less than ``min_visible`` (25 %) of its area stays
+    inside, or when its clipped width or height is under ``min_side`` (1 %) of the image
+    (Darknet's ``fill_truth_region`` drops boxes under 1 % of the image).
     """
 
     def __init__(self, img_size: int = 448, jitter: float = 0.2, exposure: float = 1.5,
-                 saturation: float = 1.5, flip: float = 0.5, min_visible: float = 0.25,
-                 min_side: float = 0.01, hue: float = 0.0):
+                 saturation: float = 1.5, flip: float = 0.5, min_visible: float = MIN_VISIBLE,
+                 min_side: float = MIN_SIDE, hue: float = 0.0):
         self.img_size, self.jitter, self.flip = img_size, jitter, flip
         self.exposure, self.saturation, self.hue = exposure, saturation, hue
         self.min_visible, self.min_side = min_visible, min_side
@@ -188,10 +210,5 @@ class YoloAugment:
         return self.drop_hidden(boxes.as_subclass(torch.Tensor) / self.img_size, labels)
 
     def drop_hidden(self, boxes: torch.Tensor, labels: torch.Tensor):
-        """Clip relative xyxy boxes to the image and apply the drop rule."""
-        clipped = boxes.clamp(0.0, 1.0)
-        sides = clipped[:, 2:] - clipped[:, :2]
-        area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
-        visible = sides.prod(dim=1) / area.clamp(min=1e-12)
-        keep = (visible >= self.min_visible) & (sides >= self.min_side).all(dim=1)
-        return clipped[keep], labels[keep]
+        """Clip relative xyxy boxes to the image and apply the drop rule (:func:`keep_targets`)."""
+        return keep_targets(boxes, labels, self.min_visible, self.min_side)

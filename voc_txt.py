@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,27 @@ def read_csv_pairs(csv_path: Path, img_dir: Path, label_dir: Path) -> list[tuple
         pairs.append((img_dir / fields[0], label_dir / fields[1]))
     if not pairs:
         raise UserError(f"{csv_path}: lists no images")
+    warn_repeated_images(csv_path, [n for n, _ in rows], pairs)
     return pairs
+
+
+def warn_repeated_images(csv_path: Path, line_numbers: list[int], pairs: list[tuple[Path, Path]]) -> None:
+    """One warning line when an image is listed more than once (it was trained, or scored,
+    as often as listed, without a word).
+
+    A warning, not a refusal: repeating rows is how a Darknet-style list oversamples rare
+    classes on purpose, and the run is still what the list says. But a list concatenated
+    twice by mistake looks the same, so it is said, naming the first repeat's lines."""
+    first, repeats = {}, []
+    for n, (image, _) in zip(line_numbers, pairs):
+        if image in first:
+            repeats.append((n, first[image], image))
+        first.setdefault(image, n)
+    if repeats:
+        n, was, image = repeats[0]
+        print(f"warning: {csv_path}: {len(repeats)} row(s) repeat an image listed before (the first: line {n} "
+              f"repeats line {was}, {image.name}); each is used as often as it is listed",
+              file=sys.stderr, flush=True)
 
 
 def write_label_file(path: Path, boxes: np.ndarray, labels: np.ndarray, width: float, height: float) -> None:

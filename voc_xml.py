@@ -84,10 +84,20 @@ def _drop_namespaces(root: ET.Element) -> None:
 def to_continuous(boxes: np.ndarray) -> np.ndarray:
     """Devkit pixel indices (1-based, inclusive) -> the box's extent in 0-based continuous
     coordinates: ``(xmin - 1, ymin - 1, xmax, ymax)``, so an object over a whole 500-wide
-    image spans 0..500. A 0 (tools that count from 0) stays 0. Darknet's ``voc_label.py``
-    takes ``xmax - 1`` instead, 1 pixel narrower."""
+    image spans 0..500. A 0 (tools that count from 0) stays 0.
+
+    Degenerate boxes, the one rule of every reader: pixel boxes are inclusive, so a box
+    with ``xmin = xmax`` covers one pixel column and is 1 pixel wide, and it stays 1 pixel
+    wide when its first pixel is the 0 of a tool counting from 0 (``xmin = xmax = 0`` became
+    0..0, width 0: voc_convert.py wrote a label file its own reader refuses, and the
+    VOCdevkit reader trained a w = 0 target). Relative label files have no pixels: a width
+    of 0 is refused there (voc_txt.py). Darknet's ``voc_label.py`` (``convert()``) takes
+    ``w = xmax - xmin`` and the centre 1 pixel left, so its boxes are 1 pixel narrower
+    and ``xmin = xmax`` is written as w = 0 (which Darknet's training then drops, under 1 %)."""
     out = np.array(boxes, dtype=np.float64).reshape(-1, 4)
     out[:, :2] = np.maximum(out[:, :2] - 1, 0)
+    # at least one pixel: xmin <= the image size, so xmin - 1 + 1 stays inside the image
+    out[:, 2:] = np.maximum(out[:, 2:], out[:, :2] + 1)
     return out
 
 

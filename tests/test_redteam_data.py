@@ -7,6 +7,7 @@ import string
 import xml.etree.ElementTree as ET
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -262,7 +263,7 @@ def test_bad_validation_image_keeps_the_epoch_just_trained(shapes):
     assert [row["epoch"] for row in map(eval, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
 
 
-def test_bad_training_image_mid_epoch_keeps_the_steps_done(shapes):
+def test_bad_training_image_mid_epoch_keeps_the_steps_done(shapes, capsys):
     """Bug: a truncated training image met in the middle of an epoch lost the epoch's steps
     so far. They are saved as an interrupt saves them; once the file is mended, --resume
     ends with the very weights of a run that never met it."""
@@ -281,7 +282,161 @@ def test_bad_training_image_mid_epoch_keeps_the_steps_done(shapes):
     assert f"{image}: unreadable image" in message and f"after batch {ckpt['batch']}" in message
     assert f"--resume {run}" in message
     image.write_bytes(whole)
+    capsys.readouterr()
     train.main(args + ["--resume", str(run)])
+    assert "training images changed" not in capsys.readouterr().out  # a mended image: the labels are the run's
     clean = torch.load(shapes / "runs" / "clean" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(run / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+
+
+# --------------------------------------------------------------------------- second pass
+def metric_rows(run):
+    import json
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_validates_an_epoch_saved_unvalidated(shapes, capsys):
+    """Bug: an epoch saved unvalidated (a bad validation image; engine.fit saves the epoch
+    before re-raising) was never validated on --resume: failed at the last epoch, the run
+    ended "best validation mAP -inf" with no best.pt; failed earlier, that epoch never had
+    its score (nor its chance at best.pt). Now --resume validates it first, at any epoch:
+    the mended run ends exactly as a run that never met the bad file."""
+    import torch
+
+    import train
+
+    image = sorted((shapes / "val" / "images").iterdir())[1]
+    args = TINY + ["--data", str(shapes / "train" / "list.csv"), "--val-data", str(shapes / "val" / "list.csv"),
+                   "--eval-every", "1", "--batch-size", "2", "--project", str(shapes / "runs")]
+    train.main(args + ["--epochs", "2", "--name", "clean"])
+    whole = truncate(image)
+    for name, epochs in (("first", "2"), ("last", "1")):  # fails at epoch 1: of 2, and the last
+        assert "without validation" in user_error(train.main, args + ["--epochs", epochs, "--name", name])
+        ckpt = torch.load(shapes / "runs" / name / "last.pt", weights_only=True)
+        assert ckpt["unvalidated"] and ckpt["epoch"] == 1 and not (shapes / "runs" / name / "best.pt").exists()
+    # still bad on resume: refused again, nothing lost
+    assert "without validation" in user_error(train.main, args + ["--epochs", "1", "--resume", str(shapes / "runs" / "last")])
+    assert torch.load(shapes / "runs" / "last" / "last.pt", weights_only=True)["unvalidated"]
+    image.write_bytes(whole)
+    capsys.readouterr()
+    train.main(args + ["--epochs", "1", "--resume", str(shapes / "runs" / "last")])
+    assert "best validation mAP -inf" not in capsys.readouterr().out
+    last = shapes / "runs" / "last"
+    assert (last / "best.pt").exists() and "unvalidated" not in torch.load(last / "last.pt", weights_only=True)
+    assert metric_rows(last) == metric_rows(shapes / "runs" / "clean")[:1]
+    train.main(args + ["--epochs", "2", "--resume", str(shapes / "runs" / "first")])
+    clean, first = shapes / "runs" / "clean", shapes / "runs" / "first"
+    assert metric_rows(first) == metric_rows(clean) and all("mAP" in row for row in metric_rows(first))
+    for name in ("best.pt", "last.pt"):
+        a, b = (torch.load(run / name, weights_only=True) for run in (clean, first))
+        assert a["epoch"] == b["epoch"] and a["best"] == b["best"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_one_pixel_devkit_boxes_round_trip_through_voc_convert(tmp_path):
+    """Bug: a VOC box with xmin = xmax = 0 (a tool counting pixels from 0) became 0..0,
+    width 0: voc_convert.py wrote a label file its own reader refuses ("box size 0.000000
+    x ... must be positive"), and the VOCdevkit reader trained a w = 0 target. Pixel boxes
+    are inclusive (the devkit's convention): xmin = xmax is one pixel wide, wherever it is."""
+    devkit = synthetic.write_vocdevkit_tree(tmp_path, {"2007/trainval": 2}, size=48, seed=0,
+                                            difficult_rate=0.0, vary_aspect=False)
+    xml = devkit / "VOC2007" / "Annotations" / "000001.xml"
+    tree = ET.parse(xml)
+    first, second = tree.getroot().findall("object/bndbox")[:2]
+    for box, (x, y) in ((first, (0, 0)), (second, (7, 48))):  # the top-left corner; a 1-pixel column
+        for tag, value in (("xmin", x), ("xmax", x), ("ymin", y), ("ymax", y)):
+            box.find(tag).text = str(value)
+    tree.write(xml)
+    out = tmp_path / "out"
+    voc_convert.main(["--devkit", str(devkit), "--out", str(out), "--sets", "2007/trainval"])
+    for name, data in (("devkit", VOCSource(devkit, split="2007/trainval")), ("txt", VOCSource(out / "train.csv"))):
+        boxes = build_voc_dataset(data).annotation(0)["boxes"][:2].numpy()
+        expected = [[0, 0, 1, 1], [6, 47, 7, 48]]  # 0-based continuous pixels of a 48 x 48 image
+        np.testing.assert_allclose(boxes, expected, atol=48 * 1e-6, err_msg=name)
+
+
+def test_tiny_boxes_follow_one_drop_rule_with_and_without_augmentation(tmp_path):
+    """Bug: a 1e-9-wide label box stayed a training target under --no-augment, while the
+    augmentation dropped it by its 1 % rule (Darknet's fill_truth_region): the two paths
+    trained on different objects. Now both apply transforms.keep_targets."""
+    csv = txt_tree(tmp_path, b"0 0.5 0.5 0.6 0.6\n0 0.1 0.1 1e-9 0.2\n0 0.9 0.1 0.0099 0.2\n0 0.9 0.9 0.0101 0.2\n")
+    kept = {(3, 3), (6, 6)}  # the 60 % box and the 1.01 %-wide one; not the 1e-9 nor the 0.99 %
+    plain, augmented = (build_voc_dataset(csv, ["a"], S=7, img_size=64, train=train, uint8=True)
+                        for train in (False, True))
+    augmented.augment.jitter, augmented.augment.flip = 0.0, 0.0  # the identity draw: the same boxes
+    for encoded in (False, True):
+        plain.encoded = augmented.encoded = encoded
+        targets = [data[0][1] for data in (plain, augmented)]
+        for target in targets:
+            assert {tuple(cell) for cell in target[..., 1].nonzero().tolist()} == kept
+        torch.testing.assert_close(targets[0], targets[1])
+    assert len(plain.annotation(0)["boxes"]) == 4  # evaluation keeps every box
+
+
+def test_repeated_csv_rows_are_said_once(tmp_path, capsys):
+    """Bug: an image listed twice in a csv list (a list concatenated twice by mistake) was
+    trained, or scored, twice without a word. It stays allowed (repeating rows oversamples
+    on purpose, as Darknet lists do) but one warning line names the csv and the lines."""
+    csv = txt_tree(tmp_path, b"0 0.5 0.5 0.2 0.2\n", b"img,label\na.jpg,a.txt\n\nb.jpg,b.txt\na.jpg,b.txt\nb.jpg,b.txt\n")
+    (tmp_path / "images" / "b.jpg").write_bytes((tmp_path / "images" / "a.jpg").read_bytes())
+    (tmp_path / "labels" / "b.txt").write_text("")
+    capsys.readouterr()
+    assert len(build_voc_dataset(csv, ["a"])) == 4
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {csv}: 2 row(s) repeat an image listed before (the first: line 5 repeats "
+                   "line 2, a.jpg); each is used as often as it is listed"]
+    txt_tree(tmp_path, b"0 0.5 0.5 0.2 0.2\n", b"img,label\na.jpg,a.txt\nb.jpg,b.txt\n")
+    build_voc_dataset(csv, ["a"])
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_names_the_images_whose_labels_changed(shapes, capsys):
+    """Bug: on --resume only the number of training images was compared with the run's
+    start: edited boxes were accepted silently, and the resumed run trained on other data
+    than its config.json says. Now every checkpoint keeps one digest per image of its
+    labels, config.json a digest of them all, and a resume names what changed (a warning:
+    refusing would block a legitimate mend of the labels)."""
+    import json
+
+    import train
+
+    args = TINY + ["--data", str(shapes / "train" / "list.csv"), "--val-data", str(shapes / "val" / "list.csv"),
+                   "--batch-size", "4", "--project", str(shapes / "runs"), "--name", "r"]
+    run = shapes / "runs" / "r"
+    train.main(args + ["--epochs", "1"])
+    summary = json.loads((run / "config.json").read_text())["train_data"]
+    assert summary["images"] == 4 and len(summary["labels_digest"]) == 16
+    capsys.readouterr()
+    train.main(args + ["--epochs", "2", "--resume", str(run)])
+    assert "training images changed" not in capsys.readouterr().out
+    label = sorted((shapes / "train" / "labels").iterdir())[2]
+    first, *rest = label.read_text().splitlines()
+    fields = first.split()  # the first object, 10 % narrower
+    label.write_text("\n".join([" ".join(fields[:3] + [f"{float(fields[3]) * 0.9:.6f}", fields[4]]), *rest]))
+    train.main(args + ["--epochs", "3", "--resume", str(run)])
+    image = sorted((shapes / "train" / "images").iterdir())[2]
+    assert (f"warning: {run / 'last.pt'}: the labels of 1 of 4 training images changed since this checkpoint "
+            f"was saved (the first: {image})") in capsys.readouterr().out
+    resumed = json.loads((run / "config_resumed.json").read_text())["train_data"]
+    assert resumed["images"] == 4 and resumed["labels_digest"] != summary["labels_digest"]
+
+
+def test_readme_counts_the_bad_input_catalogue():
+    """Bug: the README's "holds 117 cases over 8 commands" (and its root-only and
+    run-folder exceptions) was a number typed by hand, kept right only by whoever
+    remembered to recount tests/test_bad_inputs.py after adding cases."""
+    import re
+    from pathlib import Path
+
+    import test_bad_inputs
+
+    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    found = re.search(r"holds (\d+) cases over (\d+) commands: all (\d+) end in one line and exit 2, .*?"
+                      r"\((\d+) read-only-folder cases run only as a non-root user; (\d+) bad images", text)
+    cases = test_bad_inputs.CASES
+    assert found is not None
+    assert tuple(map(int, found.groups())) == (len(cases), len({case.script for case in cases}), len(cases),
+                                               sum(1 for case in cases if case.marks),
+                                               sum(1 for case in cases if case.writes))
