@@ -366,6 +366,8 @@ def for_job(runner: Runner, images: float, choice: str = "auto") -> Runner:
             raise UserError(f"--backend onnx: {missing}")
         note(f"{missing}: {fallback}, slower on the CPU than onnxruntime")
         return runner
+    if choice == "onnx":
+        onnx_providers(runner.device)  # a GPU without onnxruntime-gpu: its own one-line error
     try:
         session = export_session(module, runner.input_size, runner.device)
     except Exception as err:  # torch.onnx and onnxruntime raise many classes; any failure falls back
