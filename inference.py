@@ -3,6 +3,7 @@
     runner = inference.load("best.pt", "cpu")                     # the default for the device
     runner = inference.load("best.pt", "cuda", Backend(dtype=torch.float16, compile=True))
     runner = inference.load("model.onnx", "cpu")                  # onnxruntime (export.py --raw)
+    runner = inference.for_job(runner, len(dataset))   # the fastest correct path for the job
     raw = runner(images)   # float (N, 3, size, size) RGB in [0, 1] -> float32 (N, S*S*(C+5B))
 
 A runner also carries what decoding needs (``S``, ``B``, ``C``, ``input_size``, ``names``,
@@ -23,6 +24,10 @@ and checks each one's boxes against eager float32 (BENCHMARKS.md, "Detection spe
 * an ``.onnx`` file: onnxruntime with all graph optimisations, as many intra-op threads
   as torch uses, and the CUDA provider on a GPU (``pip install onnxruntime-gpu``).
   The file must hold the raw network output (``python export.py CKPT --include onnx --raw``).
+* :func:`for_job` (the scripts' ``--backend auto``): on the CPU, a job of enough images
+  exports the default runner's network in-process and runs it under onnxruntime, checked
+  on the first batch against PyTorch; a missing package or a failed export falls back to
+  the default with one line.
 """
 from __future__ import annotations
 
@@ -76,6 +81,8 @@ def default_backend(device: torch.device) -> Backend:
 
     ``compile`` is 1.9x faster again per image but costs 20-40 s of start-up on the CPU the
     first time; float16 on a GPU moves boxes by its rounding: both are asked for, not assumed.
+    onnxruntime, faster still on the CPU, is :func:`for_job`'s choice once a job repays its
+    export.
     """
     return Backend()
 
