@@ -144,11 +144,10 @@ def test_box_check_matches_boxes_and_tells_threshold_crossings_from_differences(
 
 
 def test_bench_eval_quick(tmp_path):
-    """test.py end to end with either decode and either backend choice: timings, and the same
-    boxes from all (64 images: --backend auto keeps PyTorch; onnx exports the network)."""
+    """test.py end to end with either decode and --backend auto: timings, and the same boxes
+    from all (64 images: too few for auto to export; tests/test_redteam_fastpath.py exports)."""
     out = tmp_path / "eval.json"
     variants = ["host decode, float32", "device decode, float32", "host decode, auto"]
-    variants += ["host decode, onnx"] if importlib.util.find_spec("onnxscript") else []
     assert load("bench_eval").main(["--quick", "--batch-size", "16", "--variants", ",".join(variants),
                                     "--json", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -156,10 +155,8 @@ def test_bench_eval_quick(tmp_path):
     for name, row in report["rows"].items():
         assert row["seconds"] > 0 and row["images_per_s"] == pytest.approx(64 / row["seconds"])
         assert row["check"]["same_boxes_and_classes"] and row["check"]["matched"] > 256
-        if name.endswith("onnx"):
-            assert row["backend"].startswith("onnxruntime") and row["check"]["max_box_px"] < 0.05
-        else:  # libjpeg-turbo both ways: the same pixels; the same PyTorch network
-            assert row["backend"].startswith("float32") and row["check"]["max_box_px"] == 0
+        # libjpeg-turbo both ways: the same pixels; the same PyTorch network
+        assert row["backend"].startswith("float32") and row["check"]["max_box_px"] == 0
 
 
 if __name__ == "__main__":
