@@ -324,8 +324,8 @@ class FirstBatchCheck:
     and a raw output further from its own than float32 rounding (FIRST_BATCH_TOLERANCE)
     sends that batch and every later one to PyTorch, with one line saying so."""
 
-    def __init__(self, fast: Callable, reference: Runner, runner_description: str):
-        self.fast, self.reference, self.description = fast, reference, runner_description
+    def __init__(self, fast: Callable, reference: Runner):
+        self.fast, self.reference = fast, reference
         self.runner: Runner | None = None  # the runner this forward belongs to (its description)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -384,7 +384,7 @@ def for_job(runner: Runner, images: float, choice: str = "auto") -> Runner:
         note(f"exporting the network to onnxruntime failed ({reason}): {fallback}")
         return runner
     description = f"onnxruntime ({onnx_provider(session)}, exported in-process, checked on the first batch)"
-    check = FirstBatchCheck(session_forward(session, runner.device), runner, description)
+    check = FirstBatchCheck(session_forward(session, runner.device), runner)
     fast = Runner(check, runner.S, runner.B, runner.C, runner.input_size, runner.names, runner.device,
                   description, input_device=torch.device("cpu"), threads=runner.threads)
     check.runner = fast

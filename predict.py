@@ -39,9 +39,10 @@ def add_inference_args(parser: argparse.ArgumentParser, *, conf_threshold: float
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=batch_size,
                         help="images per forward pass (default %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    (_, small), (_, large) = inference.AUTO_ONNX_MIN_IMAGES
     parser.add_argument("--backend", choices=inference.BACKENDS, default="auto",
                         help="how the network runs. auto (default): on the CPU, a job of enough images "
-                             "(about 200 for Fast YOLO, 400 for YOLOv1; a video or a stream) runs the network "
+                             f"(at least {small} for Fast YOLO, {large} for YOLOv1; a video or a stream) runs the network "
                              "exported in-process under onnxruntime, checked against PyTorch on the first "
                              "batch, else PyTorch; on a GPU, PyTorch. torch: PyTorch (batch norm folded + "
                              "channels_last); onnx: onnxruntime whatever the job; compile: as --compile")

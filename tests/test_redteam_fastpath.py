@@ -184,9 +184,9 @@ def test_the_first_batch_check_accepts_float32_rounding_then_runs_alone(monkeypa
 
 def test_first_batch_tolerance_is_relative_to_the_outputs_size():
     big = Runner(lambda x: torch.full((len(x), 4), 1000.0), 1, 1, 1, 8, ["a"], CPU, "ref")
-    check = FirstBatchCheck(lambda x: torch.full((len(x), 4), 1000.05), big, "fast")
+    check = FirstBatchCheck(lambda x: torch.full((len(x), 4), 1000.05), big)
     assert check(torch.zeros(1, 3, 8, 8))[0, 0].item() == pytest.approx(1000.05)  # 5e-5 of 1000: rounding
-    check = FirstBatchCheck(lambda x: torch.full((len(x), 4), 1000.2), big, "fast")
+    check = FirstBatchCheck(lambda x: torch.full((len(x), 4), 1000.2), big)
     assert check(torch.zeros(1, 3, 8, 8))[0, 0].item() == 1000.0  # 2e-4 of it: refused
 
 
