@@ -24,14 +24,18 @@ looking at pictures: mAP is measured with almost no threshold (test.py, 0.005). 
 need PyAV (``pip install av``); they are read and written frame by frame, so are cameras
 and stream URLs, whose drawn copy is named after them (``video0.mp4``), until they end or
 Ctrl-C (the frames done so far are kept). The network runs on inference.py's fastest
-correct path for the device (batch norm folded into the convolutions, channels_last);
-``--compile`` and ``--half`` (GPU) go faster, and an ONNX file from ``export.py --raw``
-runs under onnxruntime. Folders and videos report frames per second, drawing and writing
-included.
+correct path for the device and the job (``--backend auto``): on the CPU, a video, a
+stream or enough images (about 200 for Fast YOLO) run the loaded network exported
+in-process under onnxruntime, checked against PyTorch on the first batch; fewer images,
+or a GPU, PyTorch with batch norm folded into the convolutions and channels_last.
+``--backend torch`` asks for the latter, ``--compile`` and ``--half`` (GPU) for
+torch.compile and float16, and an ONNX file from ``export.py --raw`` runs under
+onnxruntime. Folders and videos report frames per second, drawing and writing included.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shutil
 import stat
@@ -311,6 +315,26 @@ def detect_frames(model, frames, first: int, path: Path, outputs: Outputs, write
     return first + len(frames)
 
 
+def job_size(images: list[Path], videos: list) -> float:
+    """The images and video frames to detect, for ``--backend auto`` to weigh against a
+    faster path's start-up: a camera, a stream or a video whose header gives no frame count
+    is unbounded. An unreadable video counts none here; it is reported in its turn."""
+    frames = 0
+    for path in videos:
+        if isinstance(path, Stream):
+            return math.inf
+        try:
+            container, stream = open_video(path)
+        except UserError:
+            continue
+        count = stream.frames
+        container.close()
+        if not count:
+            return math.inf
+        frames += count
+    return len(images) + frames
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -320,7 +344,7 @@ def main(argv=None):
     if videos:
         require("av", "av", "reading videos")
     refuse_name_clashes(output_files(images, videos, args.save_txt))
-    model = predict.open_runner(args)
+    model = predict.for_job(predict.open_runner(args), job_size(images, videos), args)
     names, start = model.names, time.perf_counter()
     outputs = Outputs(runs.make_run_dir(args.project, args.name), names, args)
     errors = detect_images(model, images, outputs, args) if images else []

@@ -73,6 +73,7 @@ def main(argv=None):
     refuse_name_clashes((f"{image_id}.txt", record.path) for image_id, record in zip(ids, dataset.records))
     if args.format == "voc" and unwritable(names, ids):
         raise UserError(f"{args.checkpoint}, {args.data}: {unwritable(names, ids)}")
+    model = predict.for_job(model, len(dataset), args)
     dets, _ = predict.predict_files(model, [record.path for record in dataset.records], args)
     out = runs.make_run_dir(args.project, args.name)
     if args.format == "voc":  # also the per-image files below: evaluate.py scores either
@@ -87,7 +88,7 @@ def main(argv=None):
             (out / "groundtruths" / f"{ann['image_id']}.txt").write_text(gt_lines(ann, names))
     print(f"{len(dataset)} images: detections in {out / 'detections'}"
           + (f", VOC results files in {out / 'results'}" if args.format == "voc" else "")
-          + (f", ground truth in {out / 'groundtruths'}" if labelled else ""))
+          + (f", ground truth in {out / 'groundtruths'}" if labelled else "") + f" ({model.description})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     runner = inference.load("best.pt", "cpu")                     # the default for the device
     runner = inference.load("best.pt", "cuda", Backend(dtype=torch.float16, compile=True))
     runner = inference.load("model.onnx", "cpu")                  # onnxruntime (export.py --raw)
+    runner = inference.for_job(runner, len(dataset))   # the fastest correct path for the job
     raw = runner(images)   # float (N, 3, size, size) RGB in [0, 1] -> float32 (N, S*S*(C+5B))
 
 A runner also carries what decoding needs (``S``, ``B``, ``C``, ``input_size``, ``names``,
@@ -23,11 +24,22 @@ and checks each one's boxes against eager float32 (BENCHMARKS.md, "Detection spe
 * an ``.onnx`` file: onnxruntime with all graph optimisations, as many intra-op threads
   as torch uses, and the CUDA provider on a GPU (``pip install onnxruntime-gpu``).
   The file must hold the raw network output (``python export.py CKPT --include onnx --raw``).
+* :func:`for_job` (the scripts' ``--backend auto``): on the CPU, a job of enough images
+  exports the default runner's network in-process and runs it under onnxruntime, checked
+  on the first batch against PyTorch; a missing package or a failed export falls back to
+  the default with one line.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
+import io
 import json
+import math
+import sys
+import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +81,8 @@ def default_backend(device: torch.device) -> Backend:
 
     ``compile`` is 1.9x faster again per image but costs 20-40 s of start-up on the CPU the
     first time; float16 on a GPU moves boxes by its rounding: both are asked for, not assumed.
+    onnxruntime, faster still on the CPU, is :func:`for_job`'s choice once a job repays its
+    export.
     """
     return Backend()
 
@@ -90,6 +104,7 @@ class Runner:
     pad_batches: bool = False    # compiled graphs: pad a short batch rather than recompile
     input_device: torch.device | None = None  # where the input goes (onnxruntime: the host)
     threads: int = field(default_factory=torch.get_num_threads)  # intra-op threads of the network
+    module: nn.Module | None = None  # the default backend's network, which for_job may export
     _sizes: set = field(default_factory=set)   # batch sizes compiled so far
 
     def batch_size_for(self, n: int) -> int:
@@ -184,8 +199,10 @@ def torch_runner(model: nn.Module, names, device: torch.device, backend: Backend
     if backend.channels_last:
         net = to_channels_last(net)
     forward = compile_model(net, device, backend.compile_mode) if backend.compile else net
+    plain = not backend.compile and backend.dtype == torch.float32
     return Runner(forward, model.S, model.B, model.C, model.input_size, list(names), device,
-                  backend.describe(), backend.dtype, backend.channels_last, pad_batches=backend.compile)
+                  backend.describe(), backend.dtype, backend.channels_last, pad_batches=backend.compile,
+                  module=net if plain else None)
 
 
 # --------------------------------------------------------------------------- onnxruntime
@@ -242,15 +259,136 @@ def onnx_layout(path: Path, session) -> dict:
 def onnx_runner(path: Path, device: torch.device) -> Runner:
     session = onnx_session(path, device)
     layout = onnx_layout(path, session)
+    return Runner(session_forward(session, device), layout["S"], layout["B"], layout["C"],
+                  layout["input_size"], layout["names"], device,
+                  f"onnxruntime ({onnx_provider(session)}, {path.name})", input_device=torch.device("cpu"))
+
+
+def session_forward(session, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     name = session.get_inputs()[0].name
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         (out,) = session.run(None, {name: images.cpu().numpy()})
         return torch.from_numpy(out).to(device)
+    return forward
 
-    provider = session.get_providers()[0].replace("ExecutionProvider", "")
-    return Runner(forward, layout["S"], layout["B"], layout["C"], layout["input_size"], layout["names"],
-                  device, f"onnxruntime ({provider}, {path.name})", input_device=torch.device("cpu"))
+
+def onnx_provider(session) -> str:
+    return session.get_providers()[0].replace("ExecutionProvider", "")
+
+
+# --------------------------------------------------------------------------- the choice for a job
+BACKENDS = ("auto", "torch", "onnx", "compile")  # the scripts' --backend
+# --backend auto on the CPU: jobs of at least this many images run under onnxruntime (the
+# loaded network exported in-process), smaller ones on the default backend. The export and
+# onnxruntime's session cost start-up that only enough images repay (BENCHMARKS.md section
+# 6, "The automatic choice"): measured per network size, by parameters below the bound.
+AUTO_ONNX_MIN_IMAGES = ((100e6, 200), (math.inf, 400))
+# The first batch's raw outputs may differ by float32 rounding (onnxruntime fuses and
+# reorders the convolutions' sums; export.ATOL is the same bound), relative to the largest
+# output (at least 1: confidences and box coordinates are of order 1).
+FIRST_BATCH_TOLERANCE = 1e-4
+
+
+def auto_onnx_min_images(module: nn.Module) -> int:
+    """The job size from which --backend auto exports ``module`` to onnxruntime on the CPU."""
+    parameters = sum(p.numel() for p in module.parameters())
+    return next(images for bound, images in AUTO_ONNX_MIN_IMAGES if parameters < bound)
+
+
+def onnx_missing() -> str | None:
+    """Why this machine cannot export and run a network under onnxruntime, or None."""
+    for module in ("onnxruntime", "onnx", "onnxscript"):  # torch.onnx's exporter needs the last two
+        if importlib.util.find_spec(module) is None:
+            return f"the '{module}' package is not installed (pip install {module})"
+    return None
+
+
+def export_session(module: nn.Module, input_size: int, device: torch.device):
+    """``module`` exported by torch.onnx (export.py's exporter settings, raw output, a
+    dynamic batch axis) and loaded by onnxruntime. The file lives in a temporary folder
+    removed on every path, an error included: onnxruntime reads it whole at the start."""
+    example = torch.rand(2, 3, input_size, input_size, device=next(module.parameters()).device)
+    with tempfile.TemporaryDirectory(prefix="yolo-onnx-") as folder:
+        path = Path(folder) / "model.onnx"
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # torch.export's and onnxscript's notes on the graph
+            torch.onnx.export(module, (example,), str(path), input_names=["images"],
+                              output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              opset_version=18, dynamo=True, external_data=False, verbose=False)
+        return onnx_session(path, device)
+
+
+class FirstBatchCheck:
+    """onnxruntime's forward, checked once: on the first batch the PyTorch runner runs too,
+    and a raw output further from its own than float32 rounding (FIRST_BATCH_TOLERANCE)
+    sends that batch and every later one to PyTorch, with one line saying so."""
+
+    def __init__(self, fast: Callable, reference: Runner):
+        self.fast, self.reference = fast, reference
+        self.runner: Runner | None = None  # the runner this forward belongs to (its description)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            return self.fast(images)
+        got, want = self.fast(images), self.reference(images)
+        diff = (got - want).abs().max().item() if got.shape == want.shape else math.inf
+        limit = FIRST_BATCH_TOLERANCE * max(1.0, want.abs().max().item())
+        if diff <= limit:  # NaN compares false: a NaN output is a disagreement
+            self.reference = None  # checked: the PyTorch network may go (YOLOv1: 1.1 GB)
+            return got
+        note(f"onnxruntime's output differs from PyTorch's by up to {diff:.3g} on the first batch "
+             f"(more than {limit:.2g}): running {self.reference.description} instead")
+        self.fast = self.reference
+        self.reference = None
+        if self.runner is not None:
+            self.runner.description, self.runner.input_device = self.fast.description, None
+        return want
+
+
+def note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def for_job(runner: Runner, images: float, choice: str = "auto") -> Runner:
+    """The runner for a job of ``images`` images (``math.inf``: a video or a stream).
+
+    ``choice`` ``"auto"``: on the CPU, a default-backend runner whose job is big enough
+    (:func:`auto_onnx_min_images`) becomes its network exported in-process and run by
+    onnxruntime, the fastest CPU path, checked on the first batch (:class:`FirstBatchCheck`);
+    if onnxruntime is missing or the export fails, one line says why and the default runs.
+    ``"onnx"``: the same whatever the job, and a failure is a UserError. Anything else, a
+    runner that is not the default backend's (``--compile``, ``--half``, an ONNX file) or
+    a GPU under ``"auto"``: ``runner`` as it is.
+    """
+    module = runner.module
+    if choice not in ("auto", "onnx") or module is None:
+        return runner
+    if choice == "auto" and (runner.device.type != "cpu" or images < auto_onnx_min_images(module)):
+        return runner
+    fallback = f"running {runner.description} (PyTorch)"
+    missing = onnx_missing()
+    if missing:
+        if choice == "onnx":
+            raise UserError(f"--backend onnx: {missing}")
+        note(f"{missing}: {fallback}, slower on the CPU than onnxruntime")
+        return runner
+    if choice == "onnx":
+        onnx_providers(runner.device)  # a GPU without onnxruntime-gpu: its own one-line error
+    try:
+        session = export_session(module, runner.input_size, runner.device)
+    except Exception as err:  # torch.onnx and onnxruntime raise many classes; any failure falls back
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        if choice == "onnx":
+            raise UserError(f"--backend onnx: exporting the network failed ({reason})") from None
+        note(f"exporting the network to onnxruntime failed ({reason}): {fallback}")
+        return runner
+    description = f"onnxruntime ({onnx_provider(session)}, exported in-process, checked on the first batch)"
+    check = FirstBatchCheck(session_forward(session, runner.device), runner)
+    fast = Runner(check, runner.S, runner.B, runner.C, runner.input_size, runner.names, runner.device,
+                  description, input_device=torch.device("cpu"), threads=runner.threads)
+    check.runner = fast
+    return fast
 
 
 # --------------------------------------------------------------------------- entry point

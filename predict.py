@@ -40,6 +40,13 @@ def add_inference_args(parser: argparse.ArgumentParser, *, conf_threshold: float
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=batch_size,
                         help="images per forward pass (default %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    (_, small), (_, large) = inference.AUTO_ONNX_MIN_IMAGES
+    parser.add_argument("--backend", choices=inference.BACKENDS, default="auto",
+                        help="how the network runs. auto (default): on the CPU, a job of enough images "
+                             f"(at least {small} for Fast YOLO, {large} for YOLOv1; a video or a stream) runs the network "
+                             "exported in-process under onnxruntime, checked against PyTorch on the first "
+                             "batch, else PyTorch; on a GPU, PyTorch. torch: PyTorch (batch norm folded + "
+                             "channels_last); onnx: onnxruntime whatever the job; compile: as --compile")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network (CPU: 20-40 s of start-up the first time; GPU: CUDA graphs)")
     parser.add_argument("--half", action="store_true", help="float16 on a GPU")
@@ -73,9 +80,24 @@ def check_inference_args(args) -> None:
 
 def open_runner(args) -> inference.Runner:
     """--checkpoint (a train.py checkpoint, or an ONNX file from ``export.py --raw``) on
-    --device, on inference.py's fastest correct path, with --compile and --half."""
-    backend = inference.Backend(compile=args.compile, dtype=torch.float16 if args.half else torch.float32)
+    --device with --backend, --compile and --half; :func:`for_job` then picks the fastest
+    correct path for the job under ``--backend auto``."""
+    choice = getattr(args, "backend", "auto")
+    if args.compile and choice not in ("auto", "compile"):
+        raise UserError(f"--compile and --backend {choice} contradict each other (--compile is --backend compile)")
+    if args.half and choice == "onnx":
+        raise UserError("--half and --backend onnx contradict each other: float16 runs under PyTorch")
+    if str(args.checkpoint).lower().endswith(".onnx") and choice in ("torch", "compile"):
+        raise UserError(f"--backend {choice}: {args.checkpoint} is an ONNX file, run by onnxruntime")
+    backend = inference.Backend(compile=args.compile or choice == "compile",
+                                dtype=torch.float16 if args.half else torch.float32)
     return inference.load(args.checkpoint, resolve_device(args.device), backend)
+
+
+def for_job(runner: inference.Runner, images: float, args) -> inference.Runner:
+    """The runner for a job of ``images`` images (``math.inf``: a video or a stream) under
+    --backend (inference.for_job: onnxruntime on the CPU when the job repays its start-up)."""
+    return inference.for_job(runner, images, getattr(args, "backend", "auto"))
 
 
 # --------------------------------------------------------------------------- detection evaluation

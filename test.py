@@ -4,6 +4,7 @@
     python test.py best.pt --data VOCdevkit --split 2007/test --voc07 --json results.json
     python test.py best.pt --data VOCdevkit --voc07 --device cuda --half --compile --batch-size 64
     python test.py model.onnx --data data/test.csv         # an export.py --raw file, onnxruntime
+    python test.py best.pt --backend torch                 # PyTorch even for a large set on the CPU
 
 Prints two numbers, because the original project reported the first one:
 1. its fixed-threshold "mAP" (original_metric.py): the best box of each cell scored by its
@@ -46,6 +47,7 @@ def evaluate_checkpoint(args) -> dict:
     """Both metrics from one pass of the network over the data."""
     runner = predict.open_runner(args)
     dataset = build_voc_dataset(VOCSource.of(args), runner.names, S=runner.S, img_size=runner.input_size)
+    runner = predict.for_job(runner, len(dataset), args)
     dets, outputs = predict.predict_files(runner, [r.path for r in dataset.records], args, keep_outputs=True)
     gt = predict.ground_truth_table(dataset, runner.names)
     interp, difficult = ("11", "ignore") if args.voc07 else ("all", "ignore")

@@ -7,8 +7,10 @@ What is timed is ``test.evaluate_checkpoint``, the whole of test.py's work: read
 files (``--workers`` processes), decoding and resizing (on the host, or on the device a
 batch at a time: encoded_images.py), the network (inference.py's backend for the flags),
 decoding with per-class NMS, the VOC mAP and the original project's fixed-threshold
-metric. Each variant runs twice; the first run's extra time is its start-up (compilation,
-cuDNN's choices), the second is what an evaluation costs. Every variant's boxes on the
+metric. The variants run round-robin, ``--runs`` times each (2); the first run's extra time
+is the start-up of a compiled backend (compilation, cuDNN's choices), the median of the
+others what an evaluation costs (``--backend auto`` and ``onnx`` export the network in
+every run: their runs include it). Every variant's boxes on the
 first 256 images are compared with the first variant's (host decode, float32), as
 bench_detect.py compares its variants: nvJPEG's and the GPU resize's rounding, and
 float16's, move boxes a little, and a box scoring near the 0.005 threshold may cross it.
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -48,8 +52,10 @@ from machine import load_average, machine  # noqa: E402
 CHECKED = 256  # images whose boxes are compared with the reference variant's
 # name -> test.py flags (and the devices it runs on); the first is the reference.
 VARIANTS = {
-    "host decode, float32": (["--decode", "host"], ("cpu", "cuda")),
-    "device decode, float32": (["--decode", "device"], ("cpu", "cuda")),
+    "host decode, float32": (["--decode", "host", "--backend", "torch"], ("cpu", "cuda")),
+    "device decode, float32": (["--decode", "device", "--backend", "torch"], ("cpu", "cuda")),
+    "host decode, auto": (["--decode", "host"], ("cpu",)),  # the default: onnxruntime for a large set
+    "host decode, onnx": (["--decode", "host", "--backend", "onnx"], ("cpu",)),  # whatever the set's size
     "device decode, float16": (["--decode", "device", "--half"], ("cuda",)),
     "device decode, float16 + compile": (["--decode", "device", "--half", "--compile"], ("cuda",)),
 }
@@ -82,19 +88,25 @@ def write_checkpoint(path: Path, name: str, quick: bool) -> Path:
     return path
 
 
-def run_variant(flags: list[str], common: list[str]) -> tuple[dict, list]:
-    """The variant's timings and metrics, and its boxes on the first CHECKED images."""
+def evaluate_once(flags: list[str], common: list[str]) -> tuple[float, dict, argparse.Namespace]:
+    """Seconds of one test.py evaluation (its backend's start-up included), its result and arguments."""
     args = test_script.build_parser().parse_args(common + flags)
-    times, result = [], None
-    for _ in range(2):
-        start = time.perf_counter()
-        result = test_script.evaluate_checkpoint(args)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    result = test_script.evaluate_checkpoint(args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result, args
+
+
+def variant_row(times: list[float], result: dict, args) -> tuple[dict, list]:
+    """A variant's row (its first run, and the median of the others: what an evaluation costs
+    once compiled; an automatic choice pays its start-up in every run) and its boxes on the
+    first CHECKED images, from the backend the evaluation ran on."""
     paths = [r.path for r in build_voc_dataset(args.data, img_size=8).records[:CHECKED]]
-    dets, _ = predict.predict_files(predict.open_runner(args), paths, args)
-    row = {"first_s": times[0], "seconds": times[1], "images_per_s": result["images"] / times[1],
+    runner = predict.for_job(predict.open_runner(args), result["images"], args)  # the evaluation's backend
+    dets, _ = predict.predict_files(runner, paths, args)
+    seconds = statistics.median(times[1:] or times)
+    row = {"first_s": times[0], "seconds": seconds, "runs_s": times, "images_per_s": result["images"] / seconds,
            "boxes_per_image": sum(map(len, dets.values())) / max(1, len(dets)),
            "mAP": result["voc"]["mAP"], "fixed_mAP": result["fixed"]["mAP"], "backend": result["backend"]}
     return row, [torch.from_numpy(dets[i]) for i in range(len(paths))]
@@ -106,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=4952, help="rows of the evaluation set (VOC2007 test: 4,952)")
     p.add_argument("--model", default="yolov1", choices=("yolov1", "fast"))
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--runs", type=int, default=2, help="evaluations per variant (the first one's extra time: start-up)")
     p.add_argument("--workers", type=int, help="test.py --workers (default: its own)")
     p.add_argument("--variants", help="comma-separated names of VARIANTS (default: all for the device)")
     p.add_argument("--quick", action="store_true", help="64 tiny images, the tiny network: a smoke test")
@@ -113,7 +126,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
-    names = args.variants.split(",") if args.variants else [n for n, (_, on) in VARIANTS.items() if device in on]
+    # names hold ", " (a comma and a space): split on the commas without one
+    names = re.split(r",(?! )", args.variants) if args.variants else [n for n, (_, on) in VARIANTS.items() if device in on]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         images = 64 if args.quick else args.images
@@ -121,9 +135,14 @@ def main(argv=None) -> int:
         ckpt = write_checkpoint(tmp / "model.pt", args.model, args.quick)
         common = [str(ckpt), "--data", str(csv), "--device", device, "--batch-size", str(args.batch_size)]
         common += ["--workers", str(args.workers)] if args.workers is not None else []
+        times, results = {name: [] for name in names}, {}
+        for _ in range(args.runs):  # round-robin: a shared machine's load falls on every variant alike
+            for name in names:
+                seconds, *results[name] = evaluate_once(VARIANTS[name][0], common)
+                times[name].append(seconds)
         rows, boxes = {}, {}
         for name in names:
-            rows[name], boxes[name] = run_variant(VARIANTS[name][0], common)
+            rows[name], boxes[name] = variant_row(times[name], *results[name])
             r = rows[name]
             r["check"] = box_difference(boxes[name], boxes[names[0]])
             print(f"{name:34s} {r['seconds']:7.2f} s  {r['images_per_s']:8.0f} img/s  (first run "

@@ -144,15 +144,19 @@ def test_box_check_matches_boxes_and_tells_threshold_crossings_from_differences(
 
 
 def test_bench_eval_quick(tmp_path):
-    """test.py end to end with either decode: timings, and the same boxes from both."""
+    """test.py end to end with either decode and --backend auto: timings, and the same boxes
+    from all (64 images: too few for auto to export; tests/test_redteam_fastpath.py exports)."""
     out = tmp_path / "eval.json"
-    assert load("bench_eval").main(["--quick", "--batch-size", "16", "--json", str(out)]) == 0
+    variants = ["host decode, float32", "device decode, float32", "host decode, auto"]
+    assert load("bench_eval").main(["--quick", "--batch-size", "16", "--variants", ",".join(variants),
+                                    "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["images"] == 64 and list(report["rows"]) == ["host decode, float32", "device decode, float32"]
-    for row in report["rows"].values():
+    assert report["images"] == 64 and list(report["rows"]) == variants
+    for name, row in report["rows"].items():
         assert row["seconds"] > 0 and row["images_per_s"] == pytest.approx(64 / row["seconds"])
         assert row["check"]["same_boxes_and_classes"] and row["check"]["matched"] > 256
-        assert row["check"]["max_box_px"] == 0  # libjpeg-turbo both ways: the same pixels
+        # libjpeg-turbo both ways: the same pixels; the same PyTorch network
+        assert row["backend"].startswith("float32") and row["check"]["max_box_px"] == 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import detect
+import inference
 import utils
 from model import build_model
 from plots import class_colour
@@ -216,9 +217,10 @@ def test_video_without_pyav_is_a_one_line_error_before_any_output(checkpoint, tm
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_stream_url_is_read_like_a_video_and_named_after_itself(checkpoint, tmp_path):
+def test_a_stream_url_is_read_like_a_video_and_named_after_itself(checkpoint, tmp_path, capsys):
     """A URL (here PyAV's file: protocol, standing in for rtsp:// or http://) is a Stream:
-    its frames are detected as they arrive and its drawn copy is named after the URL."""
+    its frames are detected as they arrive and its drawn copy is named after the URL. A
+    stream has no end: --backend auto runs it under onnxruntime (the same two boxes)."""
     pytest.importorskip("av")
     make_video(tmp_path / "clip.mp4", frames=4)
     url = f"file:{tmp_path / 'clip.mp4'}"
@@ -230,7 +232,10 @@ def test_a_stream_url_is_read_like_a_video_and_named_after_itself(checkpoint, tm
     assert len(read_video(out / f"{name}.mp4")) == 4
     records = json.loads((out / "detections.json").read_text())["images"]
     assert [(r["file"], r["frame"]) for r in records] == [(name, i) for i in range(4)]
-    assert (out / "labels" / f"{name}_000003.txt").is_file()
+    assert (out / "labels" / f"{name}_000003.txt").read_text().splitlines() == expected_lines(64, 48)
+    printed = capsys.readouterr().out
+    if inference.onnx_missing() is None:
+        assert "included; onnxruntime (CPU, exported in-process, checked on the first batch))" in printed, printed
 
 
 def test_a_character_device_is_a_camera():
