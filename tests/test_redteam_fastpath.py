@@ -121,6 +121,24 @@ def test_a_missing_package_falls_back_with_one_line(monkeypatch, capsys):
         made = fake_export(monkeypatch)
 
 
+def test_auto_does_not_export_what_the_memory_cannot_hold(monkeypatch, capsys):
+    """Risk guarded: the export holds about twice the weights on top of PyTorch's copy
+    (YOLOv1: 5.3 GB peak against 3.0 GB); --backend auto must not turn an evaluation that
+    fits into one the kernel kills. Too little memory: the default runs, with one line;
+    an explicit --backend onnx is the user's choice and still exports."""
+    made = fake_export(monkeypatch)
+    runner = default_runner()
+    weights = sum(p.numel() * p.element_size() for p in runner.module.parameters())
+    assert inference.memory_short(runner.module, available=3 * weights) is None
+    assert "needs about" in inference.memory_short(runner.module, available=2 * weights)
+    monkeypatch.setattr(inference, "available_memory", lambda: 2 * weights)
+    assert inference.for_job(runner, 10_000) is runner and made == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "of memory is available" in err and "batch norm folded" in err, err
+    assert inference.for_job(runner, 1, "onnx").description.startswith("onnxruntime") and len(made) == 1
+    assert inference.available_memory() is None or inference.available_memory() > 0
+
+
 def test_a_failed_export_falls_back_with_one_line_and_leaves_no_file(monkeypatch, tmp_path, capsys):
     """An exporter that dies half-way through its file: onnxruntime refuses what it wrote,
     one line says so, and the temporary folder is gone (on this error path too)."""
