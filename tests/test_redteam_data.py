@@ -13,21 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import engine
 import synthetic
 import voc_convert
 import voc_txt
 import voc_xml
 from dataset import VOCSource, build_voc_dataset
 from errors import UserError
+from test_dataset import user_error  # one-line UserError message of a call
 
 
-def user_error(func, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as info:
-        func(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def txt_tree(root, label_bytes: bytes, csv_bytes: bytes = b"img,label\na.jpg,a.txt\n"):

@@ -14,30 +14,7 @@ import box_files
 import evaluate as ev
 import voc_results
 from errors import UserError
-
-GT = {"a.txt": "dog 10 10 50 50\n", "b.txt": "dog 10 10 50 50\n"}
-DET = {"a.txt": "dog 0.9 10 10 50 50\n", "b.txt": "dog 0.8 10 10 50 50\n"}
-
-
-def folder(path, files):
-    path.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
-    return path
-
-
-def run(main, capsys, *argv):
-    """(exit status, stdout, stderr) of a command's main()."""
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_error_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+from test_redteam_eval import DET, GT, folder, one_error_line, run  # the same small folders and checks
 
 
 # --------------------------------------------------------------------------- VOC results files
