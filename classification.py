@@ -76,7 +76,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv, description: str | None = None) -> argparse.Namespace:
-    args = build_parser(description).parse_args(argv)
+    parser = build_parser(description)
+    runs.resume_defaults(parser, argv)  # --resume RUN alone: the run's own arguments
+    args = parser.parse_args(argv)
     if args.width <= 0:
         raise UserError(f"--width must be positive, got {args.width}")
     if args.img_size < 32:

@@ -83,7 +83,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     r.add_argument("--project", default=project, help="parent folder of run folders (default %(default)s)")
     r.add_argument("--name", default="exp", help="run folder name; exp, exp2, ... if taken")
     r.add_argument("--resume", metavar="RUN_OR_CKPT", default=None,
-                   help="continue a run exactly: its folder or one of its .pt files. "
+                   help="continue a run exactly: its folder or one of its .pt files; arguments not "
+                        "given are the run's own. "
                         f"{resume_policy.help_text()} (table: docs/training.md, Resuming)")
     r.add_argument("--auto-resume", action="store_true",
                    help="continue project/name from its last.pt if it has one, else start it (never "

@@ -182,6 +182,26 @@ def resume_target(args) -> Path | None:
     return path / "last.pt" if path.is_dir() else path
 
 
+def resume_defaults(parser, argv) -> None:
+    """``--resume RUN`` alone continues the run as it was: every argument not given on the
+    command line defaults to the run's own value (its latest config_resumed.json, else its
+    config.json), and those given are compared with the checkpoint's (resume_policy).
+    Without this, a bare ``--resume`` compared the script's defaults with the run's
+    arguments and refused any run not started with the defaults. Not for --auto-resume,
+    which reruns the run's whole command; not --project and --name (the run continues
+    where its folder is now, runs.check_resume)."""
+    args = parser.parse_known_args(argv)[0]
+    if not getattr(args, "resume", None):
+        return
+    path = Path(args.resume)
+    run_dir = path if path.is_dir() else path.parent
+    saved = read_config(run_dir / "config_resumed.json") or read_config(run_dir / "config.json")
+    if saved is None:  # a checkpoint alone: the checkpoint's arguments are compared as given
+        return
+    dests = {action.dest for action in parser._actions} - {"resume", "auto_resume", "project", "name", "help"}
+    parser.set_defaults(**{k: v for k, v in saved.items() if k in dests})
+
+
 def load_resume_checkpoint(path: Path) -> dict:
     """The checkpoint at ``path``; a damaged or missing one falls back to its
     ``_prev`` twin, saying so."""

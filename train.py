@@ -164,6 +164,7 @@ def parse_args(argv):
         argv = ["--recipe", "demo"]
     recipe = parser.parse_known_args(argv)[0].recipe
     parser.set_defaults(**RECIPES[recipe])
+    runs.resume_defaults(parser, argv)  # --resume RUN alone: the run's own arguments
     return parser.parse_args(argv)
 
 

@@ -174,6 +174,40 @@ def test_resume_may_extend_epochs_and_change_workers(scripts, voc, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_resume_alone_continues_the_run_with_its_own_arguments(scripts, voc, tmp_path):
+    """Bug: ``train.py --resume RUN`` alone (the README's command) compared the script's
+    defaults with the run's arguments and refused every run not started with them; now
+    arguments not given are the run's own (its latest config), those given are compared."""
+    run_dir = tmp_path / "exp"
+    result = scripts.run(*yolo(voc, tmp_path, "exp"), env={"REL_STOP_AFTER_STEPS": 1}, faults=True)
+    assert result.rc == 0 and "interrupted" in result.stderr, str(result)
+    before = hashes(run_dir)
+    refused = scripts.run("train.py", "--resume", run_dir, "--batch-size", 2)  # given: compared
+    one_line_error(refused, "cannot resume with other arguments", "--batch-size 4 -> 2")
+    assert hashes(run_dir) == before
+    result = ok(scripts.run("train.py", "--resume", run_dir))
+    assert "cannot resume" not in result.stderr and "note: resuming" not in result.stdout
+    assert metric_epochs(run_dir) == [1]
+    ok(scripts.run("train.py", "--resume", run_dir, "--epochs", 2))  # a change, recorded
+    assert metric_epochs(run_dir) == [1, 2]
+    result = ok(scripts.run("train.py", "--resume", run_dir))  # the latest config: 2 epochs, done
+    assert "note: resuming" not in result.stdout and metric_epochs(run_dir) == [1, 2]
+
+
+def test_resume_defaults_come_from_the_runs_config_and_leave_the_folder_alone(tmp_path):
+    """The Darknet scripts' parser too; --project and --name stay where the folder is now."""
+    run_dir = tmp_path / "moved"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"epochs": 7, "lr": 0.5, "width": 0.25, "project": "elsewhere",
+                                                     "name": "old", "world_size": 2}))
+    args = classification.parse_args(["--resume", str(run_dir), "--lr", "0.1"])
+    assert (args.epochs, args.lr, args.width) == (7, 0.1, 0.25)  # given wins, the rest the run's
+    assert (args.project, args.name) == ("runs/darknet", classification.build_parser().parse_args([]).name)
+    (run_dir / "config_resumed.json").write_text(json.dumps({"epochs": 9}))  # the latest resume's
+    assert classification.parse_args(["--resume", str(run_dir / "last.pt")]).epochs == 9
+    assert train.parse_args(["--resume", str(tmp_path)]).epochs == 135  # no config: the defaults
+
+
 # --------------------------------------------------------------------------- the table
 def test_every_training_option_has_a_resume_decision():
     """A new option must be decided in resume_policy.POLICY (and so in the docs)."""
