@@ -221,3 +221,26 @@ def test_readme_and_analysis_page_quote_the_same_demo_model():
     assert demo_analysis(readme) and demo_analysis(readme) == demo_analysis(analysis)
     readme_map = re.search(r"--data data/shapes/test\.csv\n.*?^mAP = ([\d.]+)", readme, re.S | re.M).group(1)
     assert f"Its test mAP is {readme_map}" in analysis
+
+
+def test_synthetic_cli_regenerates_the_bundled_counts(monkeypatch, tmp_path):
+    """data/README: ``python synthetic.py --out data`` regenerates data/. Bug: main passed
+    --n-test positionally into write_bundled_sample's newer n_val, so the regenerated val.csv
+    had 100 rows where the bundled one has 48 (found by running it; every other file came out
+    identical). The counts the command asks for must be the bundled csv files' row counts."""
+    import inspect
+
+    import synthetic
+
+    signature, calls = inspect.signature(synthetic.write_bundled_sample), []
+    monkeypatch.setattr(synthetic, "write_bundled_sample", lambda *a, **k: calls.append(signature.bind(*a, **k)))
+    synthetic.main(["--out", str(tmp_path), "--no-photos"])
+    (asked,) = calls
+    asked.apply_defaults()
+
+    def rows(name):  # the csv's data rows (a header first)
+        return len((REPO / "data" / name).read_text().splitlines()) - 1
+
+    photos = 4
+    assert (asked.arguments["n_train"] + photos, asked.arguments["n_val"], asked.arguments["n_test"]) == \
+        (rows("train.csv"), rows("val.csv"), rows("test.csv"))
