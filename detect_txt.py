@@ -1,6 +1,6 @@
 """Write one txt of detections per image, for Rafael Padilla's Object-Detection-Metrics.
 
-    python detect_txt.py runs/train/demo/best.pt --data data/test.csv
+    python detect_txt.py runs/train/demo/best.pt --data data/shapes/test.csv
     python pascalvoc.py -gt $PWD/runs/detect_txt/exp/groundtruths \
         -det $PWD/runs/detect_txt/exp/detections -gtformat xyrb -detformat xyrb -np
     python evaluate.py --gt runs/detect_txt/exp/groundtruths \

@@ -388,7 +388,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-train", type=argtypes.positive_int, default=296, help="synthetic training images")
     parser.add_argument("--n-test", type=argtypes.positive_int, default=100, help="synthetic test images")
     args = parser.parse_args(argv)
-    write_bundled_sample(args.out, not args.no_photos, args.n_train, args.n_test)
+    write_bundled_sample(args.out, not args.no_photos, n_train=args.n_train, n_test=args.n_test)
     print(f"wrote the sample to {args.out}/")
 
 

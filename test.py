@@ -1,6 +1,6 @@
 """Evaluate a train.py checkpoint on a csv or a VOCdevkit split.
 
-    python test.py runs/train/demo/best.pt                       # data/test.csv
+    python test.py runs/train/demo/best.pt --data data/shapes/test.csv   # the demo on its test set
     python test.py best.pt --data VOCdevkit --split 2007/test --voc07 --json results.json
     python test.py best.pt --data VOCdevkit --voc07 --device cuda --half --compile --batch-size 64
     python test.py model.onnx --data data/test.csv         # an export.py --raw file, onnxruntime
