@@ -156,21 +156,24 @@ def check_output_file(path, option, inputs=(), overwrite=False):
     ``inputs``: ``(option, path)`` of what the command reads, files or folders; an existing
     output that is one of them, or lies under one, compared by real path (links resolved),
     is refused even with ``--overwrite``: ``--json det/a.txt`` replaced a detection file
-    with JSON, and ``test.py best.pt --json best.pt`` the checkpoint itself. Other existing
+    with JSON, and ``test.py best.pt --json best.pt`` the checkpoint itself; so is a new
+    file under an input folder (``--json det/new.txt`` was read as a box file next time). Other existing
     files were silently replaced too; as analyze.py's --out and voc_convert.py's --overwrite
     do, replacing one now takes ``--overwrite``."""
     path = str(path)
     parent = os.path.dirname(path) or "."
     if os.path.isdir(path) or not os.path.isdir(parent):
         raise UserError(f"{option} {path}: " + ("is a folder" if os.path.isdir(path) else f"{parent} is not a folder"))
-    if not os.path.lexists(path):
-        return
-    real = os.path.realpath(path)
+    real, exists = os.path.realpath(path), os.path.lexists(path)
     for source_option, source in inputs:
         source_real = os.path.realpath(source)
         if real == source_real or real.startswith(os.path.join(source_real, "")):
-            raise UserError(f"{option} {path}: is an input file ({'' if real == source_real else 'under '}"
+            # a new file there too: --json det/new.txt became a box file the next evaluation failed on
+            what = "is an input file" if exists else "lies in an input folder"
+            raise UserError(f"{option} {path}: {what} ({'' if real == source_real else 'under '}"
                             f"{source_option} {source}); write the output elsewhere, nothing was written")
+    if not exists:
+        return
     if not overwrite:
         raise UserError(f"{option} {path}: already exists; choose another path, or --overwrite to replace it")
 

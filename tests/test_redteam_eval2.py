@@ -241,6 +241,19 @@ def test_json_over_an_input_file_is_refused_even_with_overwrite(tmp_path, capsys
     assert (det / "a.txt").read_text() == DET["a.txt"] and (gt / "b.txt").read_text() == GT["b.txt"]
 
 
+def test_a_new_output_file_inside_an_input_folder_is_refused(tmp_path, capsys):
+    """Bug: evaluate.py --json det/new.txt (no such file yet) wrote the JSON report into the
+    detection folder, where the next evaluation read it as the box file of an image 'new'
+    and failed ('expected 6 values'). Nothing is written under --gt or --det."""
+    gt, det = folder(tmp_path / "gt", GT), folder(tmp_path / "det", DET)
+    for target, where in ((det / "new.txt", f"under --det {det}"), (gt / "sub.json", f"under --gt {gt}")):
+        status, out, err = run(ev.main, capsys, "--gt", gt, "--det", det, "--json", target, "--overwrite")
+        assert status == 2 and out == ""
+        assert one_error_line(err) == (f"error: --json {target}: lies in an input folder ({where}); "
+                                       "write the output elsewhere, nothing was written")
+    assert sorted(p.name for p in det.iterdir()) == ["a.txt", "b.txt"] and sorted(p.name for p in gt.iterdir()) == ["a.txt", "b.txt"]
+
+
 def test_json_over_an_existing_file_needs_overwrite(tmp_path, capsys):
     """Bug: --json FILE silently replaced whatever FILE held (a previous run's results kept
     for comparison). Refused in one line, nothing written, unless --overwrite."""
