@@ -155,7 +155,7 @@ def make_evaluator(val_set, args, dist: distributed.Dist, dtype):
 
     Each rank scores every world_size-th image (a DistributedSampler would pad the last
     batch with repeats and count them twice); the counts are summed over the ranks
-    (distributed.reduce_sums), so every rank returns the same numbers.
+    (distributed.gather_results), so every rank returns the same numbers.
     """
     shard = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
     loader = DataLoader(shard, batch_size=max(1, args.batch_size // dist.world_size),
@@ -167,7 +167,9 @@ def make_evaluator(val_set, args, dist: distributed.Dist, dtype):
         # may communicate. DataParallel keeps its wrapper, to spread the batch over GPUs.
         distributed.sync_buffers(distributed.unwrap(model), dist)
         net = distributed.unwrap(model) if dist.distributed else model
-        totals = distributed.reduce_sums(score(net, loader, dist, dtype, memory_format), dist)
+        # gather_results: a bad image in any rank's shard is raised on every rank
+        parts = distributed.gather_results(lambda: score(net, loader, dist, dtype, memory_format), dist)
+        totals = {k: sum(part[k] for part in parts) for k in parts[0]}
         n = max(1.0, totals["n"])
         return {"val_loss": totals["loss"] / n, "top1": 100 * totals["top1"] / n,
                 "top5": 100 * totals["top5"] / n}
