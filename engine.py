@@ -129,6 +129,10 @@ def start_run(args, dist: Dist, kind: str, extra: dict | None = None, data: dict
     every rank stops with the same one line.
     """
     check_training_args(args)
+    if (args.batch_size // args.accum_steps) % dist.world_size:  # on every rank alike: no collective yet
+        raise UserError(f"--batch-size {args.batch_size} (over all processes) in --accum-steps {args.accum_steps} "
+                        f"micro-batches does not split evenly over {dist.world_size} processes: give a "
+                        f"multiple of {args.accum_steps * dist.world_size}")
     run_dir, ckpt, error = None, None, None
     if dist.is_main:
         try:
