@@ -122,7 +122,7 @@ def classification_step(label_smoothing: float, channels_last: bool):
         labels = labels.to(device, non_blocking=True)
         logits = model(images)
         loss = loss_fn(logits.float(), labels)
-        top1 = (logits.argmax(1) == labels).float().mean() * 100
+        top1 = in_top_k(logits.detach(), labels, 1).float().mean() * 100  # ties as in validation
         return loss, {"loss": loss.detach(), "train_top1": top1}, len(labels)
     return step
 
@@ -134,6 +134,7 @@ def train(args, dist: distributed.Dist, model, train_set, val_set) -> float:
     ``model`` may be wrapped (DataParallel, DDP); ``dist`` says whether this is one of
     several processes, in which case each reads its own shard (distributed.make_loader).
     """
+    check_batch_norm_batches(args, len(train_set), dist.world_size)
     state = engine.start_training(model, train_set, args, dist, KIND)
     step = classification_step(args.label_smoothing, args.channels_last)
     evaluate = make_evaluator(val_set, args, dist, state.dtype)
@@ -144,12 +145,37 @@ def train(args, dist: distributed.Dist, model, train_set, val_set) -> float:
     return best
 
 
+def check_batch_norm_batches(args, n_images: int, world_size: int) -> None:
+    """Below 64 px the last convolution's map is 1 x 1, so its batch norm sees one value
+    per channel and image: a micro-batch of one image (on one process) cannot be
+    normalised in training. PyTorch raised that as a traceback at that batch, perhaps at the
+    end of an epoch (16 images in batches of 15); it is refused before anything is written."""
+    if args.no_batch_norm or args.img_size >= 64:
+        return
+    per_rank = -(-n_images // world_size)                      # distributed.EpochSampler's shares
+    micro = max(1, args.batch_size // args.accum_steps // world_size)
+    if micro == 1 or per_rank % micro == 1:
+        raise UserError(f"--img-size {args.img_size} leaves batch norm a 1 x 1 map, and a micro-batch of one "
+                        f"image ({n_images} images in micro-batches of {micro} per process) cannot be "
+                        "normalised: use --img-size 64 or more, another --batch-size, or --no-batch-norm")
+
+
 # --------------------------------------------------------------------------- validation
+def in_top_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per image: is the label among the k highest scores? Only if at most k scores, its
+    own included, are at least its own: a tie across the k-th place is a miss. torch.topk
+    orders ties arbitrarily (all-equal logits of 10 classes came out as class 8 first
+    where argmax says 0), which made a collapsed network's top-1 depend on the labels'
+    class ids, and training's top-1 (argmax) differ from validation's on the same logits.
+    Darknet's top_k (utils.c) gives ties to the lowest index; this counts them as misses.
+    A row with a NaN score is a miss. With k at least the class count, every label is a hit."""
+    own = logits.gather(1, labels[:, None])
+    return ((logits >= own).sum(1) <= k) & ~logits.isnan().any(1)
+
+
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """How many labels are among the k highest scores, for each k (at most the class count)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+    """How many labels are among the k highest scores, for each k (:func:`in_top_k`)."""
+    return [int(in_top_k(logits, labels, k).sum()) for k in ks]
 
 
 def make_evaluator(val_set, args, dist: distributed.Dist, dtype):
@@ -157,7 +183,7 @@ def make_evaluator(val_set, args, dist: distributed.Dist, dtype):
 
     Each rank scores every world_size-th image (a DistributedSampler would pad the last
     batch with repeats and count them twice); the counts are summed over the ranks
-    (distributed.reduce_sums), so every rank returns the same numbers.
+    (distributed.gather_results), so every rank returns the same numbers.
     """
     shard = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
     loader = DataLoader(shard, batch_size=max(1, args.batch_size // dist.world_size),
@@ -169,7 +195,9 @@ def make_evaluator(val_set, args, dist: distributed.Dist, dtype):
         # may communicate. DataParallel keeps its wrapper, to spread the batch over GPUs.
         distributed.sync_buffers(distributed.unwrap(model), dist)
         net = distributed.unwrap(model) if dist.distributed else model
-        totals = distributed.reduce_sums(score(net, loader, dist, dtype, memory_format), dist)
+        # gather_results: a bad image in any rank's shard is raised on every rank
+        parts = distributed.gather_results(lambda: score(net, loader, dist, dtype, memory_format), dist)
+        totals = {k: sum(part[k] for part in parts) for k in parts[0]}
         n = max(1.0, totals["n"])
         return {"val_loss": totals["loss"] / n, "top1": 100 * totals["top1"] / n,
                 "top5": 100 * totals["top5"] / n}

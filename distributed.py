@@ -15,7 +15,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DataLoader
 
-from utils import UserError
+from utils import UserError, one_line
 
 
 # --------------------------------------------------------------------------- devices and processes
@@ -200,6 +200,56 @@ def any_rank(flag: bool, dist: Dist) -> bool:
     return bool(t.item())
 
 
+def agree_on_error(error: str | None, dist: Dist) -> str | None:
+    """The first rank's error message (None if no rank has one), on every rank.
+
+    A rank that raised alone would leave the others waiting in their next collective
+    (NCCL: until its timeout; gloo: a traceback when the dead peer's socket closes) with
+    nothing saved. Each rank instead reports its outcome here, at a point every rank
+    reaches, and all of them stop together: no timeout is involved. One all-reduce when
+    nothing failed; the messages travel only when something did.
+    """
+    if not dist.distributed or not any_rank(error is not None, dist):
+        return error
+    return next(e for e in gather_objects(error, dist) if e is not None)
+
+
+def agreed_batches(loader, dist: Dist):
+    """The batches of ``loader``, each one released only when every rank has fetched its
+    own: a bad file on any rank (a truncated JPEG is found only when it is decoded) raises
+    its one-line UserError on every rank, before the step whose collectives would wait for
+    that rank. The ranks' loaders have equal lengths (EpochSampler pads), so they end together."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch, error = next(iterator), None
+        except StopIteration:
+            return
+        except UserError as err:
+            batch, error = None, one_line(err)
+        error = agree_on_error(error, dist)
+        if error is not None:
+            raise UserError(error)
+        yield batch
+
+
+def gather_results(work, dist: Dist) -> list:
+    """``work()``'s result of every rank, in rank order, on every rank (validation of each
+    rank's shard). A UserError on any rank (a bad image in its shard) is raised on every
+    rank once all have finished: the shards differ in length, so the ranks meet only here."""
+    try:
+        result, error = work(), None
+    except UserError as err:
+        if not dist.distributed:
+            raise
+        result, error = None, one_line(err)
+    parts = gather_objects((result, error), dist)
+    errors = [e for _, e in parts if e is not None]
+    if errors:
+        raise UserError(errors[0])
+    return [r for r, _ in parts]
+
+
 def gather_objects(obj, dist: Dist) -> list:
     """Every rank's ``obj`` (any picklable value), in rank order, on every rank."""
     if not dist.distributed:
@@ -216,6 +266,27 @@ def broadcast_object(obj, dist: Dist):
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def merge_partial(partial: dict, dist: Dist) -> dict:
+    """An interrupted epoch's running sums over every rank, for rank 0 to save: each rank
+    saw its own images, and a resume on any number of processes must count each once
+    (saving rank 0's alone counted 14 of 16 images when 2 processes resumed as 1).
+    Skipped steps and the time are the same on every rank and stay as they are."""
+    parts = gather_objects({"sums": partial["sums"], "seen": partial["seen"]}, dist)
+    sums = {}
+    for part in parts:
+        for k, v in part["sums"].items():
+            sums[k] = sums.get(k, 0.0) + v
+    return partial | {"sums": sums, "seen": sum(part["seen"] for part in parts)}
+
+
+def share_of_partial(partial: dict | None, dist: Dist) -> dict | None:
+    """This rank's start of a resumed epoch: rank 0 carries the saved sums of all ranks
+    (merge_partial), the others start from none, so the epoch's reduction counts them once."""
+    if partial is None or dist.is_main:
+        return partial
+    return partial | {"sums": {}, "seen": 0}
 
 
 def average_gradients(model) -> None:

@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 import argtypes
 import resume_policy
-from distributed import (Dist, all_ranks, amp_dtype, average_gradients, broadcast_object, make_loader,
-                         reduce_sums, set_epoch, sync_buffers, unwrap)
+from distributed import (Dist, agree_on_error, agreed_batches, amp_dtype, average_gradients, broadcast_object,
+                         make_loader, merge_partial, reduce_sums, set_epoch, share_of_partial, sync_buffers,
+                         unwrap)
 from schedule import build_optimizer, build_scheduler
 from runs import (GracefulStop, MetricsLog, RunInterrupted, check_same_checkpoint, data_summary,
                   load_training_state, open_run, refresh_plots, release_locks, remove_stale_temporaries,
@@ -129,6 +130,10 @@ def start_run(args, dist: Dist, kind: str, extra: dict | None = None, data: dict
     every rank stops with the same one line.
     """
     check_training_args(args)
+    if (args.batch_size // args.accum_steps) % dist.world_size:  # on every rank alike: no collective yet
+        raise UserError(f"--batch-size {args.batch_size} (over all processes) in --accum-steps {args.accum_steps} "
+                        f"micro-batches does not split evenly over {dist.world_size} processes: give a "
+                        f"multiple of {args.accum_steps * dist.world_size}")
     run_dir, ckpt, error = None, None, None
     if dist.is_main:
         try:
@@ -277,7 +282,9 @@ def train_one_epoch(state: TrainState, step_fn, epoch: int, start_batch: int = 0
     acc = dict(partial or {"sums": {}, "seen": 0, "skipped": 0, "time": 0.0})
     acc["sums"], start = dict(acc["sums"]), time.perf_counter() - acc["time"]
     total, micro = start_batch + len(state.loader), max(1, args.accum_steps)
-    bar = tqdm(state.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main,
+    # agreed_batches: a bad file on any rank stops every rank before the next step (else the
+    # others would wait for it in the step's gradient all-reduce)
+    bar = tqdm(agreed_batches(state.loader, dist), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main,
                dynamic_ncols=True, leave=False, initial=start_batch, total=total)
     done = {"batch": start_batch, "partial": snapshot(acc, start)}  # the last optimiser step's state
     try:
@@ -327,9 +334,11 @@ def forward_backward(state: TrainState, step_fn, batch, where: tuple[int, int], 
         buffers = [b.detach().clone() for b in model.buffers()] if skip else None
         with torch.autocast(dist.device.type, dtype=state.dtype, enabled=state.dtype is not None):
             loss, logs, n = step_fn(model, batch, dist.device)
-        finite = check_finite(loss, logs, epoch, state.scheduler.last_epoch, args)
-        if skip and dist.distributed:  # DDP's backward is collective: skip on every rank or none
-            finite = all_ranks(finite, dist)
+        # DDP's backward is collective: every rank skips, or stops, when any rank's loss is not finite
+        problem = agree_on_error(nonfinite(loss, logs, epoch, state.scheduler.last_epoch), dist)
+        if problem is not None and not skip:
+            raise NonFiniteLoss(f"{problem}; lower --lr, use --grad-clip or --skip-nonfinite, or check the data")
+        finite = problem is None
         if finite:
             state.scaler.scale(loss / micro).backward()
             accumulate(acc, logs, n)
@@ -350,22 +359,19 @@ def accumulate(acc: dict, logs: dict, n: int) -> None:
 def epoch_means(acc: dict, dist: Dist, seconds: float) -> dict:
     """Per-image means over all processes, the image count, skipped steps and time."""
     totals = reduce_sums({**acc["sums"], "_n": acc["seen"], "_skipped": acc["skipped"]}, dist)
-    # every rank skips together (all_ranks in forward_backward), so each counted every skip
+    # every rank skips together (agree_on_error in forward_backward), so each counted every skip
     n, skipped = max(1.0, totals.pop("_n")), int(totals.pop("_skipped")) // dist.world_size
     row = {k: v / n for k, v in totals.items()} | {"images": int(n), "time_s": round(seconds, 2)}
     return row | ({"skipped_steps": skipped} if skipped else {})
 
 
-def check_finite(loss, logs: dict, epoch: int, step: int, args) -> bool:
-    """True for a finite loss. Otherwise stop with the step and the loss components
-    named, or, with ``--skip-nonfinite``, report False so that the step is skipped."""
+def nonfinite(loss, logs: dict, epoch: int, step: int) -> str | None:
+    """None for a finite loss; otherwise what happened, with the step and the loss
+    components named (forward_backward stops there, or with --skip-nonfinite skips it)."""
     if torch.isfinite(loss.detach()).all():
-        return True
-    if getattr(args, "skip_nonfinite", False):
-        return False
+        return None
     parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
-    raise NonFiniteLoss(f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step} "
-                        f"({parts}); lower --lr, use --grad-clip or --skip-nonfinite, or check the data")
+    return f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step} ({parts})"
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
@@ -395,7 +401,7 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
         write_config(run_dir / "config_resumed.json", args, dist, data_summary(state.extra))
     resume = state.resume or {}
     start, best = resume.get("epoch", 0), resume.get("best", -math.inf)
-    batch, partial = resume.get("batch", 0), resume.get("partial")
+    batch, partial = resume.get("batch", 0), share_of_partial(resume.get("partial"), dist)
     epoch_lr = resume.get("epoch_lr") if batch else None  # the rate at the start of that epoch
     log = MetricsLog(run_dir, keep_below_epoch=start + 1) if dist.is_main else None
     stopper = GracefulStop()
@@ -409,6 +415,7 @@ def fit(state: TrainState, step_fn, evaluate_fn, metric: str, on_epoch_end=None)
             row |= train_one_epoch(state, step_fn, epoch, batch, partial, stopper)
             if "interrupted" in row:
                 stop = row["interrupted"] | {"epoch": epoch, "epoch_lr": row["lr"]}
+                stop["partial"] = merge_partial(stop["partial"], dist)
                 if dist.is_main:
                     save_with_previous(state.checkpoint(epoch, best) | stop, run_dir / "last.pt")
                 where = (f"stopped in epoch {epoch + 1} after batch {stop['batch']}; state saved in "

@@ -5,6 +5,7 @@ without mean/std normalisation, like the detection input the backbone is moved t
 """
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class ImageNetFolder(ImageFolder):
                                 f"images){f'; {len(empty) - 1} more' if len(empty) > 1 else ''}")
 
     def find_classes(self, directory):
+        check_class_folders(directory)
         if self.fixed_classes is None:
             return super().find_classes(directory)
         for entry in os.scandir(directory):
@@ -61,27 +63,48 @@ class ImageNetFolder(ImageFolder):
         return sorted(self.fixed_classes, key=self.fixed_classes.get), dict(self.fixed_classes)
 
 
+def check_class_folders(directory) -> None:
+    """Refuse what would silently shift or split the classes (ids follow the sorted folder
+    names): a link to a missing folder (skipped by ImageFolder: every later class id moved
+    down by one) and two folders whose names differ only in case (one class read as two,
+    and on a case-insensitive copy of the data set, one)."""
+    seen = {}
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            raise UserError(f"{entry.path}: a link to {os.readlink(entry.path)}, which does not exist")
+        if entry.is_dir():
+            twin = seen.setdefault(entry.name.lower(), entry.name)
+            if twin != entry.name:
+                raise UserError(f"{entry.path}: class folders {twin!r} and {entry.name!r} differ only in case: "
+                                "merge or rename one")
+
+
 def read_imagenet_val_labels(path: Path) -> dict[str, tuple[str, int]]:
     """Ground truth of flat validation images: image stem -> (wnid, line number).
 
     Kaggle's ``LOC_val_solution.csv`` (header ``ImageId,PredictionString``, the prediction
     string starts with the wnid) or plain lines ``image wnid`` (devkit-style lists).
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # utf-8-sig: a spreadsheet's BOM is not part of the header
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read validation label file ({one_line(err)})") from None
-    kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith("imageid,")
+    kaggle = bool(lines) and lines[0].replace(" ", "").replace('"', "").lower().startswith("imageid,")
     truth = {}
     for n, line in enumerate(lines, 1):
         if not line.strip() or (kaggle and n == 1):
             continue
-        fields = line.split(",", 1) if kaggle else line.split()
-        wnid = fields[1].split()[0] if len(fields) == 2 and fields[1].split() else None
-        if wnid is None:
+        # csv: a spreadsheet quotes the fields ("ILSVRC2012_val_00000001","n01751748 ...")
+        fields = next(csv.reader([line])) if kaggle else line.split()
+        wnid = fields[1].split()[0] if len(fields) >= 2 and fields[1].split() else None
+        if wnid is None or len(fields) != 2:
             layout = "'ImageId,PredictionString'" if kaggle else "'image wnid'"
             raise UserError(f"{path}:{n}: expected {layout}, got {line.strip()!r}")
-        truth[Path(fields[0].strip()).stem] = (wnid, n)
+        stem = Path(fields[0].strip()).stem
+        if stem in truth and truth[stem][0] != wnid:
+            raise UserError(f"{path}:{n}: {stem} is listed again with another class ({wnid}; line "
+                            f"{truth[stem][1]}: {truth[stem][0]})")
+        truth.setdefault(stem, (wnid, n))
     return truth
 
 
@@ -97,8 +120,11 @@ class ImageNetFlatVal(Dataset):
         files = sorted(p for p in val_dir.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
         if not files:
             raise UserError(f"{val_dir}: no validation images")
-        self.samples = []
+        self.samples, stems = [], {}
         for path in files:
+            if stems.setdefault(path.stem, path) != path:  # one label line for two images
+                raise UserError(f"{path}: {stems[path.stem].name} has the same name: which one is "
+                                f"{path.stem} of {labels_file}? Remove one")
             if path.stem not in truth:
                 raise UserError(f"{path}: not in the validation label file {labels_file}")
             wnid, line = truth[path.stem]
@@ -148,7 +174,10 @@ def build_imagenet(root_or_train_dir, val_dir=None, val_labels=None, train: bool
         raise UserError(f"{train_dir}: {one_line(err)}") from None
     transform = imagenet_transform(False, img_size)
     if any(entry.is_dir() for entry in os.scandir(val_dir)):
-        return ImageNetFolder(val_dir, transform, class_to_idx)
+        val_set = ImageNetFolder(val_dir, transform, class_to_idx)
+        if not val_set.samples:  # else every epoch reports top-1 0 % of nothing
+            raise UserError(f"{val_dir}: no validation images in its class folders")
+        return val_set
     if val_labels is None:
         candidates = [d / "LOC_val_solution.csv" for d in (val_dir, val_dir.parent, root)]
         val_labels = next((c for c in candidates if c.is_file()), None)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import argtypes
 import inference
-from distributed import Dist, amp_dtype, gather_objects, resolve_device, unwrap
+from distributed import Dist, amp_dtype, gather_results, resolve_device, unwrap
 from encoded_images import EncodedImages, decode_batch, decode_on_device
 from evaluate import evaluate_detections
 from utils import UserError, decode_predictions
@@ -116,20 +116,23 @@ def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold:
     indices = list(range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                         num_workers=workers, pin_memory=dist.device.type == "cuda")
-    results, position = {}, 0
-    for images, _ in loader:
-        with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
-            out = bare(images.to(dist.device, non_blocking=True))
-        # check_finite=False: a rank raising alone would hang DDP; training checks its losses
-        dets = decode_predictions(out, bare.S, bare.B, bare.C, conf_threshold, nms_iou, check_finite=False)
-        batch = indices[position:position + len(dets)]
-        sizes = [(ann["width"], ann["height"]) for ann in map(dataset.annotation, batch)]
-        results.update(zip(batch, scale_to_pixels(dets, sizes)))
-        position += len(dets)
-    bare.train(was_training)
-    if dist.distributed:
-        results = {k: v for part in gather_objects(results, dist) for k, v in part.items()}
-    return results
+
+    def shard():
+        results, position = {}, 0
+        for images, _ in loader:
+            with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
+                out = bare(images.to(dist.device, non_blocking=True))
+            # check_finite=False: a rank raising alone would hang DDP; training checks its losses
+            dets = decode_predictions(out, bare.S, bare.B, bare.C, conf_threshold, nms_iou, check_finite=False)
+            batch = indices[position:position + len(dets)]
+            sizes = [(ann["width"], ann["height"]) for ann in map(dataset.annotation, batch)]
+            results.update(zip(batch, scale_to_pixels(dets, sizes)))
+            position += len(dets)
+        return results
+    try:  # gather_results: a bad image in any rank's shard is raised on every rank (no hang)
+        return {k: v for part in gather_results(shard, dist) for k, v in part.items()}
+    finally:
+        bare.train(was_training)
 
 
 @torch.no_grad()

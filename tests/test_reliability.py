@@ -602,6 +602,19 @@ def test_ddp_skip_nonfinite_on_one_rank_skips_on_every_rank(imagenet, tmp_path):
         assert torch.isfinite(tensor.float()).all(), name
 
 
+def test_ddp_nonfinite_loss_on_one_rank_stops_every_rank_in_one_line(imagenet, tmp_path):
+    """Bug: without --skip-nonfinite a NaN loss on rank 1 alone stopped rank 1 alone; rank 0
+    went on into the gradient all-reduce (gloo: a traceback when the peer's socket closed;
+    NCCL: a hang). Now the ranks agree first and both stop with rank 1's line."""
+    args = [*darknet_args(imagenet, tmp_path / "runs", "stop"), "--epochs", 2]
+    proc, log = torchrun(tmp_path, args, env={"REL_NAN_AT_BATCH": 2, "REL_NAN_RANK": 1}, faults=True)
+    assert finish(proc, log) != 0
+    text = log.read_text().replace("\r", "\n")
+    errors = [line for line in text.splitlines() if line.startswith("error: loss became nan")]
+    assert len(errors) == 2 and errors[0] == errors[1], text[-6000:]
+    assert "[rank0]" not in text and "[rank1]" not in text, text[-6000:]  # no worker traceback
+
+
 def test_ddp_skipped_last_micro_batch_keeps_the_ranks_identical(imagenet, tmp_path):
     """--accum-steps 2 under DDP, the NaN in the last micro-batch of the first step (rank 1):
     both ranks skip it, so DDP's gradient all-reduce (in that backward pass) never runs; the
