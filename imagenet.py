@@ -132,6 +132,10 @@ class ImageNetFlatVal(Dataset):
                 raise UserError(f"{labels_file}:{line}: class {wnid} is not a training class folder")
             self.samples.append((str(path), class_to_idx[wnid]))
         self.targets = [target for _, target in self.samples]
+        missing = sorted(set(truth) - set(stems))
+        if missing:  # a subset may be meant (a quicker validation), but not unsaid: its top-1 is not ImageNet's
+            print(f"warning: {labels_file}: {len(missing)} of its {len(truth)} images are not in {val_dir} "
+                  f"(the first: {missing[0]}); validating on the {len(files)} there", flush=True)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -70,6 +70,19 @@ def test_two_validation_images_of_one_name_are_refused(tree):
         val_targets(tree)
 
 
+def test_labelled_images_missing_from_the_folder_are_said(tree, capsys):
+    """Bug: label lines whose images are not in the validation folder were dropped without a
+    word: top-1 of a subset reported as the validation set's. A subset may be meant (a
+    quicker validation): one warning line, and the images there are validated."""
+    assert val_targets(tree) == TRUTH and "warning" not in capsys.readouterr().out
+    (tree / "val" / "ILSVRC2012_val_00000003.JPEG").unlink()
+    (tree / "val" / "ILSVRC2012_val_00000007.JPEG").unlink()
+    assert val_targets(tree) == TRUTH[:2] + TRUTH[3:6] + TRUTH[7:]
+    assert capsys.readouterr().out == (
+        f"warning: {tree / 'LOC_val_solution.csv'}: 2 of its 8 images are not in {tree / 'val'} "
+        "(the first: ILSVRC2012_val_00000003); validating on the 6 there\n")
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.text(alphabet="ab,\" \t\r\ufeff0n", max_size=12), max_size=5))
 def test_fuzz_label_file_reads_or_refuses_in_one_line(tmp_path_factory, lines):
