@@ -174,7 +174,10 @@ class _ThreadWorld:
         self.barrier, self.slots = threading.Barrier(world_size), [None] * world_size
 
     def exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        self.slots[self.local.rank] = tensor.clone()
+        return self.exchange_objects(tensor.clone())
+
+    def exchange_objects(self, obj) -> list:
+        self.slots[self.local.rank] = obj
         self.barrier.wait()
         values = list(self.slots)
         self.barrier.wait()  # every rank has read the slots before any writes again
@@ -187,6 +190,9 @@ class _ThreadWorld:
 
     def broadcast(self, tensor, src=0):
         tensor.copy_(self.exchange(tensor)[src])
+
+    def all_gather_object(self, gathered: list, obj):  # distributed.gather_objects (gather_results)
+        gathered[:] = self.exchange_objects(obj)
 
     def get_world_size(self):
         return self.world_size
