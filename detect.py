@@ -35,6 +35,7 @@ onnxruntime. Folders and videos report frames per second, drawing and writing in
 from __future__ import annotations
 
 import argparse
+import fractions
 import math
 import re
 import shutil
@@ -240,7 +241,8 @@ def open_video(path):
 
 
 def video_frames(path: Path, container, stream):
-    """The frames as upright (3, H, W) uint8 tensors; a decoding error is a UserError."""
+    """``(image, seconds)`` per frame: the upright (3, H, W) uint8 picture and its
+    presentation time (None when the stream gives none); a decoding error is a UserError."""
     import av
 
     try:
@@ -248,30 +250,51 @@ def video_frames(path: Path, container, stream):
             image = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
             # The display matrix turns the stored frame counter-clockwise by ``rotation``
             # degrees (phones store portrait video as landscape frames plus this angle).
-            yield torch.rot90(image, round(frame.rotation / 90) % 4, dims=(1, 2))
+            image = torch.rot90(image, round(frame.rotation / 90) % 4, dims=(1, 2))
+            seconds = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+            yield image, seconds
     except av.FFmpegError as err:
         raise UserError(f"{path}: cannot decode the video ({' '.join(str(err).split())})") from None
 
 
 class VideoWriter:
-    """An H.264 (or, without libx264, MPEG-4) .mp4 writer, opened at the first frame."""
+    """An H.264 (or, without libx264, MPEG-4) .mp4 writer, opened at the first frame.
+
+    Each frame keeps its source's presentation time (milliseconds), so a variable-frame-rate
+    video (phones, screen captures) plays at its own pace: written at the average rate, a
+    clip with pauses came out shorter than its source and out of step with its labels'
+    frame times. Frames without a time (some streams) are spaced at ``fps``.
+    """
+
+    TIME_BASE = fractions.Fraction(1, 1000)
 
     def __init__(self, path: Path, fps):
         import av
 
         self.av, self.path, self.fps = av, path, fps
         self.container = self.stream = None
+        self.last_pts = -1
 
-    def write(self, image: torch.Tensor) -> None:
-        # yuv420p stores colour for 2x2 pixel blocks: encoders need even sides.
-        image = image[:, :image.shape[1] // 2 * 2, :image.shape[2] // 2 * 2]
+    def write(self, image: torch.Tensor, seconds: float | None = None) -> None:
+        # yuv420p stores colour for 2x2 pixel blocks: encoders need even sides. An odd side
+        # gets its last row or column repeated (cropping it lost the edge of boxes there,
+        # and a 1-pixel-wide video became 0 pixels wide: a traceback from the encoder).
+        if image.shape[1] % 2:
+            image = torch.cat((image, image[:, -1:]), dim=1)
+        if image.shape[2] % 2:
+            image = torch.cat((image, image[:, :, -1:]), dim=2)
         if self.container is None:
             codec = "libx264" if "libx264" in self.av.codecs_available else "mpeg4"
             self.container = self.av.open(str(self.path), "w")
             self.stream = self.container.add_stream(codec, rate=self.fps)
             self.stream.width, self.stream.height = image.shape[2], image.shape[1]
             self.stream.pix_fmt = "yuv420p"
+            self.stream.codec_context.time_base = self.TIME_BASE
         frame = self.av.VideoFrame.from_ndarray(image.permute(1, 2, 0).contiguous().numpy(), format="rgb24")
+        pts = round(seconds * 1000) if seconds is not None else round((self.last_pts + 1) * 1000 / self.fps)
+        # Encoders need strictly increasing times; decoders repeat one now and then.
+        frame.pts, frame.time_base = max(pts, self.last_pts + 1), self.TIME_BASE
+        self.last_pts = frame.pts
         self.container.mux(self.stream.encode(frame))
 
     def close(self) -> None:
@@ -281,15 +304,25 @@ class VideoWriter:
 
 
 def detect_video(model, path: Path, outputs: Outputs, args) -> int:
-    """Detect and draw every frame of a video; returns the number of frames."""
+    """Detect and draw every frame of a video; returns the number of frames.
+
+    A decoding error part-way (a corrupt file) is a UserError raised once the frames
+    before it are detected, recorded and in the finished .mp4: main keeps them.
+    """
     container, stream = open_video(path)
     fps = stream.average_rate or 25
     writer = VideoWriter(outputs.dir / output_name(path, (".mp4",), ".mp4"), fps)
     bar = tqdm(total=stream.frames or None, unit="frame", desc=path.name, dynamic_ncols=True)
-    count, chunk = 0, []
+    count, chunk, error, frames = 0, [], None, video_frames(path, container, stream)
     try:
-        for image in video_frames(path, container, stream):
-            chunk.append(image)
+        while True:
+            try:
+                chunk.append(next(frames))
+            except StopIteration:
+                break
+            except UserError as err:  # a corrupt packet: detect the frames decoded before it
+                error = err
+                break
             if len(chunk) == args.batch_size:
                 count = detect_frames(model, chunk, count, path, outputs, writer, bar)
                 chunk = []
@@ -302,15 +335,21 @@ def detect_video(model, path: Path, outputs: Outputs, args) -> int:
         bar.close()
         writer.close()
         container.close()
+    if error is not None:
+        raise UserError(f"{error}" + (f"; kept the {plural(count, 'frame')} before it" if count else ""))
     if count == 0:
         raise UserError(f"{path}: the video has no frames")
+    if stream.frames and count < stream.frames:
+        tqdm.write(f"warning: {path}: {plural(count, 'frame')} decoded of the {stream.frames} its header "
+                   "announces (a truncated file?)", file=sys.stderr)
     return count
 
 
 def detect_frames(model, frames, first: int, path: Path, outputs: Outputs, writer: VideoWriter, bar) -> int:
-    for k, (image, dets) in enumerate(zip(frames, predict.predict_images(model, frames, outputs.args))):
+    images = [image for image, _ in frames]
+    for k, ((image, seconds), dets) in enumerate(zip(frames, predict.predict_images(model, images, outputs.args))):
         outputs.add(dets, path, (image.shape[2], image.shape[1]), frame=first + k)
-        writer.write(outputs.draw(image, dets))
+        writer.write(outputs.draw(image, dets), seconds)
     bar.update(len(frames))
     return first + len(frames)
 
@@ -347,24 +386,52 @@ def main(argv=None):
     model = predict.for_job(predict.open_runner(args), job_size(images, videos), args)
     names, start = model.names, time.perf_counter()
     outputs = Outputs(runs.make_run_dir(args.project, args.name), names, args)
-    errors = detect_images(model, images, outputs, args) if images else []
-    if errors and len(errors) == len(images) and not videos:
+    errors, interrupted = [], False
+    try:
+        errors += detect_images(model, images, outputs, args) if images else []
+        for path in videos:  # one bad video, like one bad image, does not stop the others
+            try:
+                detect_video(model, path, outputs, args)
+            except UserError as err:
+                errors.append(str(err))
+                if len(images) + len(videos) > 1:
+                    tqdm.write(f"warning: {err}", file=sys.stderr)
+    except KeyboardInterrupt:  # in a folder of images: keep what is done, as a video does
+        interrupted = True
+    if not outputs.records:
         shutil.rmtree(outputs.dir)  # made by this run, with nothing in it: leave no trace
-        raise UserError(errors[0] if len(images) == 1 else f"none of the {len(images)} images "
-                        f"could be read; the first: {errors[0]}")
-    frames = sum(detect_video(model, path, outputs, args) for path in videos)
-    outputs.finish(args.checkpoint)
+    else:
+        outputs.finish(args.checkpoint)
+        report(outputs, images, videos, start, model.description)
+    if interrupted:
+        raise KeyboardInterrupt  # run_cli: "interrupted: Ctrl-C", exit code 130
+    if errors:
+        raise UserError(failure_line(errors, images, videos, any(outputs.records)))
+
+
+def report(outputs: Outputs, images: list, videos: list, start: float, backend: str) -> None:
+    """What was detected, from the records (a video that failed part-way counts its frames)."""
+    frames = sum("frame" in r for r in outputs.records)
     boxes = sum(len(r["detections"]) for r in outputs.records)
-    done = [plural(len(images) - len(errors), "image")] if images else []
-    done += [f"{plural(len(videos), 'video')} ({plural(frames, 'frame')})"] if videos else []
+    done = [plural(len(outputs.records) - frames, "image")] if images else []
+    done += [f"{plural(len({r['file'] for r in outputs.records if 'frame' in r}), 'video')} "
+             f"({plural(frames, 'frame')})"] if videos else []
     print(f"{' and '.join(done)}: {plural(boxes, 'box', 'boxes')} scoring above "
-          f"{args.conf_threshold}; results in {outputs.dir}")
+          f"{outputs.args.conf_threshold}; results in {outputs.dir}")
     if len(outputs.records) > 1:
         print(f"{len(outputs.records) / (time.perf_counter() - start):.1f} frames/s end to end "
-              f"(reading, drawing and writing included; {model.description})")
-    if errors:
-        raise UserError(errors[0] if len(images) == 1 else f"{len(errors)} of {len(images)} images "
-                        f"could not be read; the first: {errors[0]}")
+              f"(reading, drawing and writing included; {backend})")
+
+
+def failure_line(errors: list[str], images: list, videos: list, kept: bool) -> str:
+    """The one error line of a run where some sources could not be read."""
+    total = len(images) + len(videos)
+    if total == 1:
+        return errors[0]
+    kind = "images" if not videos else "videos" if not images else "images and videos"
+    if not kept:
+        return f"none of the {total} {kind} could be read; the first: {errors[0]}"
+    return f"{len(errors)} of {total} {kind} could not be read; the first: {errors[0]}"
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:

@@ -1,0 +1,182 @@
+"""Red-team pass on detection as a user runs it (detect.py, detect_txt.py, export.py,
+drawing): each test names the bug it guards against. The tiny detector is test_detect's:
+whatever the picture, a dog at (0, 0, 0.5, 0.5) scoring 0.9 and a person at
+(0.65, 0.55, 0.85, 0.95) scoring 0.6, image-relative.
+"""
+from __future__ import annotations
+
+import fractions
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import detect
+import utils
+from test_detect import checkpoint, expected_lines, make_video, noise_image, read_video  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cli(argv, capsys):
+    """detect.py through run_cli: ``(exit code, stdout, stderr)``; a traceback fails the test."""
+    with pytest.raises(SystemExit) as exc:
+        utils.run_cli(detect.main, [str(a) for a in argv])
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+def write_ffv1(path, frames, width=64, height=48, times_ms=None):
+    """A lossless (FFV1) .mkv: any frame size, and frame times given in milliseconds."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
+        if times_ms is not None:
+            stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for i in range(frames):
+            pixels = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if times_ms is not None:
+                frame.pts, frame.time_base = times_ms[i], fractions.Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def audio_only(path):
+    """An .mp4 holding one AAC audio stream and no video."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=44100)
+        for i in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 44100, i * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+# --------------------------------------------------------------------------- videos
+def test_one_bad_video_among_good_sources_keeps_the_others(checkpoint, tmp_path, capsys):
+    """Bug: a video that could not be opened (here audio only) ended the whole run with
+    its error: detections.json of the images already done was never written, and the
+    videos after it were never run. Now it is reported like an unreadable image: the
+    others are detected, everything is written, and the run ends with one error line."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    noise_image(40, 30).save(folder / "a.png")
+    audio_only(folder / "b_sound.mp4")
+    make_video(folder / "c_clip.mp4", frames=3)
+    code, out, err = cli([checkpoint, folder, "--project", tmp_path / "runs", "--save-json", "--save-txt"], capsys)
+    assert code == 2
+    assert last_line(err) == (f"error: 1 of 3 images and videos could not be read; the first: "
+                              f"{folder / 'b_sound.mp4'}: holds no video stream")
+    assert "Traceback" not in err
+    run = tmp_path / "runs" / "exp"
+    records = json.loads((run / "detections.json").read_text())["images"]
+    assert [(r["file"], r.get("frame")) for r in records] == [("a.png", None)] + [("c_clip.mp4", i) for i in range(3)]
+    assert len(read_video(run / "c_clip.mp4")) == 3
+    assert (run / "labels" / "c_clip_000002.txt").read_text().splitlines() == expected_lines(64, 48)
+    assert "1 image and 1 video (3 frames): 8 boxes" in out
+
+
+@pytest.mark.parametrize("source", ["audio", "stream"])
+def test_a_video_or_stream_that_cannot_open_leaves_no_output_folder(source, checkpoint, tmp_path, capsys):
+    """Bug: an unreadable video or an unreachable stream left an empty runs/detect/expN
+    behind (the folder was made before the video was opened), one more per attempt; an
+    unreadable image already left none."""
+    pytest.importorskip("av")
+    audio_only(tmp_path / "sound.mp4")
+    target = tmp_path / "sound.mp4" if source == "audio" else "rtsp://127.0.0.1:1/none"
+    code, _, err = cli([checkpoint, target, "--project", tmp_path / "runs", "--save-txt"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {target}: ")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_corrupt_video_keeps_the_frames_before_the_error(checkpoint, tmp_path, capsys):
+    """Bug: a decoding error part-way through a video (a damaged file) lost every frame
+    detected before it: no detections.json, no summary. Now the frames before the damage
+    are detected, written (.mp4, labels, JSON) and the error line says how many."""
+    av = pytest.importorskip("av")
+    write_ffv1(tmp_path / "good.mkv", frames=20)
+    data = bytearray((tmp_path / "good.mkv").read_bytes())
+    noise = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    data[len(data) // 2:len(data) // 2 + 3000] = noise
+    (tmp_path / "bad.mkv").write_bytes(bytes(data))
+    decodable = 0  # what PyAV itself decodes before the error: the frames that must be kept
+    with pytest.raises(av.FFmpegError), av.open(str(tmp_path / "bad.mkv")) as container:
+        for _ in container.decode(video=0):
+            decodable += 1
+    assert 0 < decodable < 20
+    code, out, err = cli([checkpoint, tmp_path / "bad.mkv", "--project", tmp_path / "runs",
+                          "--save-json", "--batch-size", "4"], capsys)
+    assert code == 2
+    assert last_line(err).startswith(f"error: {tmp_path / 'bad.mkv'}: cannot decode the video")
+    assert last_line(err).endswith(f"; kept the {decodable} frames before it")
+    run = tmp_path / "runs" / "exp"
+    assert len(json.loads((run / "detections.json").read_text())["images"]) == decodable
+    assert len(read_video(run / "bad.mkv.mp4")) == decodable
+    assert f"1 video ({decodable} frames)" in out
+
+
+@pytest.mark.parametrize("size", [(1, 1), (63, 47)])
+def test_odd_sized_video_is_padded_not_cropped(size, checkpoint, tmp_path, capsys):
+    """Bug: H.264's 4:2:0 colour needs even sides, and the drawn copy was cropped to them:
+    a 1-pixel-wide video became 0 wide (a traceback from the encoder) and a 63 x 47 one
+    lost the column and row where boxes at the edge are drawn. Now the last column and
+    row are repeated: 1 x 1 -> 2 x 2, 63 x 47 -> 64 x 48 with the picture intact."""
+    width, height = size
+    write_ffv1(tmp_path / "odd.mkv", frames=2, width=width, height=height)
+    code, _, err = cli([checkpoint, tmp_path / "odd.mkv", "--project", tmp_path / "runs", "--save-json"], capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "exp"
+    frames = read_video(run / "odd.mkv.mp4")
+    assert len(frames) == 2 and frames[0].shape == (height + 1, width + 1, 3)
+    records = json.loads((run / "detections.json").read_text())["images"]
+    assert (records[0]["width"], records[0]["height"]) == size  # boxes stay in the source's pixels
+
+
+def test_variable_frame_rate_video_keeps_its_frame_times(checkpoint, tmp_path, capsys):
+    """Bug: the drawn copy was written at the stream's average rate, frame after frame, so
+    a variable-frame-rate clip (a phone's, with pauses) played shorter than its source and
+    out of step with it. Now each frame keeps its presentation time."""
+    av = pytest.importorskip("av")
+    times = [0, 40, 80, 320, 360, 1000]  # milliseconds
+    write_ffv1(tmp_path / "vfr.mkv", frames=len(times), times_ms=times)
+    with av.open(str(tmp_path / "vfr.mkv")) as container:
+        assert [round(float(f.pts * f.time_base) * 1000) for f in container.decode(video=0)] == times
+    code, _, err = cli([checkpoint, tmp_path / "vfr.mkv", "--project", tmp_path / "runs"], capsys)
+    assert code == 0, err
+    with av.open(str(tmp_path / "runs" / "exp" / "vfr.mkv.mp4")) as container:
+        got = [round(float(f.pts * f.time_base) * 1000) for f in container.decode(video=0)]
+    assert got == times
+
+
+def test_ctrl_c_in_a_folder_of_images_keeps_what_is_done(checkpoint, tmp_path, capsys, monkeypatch):
+    """Bug: Ctrl-C during a folder of images ended with no detections.json although the
+    drawn pictures of the images done were written (a video already kept its frames).
+    Now the records so far are written and the run exits 130 with run_cli's note."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        noise_image(32, 24, seed=i).save(folder / f"p{i}.png")
+    real_predict, calls = detect.predict.predict_images, []
+
+    def interrupted(model, images, args):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_predict(model, images, args)
+
+    monkeypatch.setattr(detect.predict, "predict_images", interrupted)
+    code, out, err = cli([checkpoint, folder, "--project", tmp_path / "runs", "--save-json",
+                          "--batch-size", "2"], capsys)
+    assert code == 130 and last_line(err) == "interrupted: Ctrl-C"
+    records = json.loads((tmp_path / "runs" / "exp" / "detections.json").read_text())["images"]
+    assert [r["file"] for r in records] == ["p0.png", "p1.png"]
+    assert "2 images: 4 boxes" in out
