@@ -383,7 +383,10 @@ def main(argv=None):
     if videos:
         require("av", "av", "reading videos")
     refuse_name_clashes(output_files(images, videos, args.save_txt))
-    model = predict.for_job(predict.open_runner(args), job_size(images, videos), args)
+    model = predict.open_runner(args)
+    if args.save_txt:
+        predict.check_box_file_names(model.names, args.checkpoint)
+    model = predict.for_job(model, job_size(images, videos), args)
     names, start = model.names, time.perf_counter()
     outputs = Outputs(runs.make_run_dir(args.project, args.name), names, args)
     errors, interrupted = [], False

@@ -251,6 +251,8 @@ def onnx_layout(path: Path, session) -> dict:
     if list(inp.shape[1:]) != [3, size, size] or out.shape[1:] != [S * S * (C + 5 * B)]:
         raise UserError(f"{path}: input {inp.shape} and output {out.shape} do not fit S={S}, B={B}, "
                         f"C={C}: expected (N, 3, {size}, {size}) and (N, {S * S * (C + 5 * B)})")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise UserError(f"{path}: its class_names metadata is not a JSON list of strings")
     if len(names) != C:
         raise UserError(f"{path}: {len(names)} class names for C={C} classes")
     return {"S": S, "B": B, "C": C, "input_size": size, "names": names}

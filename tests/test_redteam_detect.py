@@ -180,3 +180,62 @@ def test_ctrl_c_in_a_folder_of_images_keeps_what_is_done(checkpoint, tmp_path, c
     records = json.loads((tmp_path / "runs" / "exp" / "detections.json").read_text())["images"]
     assert [r["file"] for r in records] == ["p0.png", "p1.png"]
     assert "2 images: 4 boxes" in out
+
+
+# --------------------------------------------------------------------------- class names in box files
+def checkpoint_named(tmp_path, names):
+    """test_detect's tiny checkpoint with other class names (a checkpoint made elsewhere:
+    train.py refuses such names, a hand-made or converted checkpoint need not)."""
+    from test_inference import save, tiny_model
+
+    model = tiny_model("fast")
+    assert model.C == len(names)
+    path = tmp_path / "named.pt"
+    save(model, path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["class_names"] = list(names)
+    utils.save_checkpoint(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("names, problem", [
+    (["cat", "potted plant", "person"], "class 1 'potted plant' is not one word"),
+    (["cat", "", "person"], "class 1 '' is not one word"),
+    (["cat", " dog", "person"], "class 1 ' dog' is not one word"),
+    (["dog", "dog", "person"], "class name 'dog' appears twice"),
+])
+def test_box_files_refuse_class_names_they_cannot_hold(names, problem, tmp_path, capsys):
+    """Bug: detect.py --save-txt and detect_txt.py wrote a checkpoint's class names into
+    space-separated box files as they were: 'potted plant 0.9 ...' (evaluate.py reads
+    'potted' and then a score 'plant', or refuses the file), an empty name shifted every
+    field, two equal names merged two classes. Now refused before any output, naming
+    the checkpoint and the class; --save-json alone (which keeps class ids) still runs."""
+    import detect_txt
+
+    ckpt = checkpoint_named(tmp_path, names)
+    noise_image(32, 32).save(tmp_path / "a.png")
+    runs = tmp_path / "runs"
+    code, _, err = cli([ckpt, tmp_path / "a.png", "--project", runs, "--save-txt"], capsys)
+    assert code == 2 and err.startswith(f"error: {ckpt}: {problem}") and err.count("\n") == 1
+    assert not runs.exists()
+    with pytest.raises(SystemExit) as exc:
+        utils.run_cli(detect_txt.main, [str(ckpt), "--data", str(tmp_path), "--project", str(runs)])
+    assert exc.value.code == 2 and problem in capsys.readouterr().err
+    assert not runs.exists()
+    code, _, err = cli([ckpt, tmp_path / "a.png", "--project", runs, "--save-json"], capsys)
+    assert code == 0, err
+    assert json.loads((runs / "exp" / "detections.json").read_text())["class_names"] == names
+
+
+@pytest.mark.parametrize("names", ['{"0": "cat", "1": "dog", "2": "person"}', '"cat"', "[1, 2, 3]"])
+def test_onnx_class_names_must_be_a_list_of_strings(names, tmp_path):
+    """Bug: an ONNX file whose class_names metadata was a JSON object, string or list of
+    numbers of the right length loaded: a dict's keys or a string's letters became the
+    class names of every box (silently wrong labels)."""
+    pytest.importorskip("onnxruntime")
+    import inference
+    from test_inference import LAYOUT, fake_onnx
+
+    path = fake_onnx(tmp_path / "model.onnx", {"output": 52}, LAYOUT | {"class_names": names, "C": 3})
+    with pytest.raises(utils.UserError, match="class_names metadata is not a JSON list of strings"):
+        inference.load(path)
