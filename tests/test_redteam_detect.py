@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import detect
 import utils
@@ -239,3 +240,30 @@ def test_onnx_class_names_must_be_a_list_of_strings(names, tmp_path):
     path = fake_onnx(tmp_path / "model.onnx", {"output": 52}, LAYOUT | {"class_names": names, "C": 3})
     with pytest.raises(utils.UserError, match="class_names metadata is not a JSON list of strings"):
         inference.load(path)
+
+
+# --------------------------------------------------------------------------- drawing
+@pytest.mark.parametrize("name", ["person", "chat noir très long — ünïcode", 'a "quoted" name'])
+def test_labels_at_the_right_and_bottom_edges_are_drawn_whole(name):
+    """Bug: torchvision puts a label inside its box's top-left corner and clips what runs
+    past the picture, so a box at the right edge showed a letter or two of its class and
+    one at the bottom edge half a line. Now the label moves left or up to stay whole: its
+    background (one pixel around the text, as wide and high as Pillow measures the text
+    in that font) lies whole inside the picture, against the edge."""
+    from PIL import ImageDraw, ImageFont
+
+    from plots import class_colour, draw_detections, label_font
+
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox(
+        (0, 0), f"{name} 0.50", font=ImageFont.truetype(label_font(), 12) if label_font() else None)
+    w, h = right - left + 2, bottom - top + 2
+    colour = torch.tensor(class_colour(0)).view(3, 1)
+
+    def drawn(x1, y1):
+        dets = torch.tensor([[0.0, 0.5, x1, y1, x1 + 10, y1 + 10]])
+        return draw_detections(torch.zeros(3, 120, 300, dtype=torch.uint8), dets, [name], line_width=1, font_size=12)
+
+    at_right = drawn(290.0, 50.0)      # the label starts at the box's corner + 1 (51), ends at the edge
+    assert (at_right[:, 51, 300 - w:] == colour).all() and (at_right[:, 51 + h - 1, 300 - w:] == colour).all()
+    at_bottom = drawn(100.0, 110.0)    # the label starts 1 right of the box's left edge, ends at the bottom
+    assert (at_bottom[:, 120 - h, 101:101 + w] == colour).all() and (at_bottom[:, 119, 101:101 + w] == colour).all()
