@@ -267,3 +267,24 @@ def test_labels_at_the_right_and_bottom_edges_are_drawn_whole(name):
     assert (at_right[:, 51, 300 - w:] == colour).all() and (at_right[:, 51 + h - 1, 300 - w:] == colour).all()
     at_bottom = drawn(100.0, 110.0)    # the label starts 1 right of the box's left edge, ends at the bottom
     assert (at_bottom[:, 120 - h, 101:101 + w] == colour).all() and (at_bottom[:, 119, 101:101 + w] == colour).all()
+
+
+# --------------------------------------------------------------------------- export
+@pytest.mark.parametrize("opset, message", [
+    (7, "--opset 7: torch.onnx could not write this model in opset 7 (it wrote opset 18)"),
+    (10_000, "--opset 10000: the installed onnx package knows opsets up to"),
+])
+def test_export_refuses_an_opset_it_did_not_write(opset, message, checkpoint, tmp_path, capsys):
+    """Bug: torch.onnx's exporter writes opset 18 and converts down; when the conversion
+    failed (--opset 7) or the opset does not exist (--opset 99) it printed the converter's
+    traceback and wrote an opset 18 file, and export.py reported success (exit 0). Now
+    the written opset is checked: one error line, no file, no empty run folder."""
+    pytest.importorskip("onnxscript")
+    import export
+
+    with pytest.raises(SystemExit) as exc:
+        utils.run_cli(export.main, [str(checkpoint), "--include", "onnx", "--opset", str(opset),
+                                    "--project", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
