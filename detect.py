@@ -121,6 +121,11 @@ def list_sources(source: str) -> tuple[list[Path], list]:
     if not images and not videos:
         raise UserError(f"{path}: no images ({' '.join(IMG_EXTENSIONS)}) or videos "
                         f"({' '.join(VIDEO_SUFFIXES)}) in this folder")
+    skipped = [p.name for p in files if p.suffix.lower() not in IMG_EXTENSIONS + VIDEO_SUFFIXES]
+    if skipped:  # a .gif or .jfif left out without a word looked like a detector that missed it
+        print(f"note: {path}: skipped {plural(len(skipped), 'file')} not named as an image or a video "
+              f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}); name a file to detect it "
+              "whatever its suffix", file=sys.stderr)
     return images, videos
 
 
@@ -379,7 +384,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     predict.check_inference_args(args)
     found = [list_sources(source) for source in args.source]  # each checked before any work
-    images, videos = ([*dict.fromkeys(p for f in found for p in f[k])] for k in (0, 1))
+    images, videos = (unique(p for f in found for p in f[k]) for k in (0, 1))
     if videos:
         require("av", "av", "reading videos")
     refuse_name_clashes(output_files(images, videos, args.save_txt))
@@ -435,6 +440,16 @@ def failure_line(errors: list[str], images: list, videos: list, kept: bool) -> s
     if not kept:
         return f"none of the {total} {kind} could be read; the first: {errors[0]}"
     return f"{len(errors)} of {total} {kind} could not be read; the first: {errors[0]}"
+
+
+def unique(sources) -> list:
+    """Sources in order, each file once however it was named (``a.jpg``, ``./a.jpg``, an
+    absolute path, a folder and a file in it): two spellings of one file were refused
+    as two files whose outputs clash."""
+    seen = {}
+    for source in sources:
+        seen.setdefault(source.resolve() if isinstance(source, Path) else source, source)
+    return list(seen.values())
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:

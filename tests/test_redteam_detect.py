@@ -288,3 +288,33 @@ def test_export_refuses_an_opset_it_did_not_write(opset, message, checkpoint, tm
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# --------------------------------------------------------------------------- sources
+def test_one_file_named_twice_is_detected_once(checkpoint, tmp_path, capsys, monkeypatch):
+    """Bug: the same image named two ways (relative and absolute, or a folder and a file
+    in it) was taken for two files whose outputs clash, and the run was refused."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    noise_image(40, 30).save(folder / "a.png")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli([checkpoint, "photos/a.png", folder / "a.png", "photos", "--project", "runs",
+                          "--save-json"], capsys)
+    assert code == 0, err
+    assert [r["file"] for r in json.loads((tmp_path / "runs/exp/detections.json").read_text())["images"]] == ["a.png"]
+    assert out.startswith("1 image: 2 boxes")
+
+
+def test_a_folder_says_which_files_it_skipped(checkpoint, tmp_path, capsys):
+    """Bug: a folder's files whose suffix is not an image's or a video's (a .gif, a .jfif)
+    were left out without a word: the summary counted fewer images and nothing said why.
+    Now one note names them; naming such a file directly detects it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    noise_image(40, 30).save(folder / "a.png")
+    noise_image(40, 30).convert("P").save(folder / "b.gif")
+    code, out, err = cli([checkpoint, folder, "--project", tmp_path / "runs"], capsys)
+    assert code == 0
+    assert f"note: {folder}: skipped 1 file not named as an image or a video (b.gif)" in err
+    code, out, err = cli([checkpoint, folder / "b.gif", "--project", tmp_path / "runs"], capsys)
+    assert code == 0 and out.startswith("1 image: 2 boxes")
