@@ -318,3 +318,45 @@ def test_a_folder_says_which_files_it_skipped(checkpoint, tmp_path, capsys):
     assert f"note: {folder}: skipped 1 file not named as an image or a video (b.gif)" in err
     code, out, err = cli([checkpoint, folder / "b.gif", "--project", tmp_path / "runs"], capsys)
     assert code == 0 and out.startswith("1 image: 2 boxes")
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_32_bit_images_are_refused_not_blacked_out(mode, checkpoint, tmp_path, capsys):
+    """Bug: a 32-bit float image (values 0..1, as scientific tools save them) became an
+    all-black picture and a 32-bit integer one beyond 16 bits an all-white one (Pillow's
+    conversion truncates and clips): detections on a blank picture, exit 0. There is no
+    defined 8-bit scale for them: one error line. 16-bit images still scale (257 per step)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.random((30, 40)).astype(np.float32) if mode == "F" else \
+        rng.integers(0, 2**31, (30, 40)).astype(np.int32)
+    Image.fromarray(pixels).save(tmp_path / "deep.tif")
+    assert Image.open(tmp_path / "deep.tif").mode == mode
+    code, _, err = cli([checkpoint, tmp_path / "deep.tif", "--project", tmp_path / "runs"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path / 'deep.tif'}: unreadable image (32-bit ")
+    from images import load_image
+
+    Image.fromarray((rng.integers(0, 65536, (30, 40))).astype(np.uint16)).save(tmp_path / "g16.png")
+    sixteen = np.asarray(Image.open(tmp_path / "g16.png"), dtype=np.float64)
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "g16.png"))[..., 0],
+                                  (sixteen / 257).round().astype(np.uint8))
+
+
+def test_a_torchscript_file_is_named_as_such(tmp_path, capsys):
+    """Bug: export.py's TorchScript file given to detect.py (or test.py, detect_txt.py) as
+    the checkpoint printed torch's warning and 'refused: the file holds objects ... which
+    could run code when loaded', as if it were malicious. Now one line says what it is."""
+    import inference
+    from test_inference import save, tiny_model
+
+    model = tiny_model("fast")
+    save(model, tmp_path / "ckpt.pt")
+    from export import jit_quietly
+
+    with jit_quietly():  # torch.jit's deprecation warning
+        traced = torch.jit.trace(model.eval(), torch.rand(1, 3, model.input_size, model.input_size),
+                                 check_trace=False)
+        torch.jit.save(traced, str(tmp_path / "model.torchscript.pt"))
+    with pytest.raises(utils.UserError, match=r"model.torchscript.pt: a TorchScript file \(export.py\); this runs"):
+        inference.load(tmp_path / "model.torchscript.pt")
+    assert inference.load(tmp_path / "ckpt.pt").C == model.C  # a checkpoint is not mistaken for one
