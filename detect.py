@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import fractions
+import importlib.util
 import math
 import re
 import shutil
@@ -58,7 +59,8 @@ from images import load_image
 from plots import draw_detections, require
 from utils import UserError, run_cli
 
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv",
+                  ".ts", ".mts", ".m2ts", ".3gp", ".3g2", ".ogv", ".mxf", ".vob", ".asf", ".dv", ".y4m")
 # Formats Pillow writes RGB in; a drawn copy of anything else is saved as PNG.
 RGB_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -112,7 +114,7 @@ def list_sources(source: str) -> tuple[list[Path], list]:
     if path.exists() and stat.S_ISCHR(path.stat().st_mode):
         return [], [Stream(source, "v4l2")]
     if path.is_file():
-        return ([], [path]) if path.suffix.lower() in VIDEO_SUFFIXES else ([path], [])
+        return ([], [path]) if is_video_file(path) else ([path], [])
     if not path.is_dir():
         raise UserError(f"{path}: no such file or folder")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -127,6 +129,31 @@ def list_sources(source: str) -> tuple[list[Path], list]:
               f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}); name a file to detect it "
               "whatever its suffix", file=sys.stderr)
     return images, videos
+
+
+def is_video_file(path: Path) -> bool:
+    """A file named on the command line is a video by its suffix, or, with a suffix that is
+    neither an image's nor a video's, when Pillow cannot read it and PyAV finds a video
+    stream in it (a camcorder's .MTS or a .ts capture was once read as a broken image)."""
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES or suffix in IMG_EXTENSIONS:
+        return suffix in VIDEO_SUFFIXES
+    from PIL import Image
+
+    try:
+        Image.open(path).close()
+        return False
+    except Exception:  # noqa: BLE001 (Pillow raises many classes): not an image, maybe a video
+        pass
+    if importlib.util.find_spec("av") is None:
+        return False
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.video)
+    except (av.FFmpegError, OSError):
+        return False
 
 
 # --------------------------------------------------------------------------- outputs

@@ -360,3 +360,27 @@ def test_a_torchscript_file_is_named_as_such(tmp_path, capsys):
     with pytest.raises(utils.UserError, match=r"model.torchscript.pt: a TorchScript file \(export.py\); this runs"):
         inference.load(tmp_path / "model.torchscript.pt")
     assert inference.load(tmp_path / "ckpt.pt").C == model.C  # a checkpoint is not mistaken for one
+
+
+def test_videos_named_by_other_suffixes_are_videos(checkpoint, tmp_path, capsys):
+    """Bug: a camcorder's .MTS (MPEG transport stream), a .3gp or a video with any suffix
+    outside detect.py's list was read as an image: 'unreadable image (cannot identify
+    image file)'. Now the common suffixes are videos, and a file named directly with an
+    unknown suffix is a video when Pillow cannot read it and PyAV finds a video in it."""
+    av = pytest.importorskip("av")
+    with av.open(str(tmp_path / "cam.MTS"), "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(30):
+            pixels = np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    make_video(tmp_path / "clip.mp4", frames=3)
+    (tmp_path / "clip.mp4").rename(tmp_path / "clip.bin")
+    (tmp_path / "notes.bin").write_text("neither")
+    code, out, err = cli([checkpoint, tmp_path / "cam.MTS", tmp_path / "clip.bin", "--project", tmp_path / "runs"], capsys)
+    assert code == 0, err
+    assert out.startswith("2 videos (33 frames)")
+    assert len(read_video(tmp_path / "runs" / "exp" / "clip.bin.mp4")) == 3
+    code, _, err = cli([checkpoint, tmp_path / "notes.bin", "--project", tmp_path / "runs"], capsys)
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'notes.bin'}: unreadable image")
