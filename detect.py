@@ -241,8 +241,8 @@ def detect_images(model, paths: list[Path], outputs: Outputs, args) -> list[str]
                 if len(paths) > 1:
                     tqdm.write(f"warning: {err}", file=sys.stderr)
         for path, image, dets in zip(kept, images, predict.predict_images(model, images, args) if images else []):
-            outputs.add(dets, path, (image.shape[2], image.shape[1]))
             save_image(outputs.draw(image, dets), outputs.dir / output_name(path, RGB_SUFFIXES, ".png"))
+            outputs.add(dets, path, (image.shape[2], image.shape[1]))  # recorded once its picture is
         bar.update(len(chunk))
     bar.close()
     return errors
@@ -421,27 +421,49 @@ def main(argv=None):
     model = predict.for_job(model, job_size(images, videos), args)
     names, start = model.names, time.perf_counter()
     outputs = Outputs(runs.make_run_dir(args.project, args.name), names, args)
-    errors, interrupted = [], False
+    errors, stop = detect_all(model, images, videos, outputs)
+    if not outputs.records:
+        shutil.rmtree(outputs.dir, ignore_errors=True)  # made by this run, with nothing in it: no trace
+    else:
+        failed = write_json(outputs, args.checkpoint)
+        report(outputs, images, videos, start, model.description)
+        stop = stop or failed
+    if stop is not None:
+        raise stop
+    if errors:
+        raise UserError(failure_line(errors, images, videos, any(outputs.records)))
+
+
+def detect_all(model, images: list, videos: list, outputs: Outputs) -> tuple[list[str], BaseException | None]:
+    """Every source: ``(one-line errors of unreadable ones, what stopped the run or None)``.
+    One bad image or video does not stop the others. Ctrl-C (in a folder of images as in a
+    video) and a failed write (a full disk) stop the run; what was done is kept."""
+    errors = []
     try:
-        errors += detect_images(model, images, outputs, args) if images else []
-        for path in videos:  # one bad video, like one bad image, does not stop the others
+        errors += detect_images(model, images, outputs, outputs.args) if images else []
+        for path in videos:
             try:
-                detect_video(model, path, outputs, args)
+                detect_video(model, path, outputs, outputs.args)
             except UserError as err:
                 errors.append(str(err))
                 if len(images) + len(videos) > 1:
                     tqdm.write(f"warning: {err}", file=sys.stderr)
-    except KeyboardInterrupt:  # in a folder of images: keep what is done, as a video does
-        interrupted = True
-    if not outputs.records:
-        shutil.rmtree(outputs.dir)  # made by this run, with nothing in it: leave no trace
-    else:
-        outputs.finish(args.checkpoint)
-        report(outputs, images, videos, start, model.description)
-    if interrupted:
-        raise KeyboardInterrupt  # run_cli: "interrupted: Ctrl-C", exit code 130
-    if errors:
-        raise UserError(failure_line(errors, images, videos, any(outputs.records)))
+    except KeyboardInterrupt:
+        return errors, KeyboardInterrupt()  # run_cli: "interrupted: Ctrl-C", exit code 130
+    except OSError as err:
+        where = err.filename or outputs.dir
+        return errors, UserError(f"{where}: cannot write the results ({err.strerror or err}); "
+                                 f"what was written before is in {outputs.dir}")
+    return errors, None
+
+
+def write_json(outputs: Outputs, checkpoint) -> UserError | None:
+    """Write detections.json (with --save-json); the error if that fails (a full disk)."""
+    try:
+        outputs.finish(checkpoint)
+        return None
+    except OSError as err:
+        return UserError(f"{err.filename or outputs.dir}: cannot write the results ({err.strerror or err})")
 
 
 def report(outputs: Outputs, images: list, videos: list, start: float, backend: str) -> None:

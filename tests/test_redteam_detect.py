@@ -384,3 +384,29 @@ def test_videos_named_by_other_suffixes_are_videos(checkpoint, tmp_path, capsys)
     assert len(read_video(tmp_path / "runs" / "exp" / "clip.bin.mp4")) == 3
     code, _, err = cli([checkpoint, tmp_path / "notes.bin", "--project", tmp_path / "runs"], capsys)
     assert code == 2 and err.startswith(f"error: {tmp_path / 'notes.bin'}: unreadable image")
+
+
+def test_a_failed_write_is_one_line_and_keeps_what_was_written(checkpoint, tmp_path, capsys, monkeypatch):
+    """Bug: a write that failed (a full disk, a folder removed under the run) ended in a
+    traceback, and detections.json of the images done was never written. Now one line
+    names the file and the run folder, and the records so far are written."""
+    import errno
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        noise_image(32, 24, seed=i).save(folder / f"p{i}.png")
+    real_save = detect.save_image
+
+    def full_disk(image, path):
+        if path.name == "p1.png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(image, path)
+
+    monkeypatch.setattr(detect, "save_image", full_disk)
+    code, _, err = cli([checkpoint, folder, "--project", tmp_path / "runs", "--save-json", "--batch-size", "1"], capsys)
+    run = tmp_path / "runs" / "exp"
+    assert code == 2 and "Traceback" not in err
+    assert last_line(err) == (f"error: {run / 'p1.png'}: cannot write the results (No space left on device); "
+                              f"what was written before is in {run}")
+    assert [r["file"] for r in json.loads((run / "detections.json").read_text())["images"]] == ["p0.png"]
