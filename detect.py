@@ -10,7 +10,8 @@ Everything goes to a new folder, runs/detect/exp (then exp2, exp3 ...):
 
 * a copy of each image with the boxes drawn, under the same name (images in a format
   that cannot hold RGB, such as .pgm, get .png added), and for a video an .mp4 of its
-  frames with the boxes drawn;
+  frames with the boxes drawn, each at its source time (an odd side gains a repeated
+  last row or column: H.264 needs even sides);
 * ``--save-txt``: ``labels/<image>.txt`` (for a video ``labels/<video>_<frame>.txt``,
   frames counted from 0), one line per box ``class confidence left top right bottom``:
   the detection format of evaluate.py and detect_txt.py;
@@ -31,6 +32,10 @@ or a GPU, PyTorch with batch norm folded into the convolutions and channels_last
 ``--backend torch`` asks for the latter, ``--compile`` and ``--half`` (GPU) for
 torch.compile and float16, and an ONNX file from ``export.py --raw`` runs under
 onnxruntime. Folders and videos report frames per second, drawing and writing included.
+An unreadable image or video (or a video damaged part-way, after the frames before the
+damage) is reported and the others run; the run then ends with one error line and exit
+code 2, everything done written. A folder's files that are neither images nor videos by
+their suffix are named in one note.
 """
 from __future__ import annotations
 
