@@ -10,7 +10,8 @@ Everything goes to a new folder, runs/detect/exp (then exp2, exp3 ...):
 
 * a copy of each image with the boxes drawn, under the same name (images in a format
   that cannot hold RGB, such as .pgm, get .png added), and for a video an .mp4 of its
-  frames with the boxes drawn;
+  frames with the boxes drawn, each at its source time (an odd side gains a repeated
+  last row or column: H.264 needs even sides);
 * ``--save-txt``: ``labels/<image>.txt`` (for a video ``labels/<video>_<frame>.txt``,
   frames counted from 0), one line per box ``class confidence left top right bottom``:
   the detection format of evaluate.py and detect_txt.py;
@@ -31,10 +32,16 @@ or a GPU, PyTorch with batch norm folded into the convolutions and channels_last
 ``--backend torch`` asks for the latter, ``--compile`` and ``--half`` (GPU) for
 torch.compile and float16, and an ONNX file from ``export.py --raw`` runs under
 onnxruntime. Folders and videos report frames per second, drawing and writing included.
+An unreadable image or video (or a video damaged part-way, after the frames before the
+damage) is reported and the others run; the run then ends with one error line and exit
+code 2, everything done written. A folder's files that are neither images nor videos by
+their suffix are named in one note.
 """
 from __future__ import annotations
 
 import argparse
+import fractions
+import importlib.util
 import math
 import re
 import shutil
@@ -57,7 +64,8 @@ from images import load_image
 from plots import draw_detections, require
 from utils import UserError, run_cli
 
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv",
+                  ".ts", ".mts", ".m2ts", ".3gp", ".3g2", ".ogv", ".mxf", ".vob", ".asf", ".dv", ".y4m")
 # Formats Pillow writes RGB in; a drawn copy of anything else is saved as PNG.
 RGB_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -111,7 +119,7 @@ def list_sources(source: str) -> tuple[list[Path], list]:
     if path.exists() and stat.S_ISCHR(path.stat().st_mode):
         return [], [Stream(source, "v4l2")]
     if path.is_file():
-        return ([], [path]) if path.suffix.lower() in VIDEO_SUFFIXES else ([path], [])
+        return ([], [path]) if is_video_file(path) else ([path], [])
     if not path.is_dir():
         raise UserError(f"{path}: no such file or folder")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -120,7 +128,37 @@ def list_sources(source: str) -> tuple[list[Path], list]:
     if not images and not videos:
         raise UserError(f"{path}: no images ({' '.join(IMG_EXTENSIONS)}) or videos "
                         f"({' '.join(VIDEO_SUFFIXES)}) in this folder")
+    skipped = [p.name for p in files if p.suffix.lower() not in IMG_EXTENSIONS + VIDEO_SUFFIXES]
+    if skipped:  # a .gif or .jfif left out without a word looked like a detector that missed it
+        print(f"note: {path}: skipped {plural(len(skipped), 'file')} not named as an image or a video "
+              f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}); name a file to detect it "
+              "whatever its suffix", file=sys.stderr)
     return images, videos
+
+
+def is_video_file(path: Path) -> bool:
+    """A file named on the command line is a video by its suffix, or, with a suffix that is
+    neither an image's nor a video's, when Pillow cannot read it and PyAV finds a video
+    stream in it (a camcorder's .MTS or a .ts capture was once read as a broken image)."""
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES or suffix in IMG_EXTENSIONS:
+        return suffix in VIDEO_SUFFIXES
+    from PIL import Image
+
+    try:
+        Image.open(path).close()
+        return False
+    except Exception:  # noqa: BLE001 (Pillow raises many classes): not an image, maybe a video
+        pass
+    if importlib.util.find_spec("av") is None:
+        return False
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.video)
+    except (av.FFmpegError, OSError):
+        return False
 
 
 # --------------------------------------------------------------------------- outputs
@@ -208,8 +246,8 @@ def detect_images(model, paths: list[Path], outputs: Outputs, args) -> list[str]
                 if len(paths) > 1:
                     tqdm.write(f"warning: {err}", file=sys.stderr)
         for path, image, dets in zip(kept, images, predict.predict_images(model, images, args) if images else []):
-            outputs.add(dets, path, (image.shape[2], image.shape[1]))
             save_image(outputs.draw(image, dets), outputs.dir / output_name(path, RGB_SUFFIXES, ".png"))
+            outputs.add(dets, path, (image.shape[2], image.shape[1]))  # recorded once its picture is
         bar.update(len(chunk))
     bar.close()
     return errors
@@ -240,7 +278,8 @@ def open_video(path):
 
 
 def video_frames(path: Path, container, stream):
-    """The frames as upright (3, H, W) uint8 tensors; a decoding error is a UserError."""
+    """``(image, seconds)`` per frame: the upright (3, H, W) uint8 picture and its
+    presentation time (None when the stream gives none); a decoding error is a UserError."""
     import av
 
     try:
@@ -248,30 +287,51 @@ def video_frames(path: Path, container, stream):
             image = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
             # The display matrix turns the stored frame counter-clockwise by ``rotation``
             # degrees (phones store portrait video as landscape frames plus this angle).
-            yield torch.rot90(image, round(frame.rotation / 90) % 4, dims=(1, 2))
+            image = torch.rot90(image, round(frame.rotation / 90) % 4, dims=(1, 2))
+            seconds = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+            yield image, seconds
     except av.FFmpegError as err:
         raise UserError(f"{path}: cannot decode the video ({' '.join(str(err).split())})") from None
 
 
 class VideoWriter:
-    """An H.264 (or, without libx264, MPEG-4) .mp4 writer, opened at the first frame."""
+    """An H.264 (or, without libx264, MPEG-4) .mp4 writer, opened at the first frame.
+
+    Each frame keeps its source's presentation time (milliseconds), so a variable-frame-rate
+    video (phones, screen captures) plays at its own pace: written at the average rate, a
+    clip with pauses came out shorter than its source and out of step with its labels'
+    frame times. Frames without a time (some streams) are spaced at ``fps``.
+    """
+
+    TIME_BASE = fractions.Fraction(1, 1000)
 
     def __init__(self, path: Path, fps):
         import av
 
         self.av, self.path, self.fps = av, path, fps
         self.container = self.stream = None
+        self.last_pts = -1
 
-    def write(self, image: torch.Tensor) -> None:
-        # yuv420p stores colour for 2x2 pixel blocks: encoders need even sides.
-        image = image[:, :image.shape[1] // 2 * 2, :image.shape[2] // 2 * 2]
+    def write(self, image: torch.Tensor, seconds: float | None = None) -> None:
+        # yuv420p stores colour for 2x2 pixel blocks: encoders need even sides. An odd side
+        # gets its last row or column repeated (cropping it lost the edge of boxes there,
+        # and a 1-pixel-wide video became 0 pixels wide: a traceback from the encoder).
+        if image.shape[1] % 2:
+            image = torch.cat((image, image[:, -1:]), dim=1)
+        if image.shape[2] % 2:
+            image = torch.cat((image, image[:, :, -1:]), dim=2)
         if self.container is None:
             codec = "libx264" if "libx264" in self.av.codecs_available else "mpeg4"
             self.container = self.av.open(str(self.path), "w")
             self.stream = self.container.add_stream(codec, rate=self.fps)
             self.stream.width, self.stream.height = image.shape[2], image.shape[1]
             self.stream.pix_fmt = "yuv420p"
+            self.stream.codec_context.time_base = self.TIME_BASE
         frame = self.av.VideoFrame.from_ndarray(image.permute(1, 2, 0).contiguous().numpy(), format="rgb24")
+        pts = round(seconds * 1000) if seconds is not None else round((self.last_pts + 1) * 1000 / self.fps)
+        # Encoders need strictly increasing times; decoders repeat one now and then.
+        frame.pts, frame.time_base = max(pts, self.last_pts + 1), self.TIME_BASE
+        self.last_pts = frame.pts
         self.container.mux(self.stream.encode(frame))
 
     def close(self) -> None:
@@ -281,15 +341,25 @@ class VideoWriter:
 
 
 def detect_video(model, path: Path, outputs: Outputs, args) -> int:
-    """Detect and draw every frame of a video; returns the number of frames."""
+    """Detect and draw every frame of a video; returns the number of frames.
+
+    A decoding error part-way (a corrupt file) is a UserError raised once the frames
+    before it are detected, recorded and in the finished .mp4: main keeps them.
+    """
     container, stream = open_video(path)
     fps = stream.average_rate or 25
     writer = VideoWriter(outputs.dir / output_name(path, (".mp4",), ".mp4"), fps)
     bar = tqdm(total=stream.frames or None, unit="frame", desc=path.name, dynamic_ncols=True)
-    count, chunk = 0, []
+    count, chunk, error, frames = 0, [], None, video_frames(path, container, stream)
     try:
-        for image in video_frames(path, container, stream):
-            chunk.append(image)
+        while True:
+            try:
+                chunk.append(next(frames))
+            except StopIteration:
+                break
+            except UserError as err:  # a corrupt packet: detect the frames decoded before it
+                error = err
+                break
             if len(chunk) == args.batch_size:
                 count = detect_frames(model, chunk, count, path, outputs, writer, bar)
                 chunk = []
@@ -302,15 +372,21 @@ def detect_video(model, path: Path, outputs: Outputs, args) -> int:
         bar.close()
         writer.close()
         container.close()
+    if error is not None:
+        raise UserError(f"{error}" + (f"; kept the {plural(count, 'frame')} before it" if count else ""))
     if count == 0:
         raise UserError(f"{path}: the video has no frames")
+    if stream.frames and count < stream.frames:
+        tqdm.write(f"warning: {path}: {plural(count, 'frame')} decoded of the {stream.frames} its header "
+                   "announces (a truncated file?)", file=sys.stderr)
     return count
 
 
 def detect_frames(model, frames, first: int, path: Path, outputs: Outputs, writer: VideoWriter, bar) -> int:
-    for k, (image, dets) in enumerate(zip(frames, predict.predict_images(model, frames, outputs.args))):
+    images = [image for image, _ in frames]
+    for k, ((image, seconds), dets) in enumerate(zip(frames, predict.predict_images(model, images, outputs.args))):
         outputs.add(dets, path, (image.shape[2], image.shape[1]), frame=first + k)
-        writer.write(outputs.draw(image, dets))
+        writer.write(outputs.draw(image, dets), seconds)
     bar.update(len(frames))
     return first + len(frames)
 
@@ -340,31 +416,94 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     predict.check_inference_args(args)
     found = [list_sources(source) for source in args.source]  # each checked before any work
-    images, videos = ([*dict.fromkeys(p for f in found for p in f[k])] for k in (0, 1))
+    images, videos = (unique(p for f in found for p in f[k]) for k in (0, 1))
     if videos:
         require("av", "av", "reading videos")
     refuse_name_clashes(output_files(images, videos, args.save_txt))
-    model = predict.for_job(predict.open_runner(args), job_size(images, videos), args)
+    model = predict.open_runner(args)
+    if args.save_txt:
+        predict.check_box_file_names(model.names, args.checkpoint)
+    model = predict.for_job(model, job_size(images, videos), args)
     names, start = model.names, time.perf_counter()
     outputs = Outputs(runs.make_run_dir(args.project, args.name), names, args)
-    errors = detect_images(model, images, outputs, args) if images else []
-    if errors and len(errors) == len(images) and not videos:
-        shutil.rmtree(outputs.dir)  # made by this run, with nothing in it: leave no trace
-        raise UserError(errors[0] if len(images) == 1 else f"none of the {len(images)} images "
-                        f"could be read; the first: {errors[0]}")
-    frames = sum(detect_video(model, path, outputs, args) for path in videos)
-    outputs.finish(args.checkpoint)
+    errors, stop = detect_all(model, images, videos, outputs)
+    if not outputs.records:
+        shutil.rmtree(outputs.dir, ignore_errors=True)  # made by this run, with nothing in it: no trace
+    else:
+        failed = write_json(outputs, args.checkpoint)
+        report(outputs, images, videos, start, model.description)
+        stop = stop or failed
+    if stop is not None:
+        raise stop
+    if errors:
+        raise UserError(failure_line(errors, images, videos, any(outputs.records)))
+
+
+def detect_all(model, images: list, videos: list, outputs: Outputs) -> tuple[list[str], BaseException | None]:
+    """Every source: ``(one-line errors of unreadable ones, what stopped the run or None)``.
+    One bad image or video does not stop the others. Ctrl-C (in a folder of images as in a
+    video) and a failed write (a full disk) stop the run; what was done is kept."""
+    errors = []
+    try:
+        errors += detect_images(model, images, outputs, outputs.args) if images else []
+        for path in videos:
+            try:
+                detect_video(model, path, outputs, outputs.args)
+            except UserError as err:
+                errors.append(str(err))
+                if len(images) + len(videos) > 1:
+                    tqdm.write(f"warning: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return errors, KeyboardInterrupt()  # run_cli: "interrupted: Ctrl-C", exit code 130
+    except OSError as err:
+        where = err.filename or outputs.dir
+        return errors, UserError(f"{where}: cannot write the results ({err.strerror or err}); "
+                                 f"what was written before is in {outputs.dir}")
+    return errors, None
+
+
+def write_json(outputs: Outputs, checkpoint) -> UserError | None:
+    """Write detections.json (with --save-json); the error if that fails (a full disk)."""
+    try:
+        outputs.finish(checkpoint)
+        return None
+    except OSError as err:
+        return UserError(f"{err.filename or outputs.dir}: cannot write the results ({err.strerror or err})")
+
+
+def report(outputs: Outputs, images: list, videos: list, start: float, backend: str) -> None:
+    """What was detected, from the records (a video that failed part-way counts its frames)."""
+    frames = sum("frame" in r for r in outputs.records)
     boxes = sum(len(r["detections"]) for r in outputs.records)
-    done = [plural(len(images) - len(errors), "image")] if images else []
-    done += [f"{plural(len(videos), 'video')} ({plural(frames, 'frame')})"] if videos else []
+    done = [plural(len(outputs.records) - frames, "image")] if images else []
+    done += [f"{plural(len({r['file'] for r in outputs.records if 'frame' in r}), 'video')} "
+             f"({plural(frames, 'frame')})"] if videos else []
     print(f"{' and '.join(done)}: {plural(boxes, 'box', 'boxes')} scoring above "
-          f"{args.conf_threshold}; results in {outputs.dir}")
+          f"{outputs.args.conf_threshold}; results in {outputs.dir}")
     if len(outputs.records) > 1:
         print(f"{len(outputs.records) / (time.perf_counter() - start):.1f} frames/s end to end "
-              f"(reading, drawing and writing included; {model.description})")
-    if errors:
-        raise UserError(errors[0] if len(images) == 1 else f"{len(errors)} of {len(images)} images "
-                        f"could not be read; the first: {errors[0]}")
+              f"(reading, drawing and writing included; {backend})")
+
+
+def failure_line(errors: list[str], images: list, videos: list, kept: bool) -> str:
+    """The one error line of a run where some sources could not be read."""
+    total = len(images) + len(videos)
+    if total == 1:
+        return errors[0]
+    kind = "images" if not videos else "videos" if not images else "images and videos"
+    if not kept:
+        return f"none of the {total} {kind} could be read; the first: {errors[0]}"
+    return f"{len(errors)} of {total} {kind} could not be read; the first: {errors[0]}"
+
+
+def unique(sources) -> list:
+    """Sources in order, each file once however it was named (``a.jpg``, ``./a.jpg``, an
+    absolute path, a folder and a file in it): two spellings of one file were refused
+    as two files whose outputs clash."""
+    seen = {}
+    for source in sources:
+        seen.setdefault(source.resolve() if isinstance(source, Path) else source, source)
+    return list(seen.values())
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:

@@ -68,6 +68,7 @@ def main(argv=None):
     predict.check_inference_args(args)
     model = predict.open_runner(args)
     names = model.names
+    predict.check_box_file_names(names, args.checkpoint)
     dataset, labelled = load_data(args, names, model)
     ids = [dataset.annotation(i)["image_id"] for i in range(len(dataset))]
     refuse_name_clashes((f"{image_id}.txt", record.path) for image_id, record in zip(ids, dataset.records))
@@ -86,7 +87,7 @@ def main(argv=None):
         (out / "detections" / f"{ann['image_id']}.txt").write_text(det_lines(dets[i], names))
         if labelled:
             (out / "groundtruths" / f"{ann['image_id']}.txt").write_text(gt_lines(ann, names))
-    print(f"{len(dataset)} images: detections in {out / 'detections'}"
+    print(f"{len(dataset)} image{'s' * (len(dataset) != 1)}: detections in {out / 'detections'}"
           + (f", VOC results files in {out / 'results'}" if args.format == "voc" else "")
           + (f", ground truth in {out / 'groundtruths'}" if labelled else "") + f" ({model.description})")
 

@@ -35,7 +35,10 @@ export needs ``onnxruntime`` (skipped with a note when it is missing).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,13 +110,38 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, output_nam
     import onnx
 
     batch = torch.export.Dim("batch")
-    torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=output_names,
-                      dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
-                      external_data=False, verbose=False)
+    # The exporter writes opset 18 and up itself and converts the graph to an older one;
+    # where the conversion fails it prints the converter's traceback and writes opset 18
+    # anyway (--opset 7 gave an opset 18 file, exit 0). The output is checked below.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            quiet_loggers("onnxscript", "torch.onnx"):
+        torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=output_names,
+                          dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
+                          external_data=False, verbose=False)
     proto = onnx.load(str(path))
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        path.unlink()
+        raise UserError(f"--opset {opset}: torch.onnx could not write this model in opset {opset} "
+                        f"(it wrote opset {written}); use --opset 18, its own, or another")
     for key, value in metadata.items():  # ONNX metadata values are strings: JSON for the others
         proto.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
     onnx.save(proto, str(path))
+
+
+@contextmanager
+def quiet_loggers(*names):
+    """Loggers silenced for a block: torch.onnx and onnxscript log their conversion
+    attempts (with tracebacks) through handlers of their own, past redirect_stderr."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @contextmanager
@@ -212,9 +240,19 @@ def main(argv=None):
     if "onnx" in formats:  # before any work: a missing package is an error, not a half-done export
         require("onnx", "onnx", "ONNX export")
         require("onnxscript", "onnxscript", "ONNX export (torch.onnx's exporter)")
+        import onnx
+
+        if args.opset > onnx.defs.onnx_opset_version():
+            raise UserError(f"--opset {args.opset}: the installed onnx package knows opsets up to "
+                            f"{onnx.defs.onnx_opset_version()}")
     model, names = load_detector(args.checkpoint, "cpu")
     out_dir = runs.make_run_dir(args.project, args.name)
-    export(model, names, out_dir, formats, args.raw, args.opset, check=not args.no_check)
+    try:
+        export(model, names, out_dir, formats, args.raw, args.opset, check=not args.no_check)
+    except UserError:
+        if not any(out_dir.iterdir()):
+            out_dir.rmdir()  # made by this run, with nothing in it: leave no trace
+        raise
     print(f"input: images (N, 3, {model.input_size}, {model.input_size}) RGB in [0, 1]; "
           + ("output: (N, S*S*(C+5B)) raw" if args.raw else
              f"outputs: boxes (N, {model.S ** 2 * model.B}, 4), scores (N, {model.S ** 2 * model.B}, "

@@ -34,8 +34,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     dropped, as Darknet's loader does (it asks stb_image for 3 channels).
     """
     if image.mode.startswith("I"):
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode == "I" and pixels.size and not 0 <= pixels.min() <= pixels.max() <= 65535:
+            raise ValueError("32-bit integer pixels beyond 16 bits: no 8-bit scale is defined; save it as 8 or 16 bits")
+        pixels = pixels / 257.0
         image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
+    if image.mode == "F":  # Pillow's conversion truncates [0, 1] floats to 0: a black picture
+        raise ValueError("32-bit float pixels: no 8-bit scale is defined; save it as 8 or 16 bits")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

@@ -251,6 +251,8 @@ def onnx_layout(path: Path, session) -> dict:
     if list(inp.shape[1:]) != [3, size, size] or out.shape[1:] != [S * S * (C + 5 * B)]:
         raise UserError(f"{path}: input {inp.shape} and output {out.shape} do not fit S={S}, B={B}, "
                         f"C={C}: expected (N, 3, {size}, {size}) and (N, {S * S * (C + 5 * B)})")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise UserError(f"{path}: its class_names metadata is not a JSON list of strings")
     if len(names) != C:
         raise UserError(f"{path}: {len(names)} class names for C={C} classes")
     return {"S": S, "B": B, "C": C, "input_size": size, "names": names}
@@ -427,5 +429,21 @@ def load(path, device="cpu", backend: Backend | None = None) -> Runner:
         if backend is not None and (backend.compile or backend.dtype != torch.float32):
             raise UserError(f"{path}: --compile and --half apply to a checkpoint, not an ONNX model")
         return onnx_runner(path, device)
+    if is_torchscript(path):
+        raise UserError(f"{path}: a TorchScript file (export.py); this runs a train.py checkpoint, "
+                        "or an ONNX file from export.py --raw")
     model, names = load_detector(path, device)
     return torch_runner(model, names, device, backend or default_backend(device))
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (a zip holding ``code/`` and ``constants.pkl``): torch.load
+    warned about it and load_checkpoint refused it as 'objects that could run code', which
+    sent the user of export.py's own file looking for something malicious."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False

@@ -270,28 +270,46 @@ def label_font() -> str | None:
 def draw_detections(image, dets, names, line_width: int | None = None, font_size: int | None = None):
     """``image`` (3, H, W) uint8 with ``dets`` drawn: rows ``class, score, x1, y1, x2, y2`` in pixels.
 
-    Each box has its class colour and a ``name score`` label. Line width and font size
-    follow the image size unless given.
+    Each box has its class colour (torchvision's ``draw_bounding_boxes``) and a ``name score``
+    label on a filled background inside its top-left corner, moved left or up where it would
+    leave the picture (:func:`draw_labels`). Line width and font size follow the image size
+    unless given.
     """
-    import inspect
-
     from torchvision.utils import draw_bounding_boxes
 
     if len(dets) == 0:
         return image
     height, width = image.shape[-2:]
     line_width = line_width or max(1, round(0.003 * (height + width)))
-    font = label_font()
-    options = {"font": font, "font_size": font_size or max(10, round(0.012 * (height + width)))} \
-        if font else {}
     classes = dets[:, 0].long().tolist()
-    # Labels on a filled background stay readable on any picture (torchvision >= 0.23).
-    if "fill_labels" in inspect.signature(draw_bounding_boxes).parameters:
-        options["fill_labels"] = True
-        options["label_colors"] = [text_colour(class_colour(c)) for c in classes]
+    colours = [class_colour(c) for c in classes]
     labels = [f"{names[c] if c < len(names) else c} {s:.2f}" for c, s in zip(classes, dets[:, 1].tolist())]
-    return draw_bounding_boxes(image, dets[:, 2:6], labels=labels, width=line_width,
-                               colors=[class_colour(c) for c in classes], **options)
+    drawn = draw_bounding_boxes(image, dets[:, 2:6], width=line_width, colors=colours)
+    return draw_labels(drawn, dets[:, 2:4].tolist(), labels, colours, line_width,
+                       font_size or max(10, round(0.012 * (height + width))))
+
+
+def draw_labels(image, corners, labels, colours, margin: int, font_size: int):
+    """Each label at its box's top-left corner ``(x1, y1)`` plus ``margin`` (where torchvision
+    puts it), shifted left and up as far as needed to stay inside the picture: torchvision
+    clips a label that runs past the right or bottom edge, so a box at the right edge
+    showed a letter or two of its class name."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = label_font()
+    font = ImageFont.truetype(font, font_size) if font else ImageFont.load_default()
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(picture)
+    for (x1, y1), label, colour in zip(corners, labels, colours):
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        w, h = right - left + 2, bottom - top + 2  # one pixel of background around the text
+        x = max(0, min(round(x1) + margin, picture.width - w))
+        y = max(0, min(round(y1) + margin, picture.height - h))
+        draw.rectangle((x, y, x + w - 1, y + h - 1), fill=colour)
+        draw.text((x + 1 - left, y + 1 - top), label, fill=text_colour(colour), font=font)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
 
 
 # --------------------------------------------------------------------------- TensorBoard

@@ -100,6 +100,23 @@ def for_job(runner: inference.Runner, images: float, args) -> inference.Runner:
     return inference.for_job(runner, images, getattr(args, "backend", "auto"))
 
 
+def check_box_file_names(names, checkpoint) -> None:
+    """The class names of a model whose boxes go to text files (detect.py --save-txt,
+    detect_txt.py): one token each, distinct. Those files separate fields with spaces,
+    so a name with a space ("potted plant"), an empty name or two equal names made files
+    that evaluate.py misreads or refuses. A checkpoint made elsewhere, or an ONNX file's
+    metadata, is not held to dataset.load_class_names' rule: this holds it there."""
+    seen = set()
+    for index, name in enumerate(names):
+        if len(name.split()) != 1 or name != name.strip():
+            raise UserError(f"{checkpoint}: class {index} {name!r} is not one word: box files separate "
+                            "their fields with spaces (detect.py --save-json keeps any name)")
+        if name in seen:
+            raise UserError(f"{checkpoint}: class name {name!r} appears twice: box files name classes, "
+                            "so both would be one class (detect.py --save-json keeps the class ids)")
+        seen.add(name)
+
+
 # --------------------------------------------------------------------------- detection evaluation
 @torch.no_grad()
 def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold: float,
