@@ -32,6 +32,9 @@ def make_run_dir(project: str, name: str, exist_ok: bool = False) -> Path:
     """``project/name``, or ``name2``, ``name3``... if it is taken (as YOLOv5 does);
     with ``exist_ok``, ``project/name`` whether or not it exists. Two runs starting at
     once never share a folder: ``mkdir`` is atomic, and the loser takes the next name."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        # "" made the run folder project/2, and "../x" or "a/b" one outside or below it
+        raise UserError(f"--name {name!r}: a run folder's name is one non-empty file name (no '/')")
     root = Path(project)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder")

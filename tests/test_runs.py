@@ -70,6 +70,14 @@ def test_a_locked_run_folder_refuses_a_second_process_naming_the_holder(tmp_path
     assert not (tmp_path / ".lock").exists()
 
 
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x"])
+def test_a_run_name_is_one_file_name(tmp_path, name):
+    """Bug: --name "" wrote into project/2, and "../x" outside the project folder."""
+    with pytest.raises(utils.UserError, match="a run folder's name is one non-empty file name"):
+        runs.make_run_dir(str(tmp_path / "runs"), name)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_new_runs_racing_for_one_name_take_different_folders(tmp_path, monkeypatch):
     """mkdir is the test-and-set: a run that loses the race takes the next name instead
     of failing (or sharing the folder)."""
