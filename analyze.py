@@ -47,7 +47,7 @@ import numpy as np
 
 import argtypes
 from box_files import read_pair
-from errors import UserError
+from errors import UserError, one_line
 from evaluate import box_iou
 
 CATEGORIES = ("correct", "localization", "similar", "other", "background")
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     try:
         run(args)
     except UserError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

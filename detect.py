@@ -323,9 +323,7 @@ def detect_all(model, images: list, videos: list, outputs: Outputs) -> tuple[lis
     except KeyboardInterrupt:
         return errors, KeyboardInterrupt()  # run_cli: "interrupted: Ctrl-C", exit code 130
     except OSError as err:
-        where = err.filename or outputs.dir
-        return errors, UserError(f"{where}: cannot write the results ({err.strerror or err}); "
-                                 f"what was written before is in {outputs.dir}")
+        return errors, write_failure(err, outputs, f"; what was written before is in {outputs.dir}")
     return errors, None
 
 
@@ -335,7 +333,12 @@ def write_json(outputs: Outputs, checkpoint) -> UserError | None:
         outputs.finish(checkpoint)
         return None
     except OSError as err:
-        return UserError(f"{err.filename or outputs.dir}: cannot write the results ({err.strerror or err})")
+        return write_failure(err, outputs)
+
+
+def write_failure(err: OSError, outputs: Outputs, after: str = "") -> UserError:
+    """The one line of a failed write (a full disk), naming the file."""
+    return UserError(f"{err.filename or outputs.dir}: cannot write the results ({err.strerror or err}){after}")
 
 
 def report(outputs: Outputs, images: list, videos: list, start: float, backend: str) -> None:

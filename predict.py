@@ -139,7 +139,8 @@ def predict_dataset(model, dataset, batch_size: int, dist: Dist, conf_threshold:
         for images, _ in loader:
             with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
                 out = bare(images.to(dist.device, non_blocking=True))
-            # check_finite=False: a rank raising alone would hang DDP; training checks its losses
+            # check_finite=False: validation scores what the model gives; the training loop
+            # checks its losses (and stops or skips a non-finite step) itself
             dets = decode_predictions(out, bare.S, bare.B, bare.C, conf_threshold, nms_iou, check_finite=False)
             batch = indices[position:position + len(dets)]
             sizes = [(ann["width"], ann["height"]) for ann in map(dataset.annotation, batch)]

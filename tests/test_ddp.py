@@ -96,13 +96,19 @@ def torchrun(tmp_path: Path, torchrun_args: list[str], script_args: list[str], e
                             text=True, start_new_session=True)
 
 
-def finish(proc: subprocess.Popen) -> str:
+def output_of(proc: subprocess.Popen, timeout: float = TIMEOUT) -> str:
+    """torchrun's output once it ends; a failure (its process group killed) after ``timeout`` s."""
     try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out after {TIMEOUT} s:\n{out[-4000:]}")
+        pytest.fail(f"torchrun timed out after {timeout} s:\n{out[-4000:]}")
+    return out
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out = output_of(proc)
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{out[-6000:]}"
     return out
 

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import utils
 from distributed import EpochSampler
 from imagenet import build_imagenet
 from synthetic import write_imagenet_tree
+from test_ddp import output_of  # torchrun's output, its process group killed after a timeout
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--width", "0.0625", "--img-size", "64", "--workers", "0"]
@@ -57,12 +56,7 @@ def torchrun(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun hung (killed after {TIMEOUT} s):\n{out[-4000:]}")
+    out = output_of(proc, TIMEOUT)  # a hang (the bug these tests guard against) fails after TIMEOUT s
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
