@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -63,7 +64,10 @@ def torchrun(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
 def worker_lines(out: str) -> list[str]:
     """Lines the workers wrote (torchrun's own report of a failed worker, with its
     ChildFailedError traceback, is the launcher's, not the script's)."""
-    return [line for line in out.replace("\r", "\n").splitlines() if line.startswith(("[rank", "error:"))]
+    # Two processes share torchrun's output: one rank's error line may follow the other's
+    # progress bar, which ends without a newline; each is taken from where it starts.
+    out = re.sub(r"(?=\[rank|error:)", "\n", out.replace("\r", "\n"))
+    return [line for line in out.splitlines() if line.startswith(("[rank", "error:"))]
 
 
 def test_bad_training_image_on_one_rank_stops_every_rank_and_saves_the_epoch(tmp_path):
