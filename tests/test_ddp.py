@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -105,6 +106,13 @@ def output_of(proc: subprocess.Popen, timeout: float = TIMEOUT) -> str:
         out, _ = proc.communicate()
         pytest.fail(f"torchrun timed out after {timeout} s:\n{out[-4000:]}")
     return out
+
+
+def output_lines(out: str) -> list[str]:
+    """torchrun's output (the processes share it) as lines, each starting where its writer
+    began: one rank's error line may follow the other's progress bar, which ends without a
+    newline ("...| 0/3 [00:00<?]error: loss became nan ..."; failed tests under load)."""
+    return re.sub(r"(?=\[rank|error:)", "\n", out.replace("\r", "\n")).splitlines()
 
 
 def finish(proc: subprocess.Popen) -> str:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import re
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import utils
 from distributed import EpochSampler
 from imagenet import build_imagenet
 from synthetic import write_imagenet_tree
-from test_ddp import output_of  # torchrun's output, its process group killed after a timeout
+from test_ddp import output_lines, output_of  # torchrun's output, its process group killed after a timeout
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--width", "0.0625", "--img-size", "64", "--workers", "0"]
@@ -64,10 +63,7 @@ def torchrun(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
 def worker_lines(out: str) -> list[str]:
     """Lines the workers wrote (torchrun's own report of a failed worker, with its
     ChildFailedError traceback, is the launcher's, not the script's)."""
-    # Two processes share torchrun's output: one rank's error line may follow the other's
-    # progress bar, which ends without a newline; each is taken from where it starts.
-    out = re.sub(r"(?=\[rank|error:)", "\n", out.replace("\r", "\n"))
-    return [line for line in out.splitlines() if line.startswith(("[rank", "error:"))]
+    return [line for line in output_lines(out) if line.startswith(("[rank", "error:"))]
 
 
 def test_bad_training_image_on_one_rank_stops_every_rank_and_saves_the_epoch(tmp_path):

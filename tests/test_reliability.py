@@ -59,6 +59,7 @@ import utils
 from synthetic import write_imagenet_tree, write_voc_txt_tree
 
 from scripts_server import LAUNCHER, REPO, Proc, Scripts, hashes, ok, one_line_error
+from test_ddp import output_lines  # torchrun's shared output, split where each line starts
 
 
 # --------------------------------------------------------------------------- data and settings
@@ -609,8 +610,8 @@ def test_ddp_nonfinite_loss_on_one_rank_stops_every_rank_in_one_line(imagenet, t
     args = [*darknet_args(imagenet, tmp_path / "runs", "stop"), "--epochs", 2]
     proc, log = torchrun(tmp_path, args, env={"REL_NAN_AT_BATCH": 2, "REL_NAN_RANK": 1}, faults=True)
     assert finish(proc, log) != 0
-    text = log.read_text().replace("\r", "\n")
-    errors = [line for line in text.splitlines() if line.startswith("error: loss became nan")]
+    text = log.read_text()
+    errors = [line for line in output_lines(text) if line.startswith("error: loss became nan")]
     assert len(errors) == 2 and errors[0] == errors[1], text[-6000:]
     assert "[rank0]" not in text and "[rank1]" not in text, text[-6000:]  # no worker traceback
 
